@@ -1,0 +1,105 @@
+"""The operator registry: one entry per Caffe2 op type, forward and gradient maker side by side.
+
+A forward is ``fn(ctx, inputs) -> list of outputs``: pure PyTorch on tensors, with the op's parsed
+arguments in ``ctx.args`` (see :class:`OpContext`). A gradient maker is a pure proto function
+``maker(op, g_output) -> (grad_ops, g_input)`` (Caffe2's shape): it emits OperatorDefs and never
+touches tensors. Ops that must not be differentiated register ``gradient=NO_GRADIENT``.
+"""
+import difflib
+
+NO_GRADIENT = "NO_GRADIENT"
+
+_REGISTRY = {}
+
+
+class OpSchema:
+    """What the registry knows about one op type."""
+
+    __slots__ = ("type", "forward", "gradient", "setup", "family", "doc", "cpu_only_inputs")
+
+    def __init__(self, op_type, forward, gradient, setup, family, doc, cpu_only_inputs):
+        self.type = op_type
+        self.forward = forward
+        self.gradient = gradient
+        self.setup = setup
+        self.family = family
+        self.doc = doc
+        self.cpu_only_inputs = cpu_only_inputs
+
+    @property
+    def differentiable(self):
+        """True when AddGradientOperators can backpropagate through this op."""
+        return self.gradient is not None and self.gradient != NO_GRADIENT
+
+
+def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False):
+    """Decorator: register ``fn`` as the forward of Caffe2 op ``op_type``.
+
+    ``gradient``: a gradient maker, ``NO_GRADIENT``, or None (the op has no gradient yet; asking
+    for one raises). ``setup(ctx)`` runs once when a net is prepared (open files, parse args).
+    ``cpu_only_inputs``: inputs stay where they are (e.g. the CPU iteration counter).
+    """
+
+    def deco(fn):
+        if op_type in _REGISTRY:
+            raise ValueError(f"operator {op_type!r} is registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        family = fn.__module__.rsplit(".", 1)[-1]
+        _REGISTRY[op_type] = OpSchema(op_type, fn, gradient, setup, family,
+                                      doc[0] if doc else "", cpu_only_inputs)
+        return fn
+
+    return deco
+
+
+def register_gradient(op_type, maker):
+    """Attach a gradient maker to an already registered op (for gradient-only op types)."""
+    get_schema(op_type).gradient = maker
+
+
+def is_registered(op_type):
+    """True when ``op_type`` can be run."""
+    _load_families()
+    return op_type in _REGISTRY
+
+
+def get_schema(op_type):
+    """The schema of ``op_type``; an unknown name raises an error that names it."""
+    _load_families()
+    try:
+        return _REGISTRY[op_type]
+    except KeyError:
+        close = difflib.get_close_matches(op_type, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownOperatorError(
+            f"unknown operator type {op_type!r}: caffe2torch does not implement it.{hint}"
+        ) from None
+
+
+def registered_ops():
+    """All registered op types, sorted."""
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def all_schemas():
+    """All schemas, sorted by op type."""
+    _load_families()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+class UnknownOperatorError(KeyError):
+    """Raised for an op type that is not registered."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+_loaded = False
+
+
+def _load_families():
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from caffe2torch.ops import FAMILIES  # noqa: F401  (importing registers the ops)
