@@ -103,3 +103,75 @@ def _load_families():
     if not _loaded:
         _loaded = True
         from caffe2torch.ops import FAMILIES  # noqa: F401  (importing registers the ops)
+
+
+class OpContext:
+    """Everything an op's forward may know besides its input tensors; built once per CreateNet.
+
+    ``args``: the op's arguments as Python values (int, float, bytes→str, lists, NetDef).
+    ``device``: the torch.device the op runs on (from its DeviceOption, else the net's, else CPU).
+    ``op``: the OperatorDef. ``input_names`` / ``output_names``: blob names.
+    ``root_folder``: the workspace root (base of Print/Summarize files and relative Save/Load paths).
+    ``workspace``: the Workspace, only for the few ops that create blobs by name (Load load_all).
+    ``state``: per-op scratch space, e.g. files opened by the schema's ``setup``.
+    ``generator``: a torch.Generator seeded from DeviceOption.random_seed, or None (global RNG).
+    """
+
+    __slots__ = ("op", "args", "device", "input_names", "output_names", "workspace", "state",
+                 "generator", "inplace")
+
+    def __init__(self, op, args, device, workspace, generator=None):
+        self.op = op
+        self.args = args
+        self.device = device
+        self.input_names = list(op.input)
+        self.output_names = list(op.output)
+        self.workspace = workspace
+        self.state = {}
+        self.generator = generator
+        # output index -> input index it overwrites (Caffe2's in-place, e.g. Relu(x, x)).
+        self.inplace = {o: self.input_names.index(n) for o, n in enumerate(self.output_names)
+                        if n in self.input_names}
+
+    @property
+    def root_folder(self):
+        """The workspace root folder."""
+        return self.workspace.root_folder
+
+    def arg(self, name, default=None):
+        """The argument ``name``, or ``default`` when the op does not set it."""
+        return self.args.get(name, default)
+
+    def require(self, name):
+        """The argument ``name``; raise a clear error when the op lacks it."""
+        try:
+            return self.args[name]
+        except KeyError:
+            raise ValueError(f"operator {self.op.type} needs argument {name!r}") from None
+
+
+def grad_name(name):
+    """Caffe2's gradient blob name for ``name``."""
+    return f"{name}_grad"
+
+
+def gradient_op(fwd, op_type, inputs, outputs, copy_args=True, **args):
+    """A gradient OperatorDef for forward op ``fwd``: Caffe2 copies its args, device and engine."""
+    from caffe2torch.proto import caffe2_pb2
+    from caffe2torch.python.utils import MakeArgument
+
+    g = caffe2_pb2.OperatorDef()
+    g.type = op_type
+    g.name = ""
+    g.input.extend(str(i) for i in inputs)
+    g.output.extend(str(o) for o in outputs)
+    if copy_args:
+        g.arg.extend(a for a in fwd.arg if a.name not in args)
+    for key, value in args.items():
+        g.arg.add().CopyFrom(MakeArgument(key, value))
+    if fwd.HasField("device_option"):
+        g.device_option.CopyFrom(fwd.device_option)
+    if fwd.engine:
+        g.engine = fwd.engine
+    g.is_gradient_op = True
+    return g

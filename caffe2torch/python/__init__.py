@@ -1,0 +1,1 @@
+"""Mirrors ``caffe2.python``: core, workspace, model_helper, brew, scope, net_drawer, visualize, utils."""

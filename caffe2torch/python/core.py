@@ -1,0 +1,371 @@
+"""Caffe2's ``core``: nets, blob references and operator creation, building NetDef protos.
+
+Example::
+
+    net = core.Net("my_net")
+    y = net.Relu(["x"], "y")        # adds a Relu op; returns BlobReference("y")
+    print(net.Proto())              # protobuf text format
+"""
+import difflib
+import logging
+
+from caffe2torch.ops import registry
+from caffe2torch.proto import caffe2_pb2
+from caffe2torch.python import gradients, scope, utils
+from caffe2torch.python.scope import DeviceScope, NameScope  # noqa: F401  (Caffe2 re-exports)
+
+DataType = caffe2_pb2.TensorProto.DataType
+log = logging.getLogger("caffe2torch")
+
+_flags = {}
+
+
+def GlobalInit(args):
+    """Accept Caffe2's command-line flags (``['caffe2', '--caffe2_log_level=0', ...]``)."""
+    it = iter(args[1:] if args and not str(args[0]).startswith("-") else args)
+    for raw in it:
+        raw = str(raw)
+        if not raw.startswith("--"):
+            raise ValueError(f"GlobalInit: {raw!r} is not a flag; pass flags like --caffe2_log_level=0")
+        name, sep, value = raw[2:].partition("=")
+        if not sep:
+            value = "true"
+        _flags[name] = value
+    level = _flags.get("caffe2_log_level")
+    if level is not None:
+        # Caffe2: 0 = INFO, 1 = WARNING, 2 = ERROR, 3 = FATAL; negative = verbose.
+        num = int(level)
+        log.setLevel({0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR}.get(
+            num, logging.DEBUG if num < 0 else logging.CRITICAL))
+    return True
+
+
+def GetFlag(name, default=None):
+    """The value of a flag given to GlobalInit, or ``default``."""
+    return _flags.get(name, default)
+
+
+def IsOperator(op_type):
+    """True when ``op_type`` is a registered operator."""
+    return registry.is_registered(op_type)
+
+
+def DeviceOption(device_type, device_id=0, random_seed=None, node_name=None, numa_node_id=None,
+                 extra_info=None):
+    """A DeviceOption proto, e.g. ``DeviceOption(caffe2_pb2.CUDA, 0)``."""
+    option = caffe2_pb2.DeviceOption()
+    option.device_type = device_type
+    option.cuda_gpu_id = device_id
+    if node_name is not None:
+        option.node_name = node_name
+    if random_seed is not None:
+        option.random_seed = random_seed
+    if numa_node_id is not None:
+        option.numa_node_id = numa_node_id
+    if extra_info is not None:
+        option.extra_info.extend(extra_info)
+    return option
+
+
+def ScopedName(name):
+    """``name`` prefixed with the current name scope."""
+    return scope.CurrentNameScope() + name
+
+
+class BlobReference:
+    """A named blob, optionally tied to the net that created it; calls ops as methods."""
+
+    def __init__(self, name, net=None):
+        self._name = str(name)
+        self._from_net = net
+
+    def __hash__(self):
+        return hash(self._name)
+
+    def __eq__(self, other):
+        if isinstance(other, str):
+            return self._name == other
+        if isinstance(other, BlobReference):
+            return self._name == other._name
+        return NotImplemented
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __str__(self):
+        return self._name
+
+    def __repr__(self):
+        return f'BlobReference("{self._name}")'
+
+    def __add__(self, other):
+        if not isinstance(other, str):
+            raise RuntimeError("Cannot add BlobReference to a non-string.")
+        return BlobReference(self._name + other, self._from_net)
+
+    def __radd__(self, other):
+        if not isinstance(other, str):
+            raise RuntimeError("Cannot add a non-string to BlobReference.")
+        return BlobReference(other + self._name, self._from_net)
+
+    def Net(self):
+        """The net that created this blob, or None."""
+        return self._from_net
+
+    def GetNameScope(self):
+        """The name-scope prefix of this blob's name."""
+        return self._name[: self._name.rfind("/") + 1]
+
+    def GetUnscopedName(self):
+        """The name without its name scope."""
+        return self._name[self._name.rfind("/") + 1:]
+
+    def __getattr__(self, op_type):
+        if op_type.startswith("__") or self._from_net is None:
+            raise AttributeError(op_type)
+
+        def call(inputs=None, *args, **kwargs):
+            inputs = [] if inputs is None else _rectify(inputs)
+            return getattr(self._from_net, op_type)([self] + inputs, *args, **kwargs)
+
+        return call
+
+
+def ScopedBlobReference(name, *args, **kwargs):
+    """A BlobReference whose name gets the current name scope."""
+    return BlobReference(ScopedName(name), *args, **kwargs)
+
+
+def _rectify(blobs, net=None):
+    """Inputs/outputs as a list of BlobReferences; strings get the current name scope."""
+    if isinstance(blobs, str):
+        return [ScopedBlobReference(blobs, net=net)]
+    if isinstance(blobs, BlobReference):
+        return [blobs]
+    if isinstance(blobs, (list, tuple)):
+        out = []
+        for b in blobs:
+            if isinstance(b, str):
+                out.append(ScopedBlobReference(b, net=net))
+            elif isinstance(b, BlobReference):
+                out.append(b)
+            else:
+                raise TypeError(f"a blob must be a string or BlobReference, not {type(b).__name__}: {b!r}")
+        return out
+    raise TypeError(f"blobs must be a string, BlobReference or list of them, not {type(blobs).__name__}")
+
+
+def CreateOperator(operator_type, inputs, outputs, name="", control_input=None,
+                   device_option=None, arg=None, engine=None, debug_info=None, **kwargs):
+    """An OperatorDef of ``operator_type``; kwargs become its Arguments."""
+    op = caffe2_pb2.OperatorDef()
+    op.type = operator_type
+    op.name = name
+    op.input.extend(str(i) for i in _rectify(inputs))
+    op.output.extend(str(o) for o in _rectify(outputs))
+    if control_input:
+        op.control_input.extend(str(i) for i in _rectify(control_input))
+    if device_option is not None:
+        op.device_option.CopyFrom(device_option)
+    elif scope.CurrentDeviceScope() is not None:
+        op.device_option.CopyFrom(scope.CurrentDeviceScope())
+    if engine is not None:
+        op.engine = engine
+    if debug_info is not None:
+        op.debug_info = debug_info
+    if "random_seed" in kwargs:
+        op.device_option.random_seed = kwargs.pop("random_seed")
+    if arg is not None:
+        op.arg.extend(arg)
+    for key, value in kwargs.items():
+        if value is not None:
+            op.arg.add().CopyFrom(utils.MakeArgument(key, value))
+    return op
+
+
+class Net:
+    """A NetDef under construction; ``net.SomeOp(inputs, outputs, **args)`` adds an op."""
+
+    _net_names_used = set()
+
+    @staticmethod
+    def current_prefix():
+        """The current name scope (Caffe2 API)."""
+        return scope.CurrentNameScope()
+
+    @staticmethod
+    def _get_next_net_name(basename):
+        name = basename
+        index = 1
+        while name in Net._net_names_used:
+            name = f"{basename}_{index}"
+            index += 1
+        Net._net_names_used.add(name)
+        return name
+
+    def __init__(self, name_or_proto):
+        self._op_outputs = set()
+        self._external_input_map = set()
+        if isinstance(name_or_proto, caffe2_pb2.NetDef):
+            self._net = caffe2_pb2.NetDef()
+            self._net.CopyFrom(name_or_proto)
+            for op in self._net.op:
+                self._op_outputs.update(op.output)
+            self._external_input_map.update(self._net.external_input)
+            name = self._net.name
+            prefix = name + "_blob_"
+            indices = [int(s[len(prefix):]) for op in self._net.op for s in list(op.input) + list(op.output)
+                       if s.startswith(prefix) and s[len(prefix):].isdigit()]
+            self._next_name_index = max(indices) + 1 if indices else 0
+        elif isinstance(name_or_proto, str):
+            self._net = caffe2_pb2.NetDef()
+            name = name_or_proto
+            self._next_name_index = 0
+        else:
+            raise TypeError("Net() takes a name or a caffe2_pb2.NetDef")
+        self._net.name = Net._get_next_net_name(name)
+
+    def __str__(self):
+        return self.Name()
+
+    def Name(self):
+        """The (unique) net name."""
+        return self._net.name
+
+    def Proto(self):
+        """The NetDef being built (print it for protobuf text format)."""
+        return self._net
+
+    def BlobIsDefined(self, blob):
+        """True when ``blob`` is produced by an op of this net or is an external input."""
+        name = str(blob)
+        return name in self._op_outputs or name in self._external_input_map
+
+    def NextName(self, prefix=None, output_id=None):
+        """A fresh blob name, ``<net>/<prefix>`` or ``<net>_blob_<n>``."""
+        if prefix:
+            base = self._net.name + "/" + prefix
+            name = base + (f":{output_id}" if output_id is not None else "")
+            index = 2
+            while self.BlobIsDefined(ScopedName(name)):
+                name = f"{base}_{index}" + (f":{output_id}" if output_id is not None else "")
+                index += 1
+            return name
+        name = f"{self._net.name}_blob_{self._next_name_index}"
+        self._next_name_index += 1
+        return name
+
+    def NextBlob(self, prefix=None):
+        """A BlobReference with a fresh name."""
+        return BlobReference(self.NextName(prefix), self)
+
+    def NextScopedBlob(self, prefix=None):
+        """A BlobReference with a fresh, name-scoped name."""
+        return BlobReference(ScopedName(self.NextName(prefix)), self)
+
+    def AddExternalInput(self, *inputs):
+        """Declare blobs that the net reads but does not produce; returns their references."""
+        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = inputs[0]
+        refs = []
+        for blob in inputs:
+            name = str(blob)
+            if name in self._external_input_map:
+                raise ValueError(f"net {self.Name()} already has an external input named {name!r}")
+            self._external_input_map.add(name)
+            self._net.external_input.append(name)
+            refs.append(BlobReference(name, self))
+        return refs[0] if len(refs) == 1 else refs
+
+    AddExternalInputs = AddExternalInput
+
+    def AddExternalOutput(self, *outputs):
+        """Declare blobs that the net produces for its caller."""
+        if len(outputs) == 1 and isinstance(outputs[0], (list, tuple)):
+            outputs = outputs[0]
+        for blob in outputs:
+            self._net.external_output.append(str(blob))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    AddExternalOutputs = AddExternalOutput
+
+    @property
+    def external_inputs(self):
+        """External inputs as BlobReferences."""
+        return [BlobReference(n, self) for n in self._net.external_input]
+
+    @property
+    def external_outputs(self):
+        """External outputs as BlobReferences."""
+        return [BlobReference(n, self) for n in self._net.external_output]
+
+    def RunAllOnGPU(self, gpu_id=0, use_cudnn=False):
+        """Run every op on CUDA device ``gpu_id`` (sets the net's DeviceOption)."""
+        self._net.device_option.CopyFrom(DeviceOption(caffe2_pb2.CUDA, gpu_id))
+        if use_cudnn:
+            for op in self._net.op:
+                op.engine = "CUDNN"
+
+    def Clone(self, name, blob_remap=None, op_id_mask=None, remap_funcs=None, keep_schema=True):
+        """A copy of this net under ``name``, with blobs renamed by ``blob_remap``."""
+        proto = caffe2_pb2.NetDef()
+        proto.CopyFrom(self._net)
+        proto.name = name
+        remap = {str(k): str(v) for k, v in (blob_remap or {}).items()}
+        if op_id_mask is not None:
+            kept = [proto.op[i] for i in op_id_mask]
+            del proto.op[:]
+            proto.op.extend(kept)
+        for op in proto.op:
+            op.input[:] = [remap.get(n, n) for n in op.input]
+            op.output[:] = [remap.get(n, n) for n in op.output]
+        proto.external_input[:] = [remap.get(n, n) for n in proto.external_input]
+        proto.external_output[:] = [remap.get(n, n) for n in proto.external_output]
+        return Net(proto)
+
+    def AddGradientOperators(self, ys, skip=0):
+        """Append the backward pass of the net's ops for ``ys``; returns {blob: gradient blob}."""
+        if isinstance(ys, (list, tuple)):
+            ys = {str(y): None for y in ys}
+        elif isinstance(ys, (str, BlobReference)):
+            ys = {str(ys): None}
+        elif not isinstance(ys, dict):
+            raise TypeError("ys should be a list or a dict of blob names")
+        grad_ops, grad_map = gradients.backward_pass(list(self._net.op[skip:]), ys, CreateOperator)
+        self._extend_ops(grad_ops)
+        return {k: BlobReference(v, self) for k, v in grad_map.items()}
+
+    def _extend_ops(self, ops):
+        self._net.op.extend(ops)
+        for op in ops:
+            self._op_outputs.update(op.output)
+
+    def _CreateAndAddToSelf(self, op_type, inputs, outputs=None, **kwargs):
+        inputs = _rectify(inputs)
+        for blob in inputs:
+            if not self.BlobIsDefined(blob):
+                self.AddExternalInput(blob)
+        if outputs is None:
+            outputs = self.NextName(prefix=op_type)
+        elif isinstance(outputs, int):
+            outputs = [self.NextName(prefix=op_type, output_id=i) for i in range(outputs)]
+        outputs = _rectify(outputs, net=self)
+        op = CreateOperator(op_type, inputs, outputs, **kwargs)
+        self._extend_ops([op])
+        if len(op.output) == 0:
+            return None
+        if len(op.output) == 1:
+            return BlobReference(op.output[0], self)
+        return tuple(BlobReference(o, self) for o in op.output)
+
+    def __getattr__(self, op_type):
+        if op_type.startswith("__"):
+            raise AttributeError(op_type)
+        if not registry.is_registered(op_type):
+            close = difflib.get_close_matches(op_type, registry.registered_ops(), n=3)
+            hint = f" Did you mean: {close}?" if close else ""
+            raise AttributeError(f"Method {op_type} is not a registered operator.{hint}")
+        return lambda *args, **kwargs: self._CreateAndAddToSelf(op_type, *args, **kwargs)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(registry.registered_ops()))
