@@ -1,0 +1,155 @@
+"""Caffe2's "lmdb" databases through the ``lmdb`` package: the path is a folder.
+
+Read mode opens an existing folder read-only without a lock file, like Caffe2's
+MDB_RDONLY|MDB_NOLOCK with a 1 TB map; the cursor follows LMDB's lexicographic key order.
+Mode "new" builds the database in a temporary folder beside the target and renames it on close.
+"""
+import os
+import shutil
+
+import lmdb
+
+from caffe2torch.db.minidb import temp_path_beside
+
+MAP_SIZE = 1 << 40  # Caffe2's LMDB_MAP_SIZE: address space only, the file grows as needed
+
+
+class LMDBCursor:
+    """A cursor over one read transaction (Caffe2's LMDBCursor)."""
+
+    def __init__(self, env):
+        self._txn = env.begin(buffers=False)
+        self._cursor = self._txn.cursor()
+        self._valid = False
+        self.seek_to_first()
+
+    def seek_to_first(self):
+        """Move to the first key."""
+        self._valid = self._cursor.first()
+
+    def next(self):
+        """Move to the next key; ``valid()`` turns False after the last one."""
+        self._valid = self._cursor.next()
+
+    def valid(self):
+        """True while the cursor points at a record."""
+        return self._valid
+
+    def key(self):
+        """The current key (bytes)."""
+        return self._cursor.key() if self._valid else None
+
+    def value(self):
+        """The current value (bytes)."""
+        return self._cursor.value() if self._valid else None
+
+    def __iter__(self):
+        """Yield (key, value) from the current record to the end."""
+        while self._valid:
+            yield self._cursor.key(), self._cursor.value()
+            self.next()
+
+    def close(self):
+        """End the read transaction."""
+        self._txn.abort()
+
+
+class LMDBTransaction:
+    """Puts go into one write transaction; ``commit`` makes them durable and starts another."""
+
+    def __init__(self, db):
+        self._db = db
+        self._txn = None
+
+    def put(self, key, value):
+        """Store one record (an existing key is overwritten, as in LMDB)."""
+        if self._txn is None:
+            self._txn = self._db._env.begin(write=True)
+        key = key.encode() if isinstance(key, str) else key
+        self._txn.put(key, value)
+
+    def commit(self):
+        """Commit the records put since the last commit."""
+        if self._txn is not None:
+            self._txn.commit()
+            self._txn = None
+
+    def abort(self):
+        """Drop the records put since the last commit."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+
+class LMDB:
+    """An LMDB folder opened in mode "new", "write" or "read"."""
+
+    def __init__(self, path, mode):
+        self.path = os.fspath(path)
+        self.mode = mode
+        self._tmp = None
+        self._transactions = []
+        if mode == "read":
+            if not os.path.isfile(os.path.join(self.path, "data.mdb")):
+                raise FileNotFoundError(f"lmdb {self.path!r} is not an LMDB folder "
+                                        "(no data.mdb inside)")
+            self._env = lmdb.open(self.path, map_size=MAP_SIZE, readonly=True, lock=False,
+                                  subdir=True, create=False)
+        elif mode == "new":
+            if os.path.exists(self.path) and not os.path.isfile(
+                    os.path.join(self.path, "data.mdb")):
+                raise FileExistsError(f"lmdb {self.path!r} exists and is not an LMDB folder: "
+                                      "remove it or choose another path")
+            self._tmp = temp_path_beside(self.path)
+            self._env = lmdb.open(self._tmp, map_size=MAP_SIZE, subdir=True)
+        elif mode == "write":
+            self._env = lmdb.open(self.path, map_size=MAP_SIZE, subdir=True)
+        else:
+            raise ValueError(f"unknown db mode {mode!r}: use 'new', 'write' or 'read'")
+
+    def cursor(self):
+        """A new cursor at the first key."""
+        return LMDBCursor(self._env)
+
+    def new_transaction(self):
+        """A write transaction (new/write mode)."""
+        if self.mode == "read":
+            raise ValueError(f"lmdb {self.path!r} is open for reading, not writing")
+        txn = LMDBTransaction(self)
+        self._transactions.append(txn)
+        return txn
+
+    def close(self):
+        """Commit pending records (Caffe2's transaction destructor does) and close."""
+        if self._env is None:
+            return
+        for txn in self._transactions:
+            txn.commit()
+        self._env.close()
+        self._env = None
+        if self._tmp is not None:
+            if os.path.exists(self.path):
+                shutil.rmtree(self.path)  # an older LMDB folder: "new" replaces it
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+
+    def abort(self):
+        """Drop uncommitted records; a "new" database leaves no folder behind."""
+        if self._env is None:
+            return
+        for txn in self._transactions:
+            txn.abort()
+        self._env.close()
+        self._env = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
