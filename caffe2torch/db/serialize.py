@@ -116,7 +116,9 @@ def to_torch(arr, device=None):
     """A torch tensor of a numpy array on ``device``; string arrays stay numpy arrays."""
     if arr.dtype == object:
         return arr
-    tensor = torch.from_numpy(np.ascontiguousarray(arr))
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        arr = arr.copy()  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    tensor = torch.from_numpy(arr)
     return tensor.to(device) if device is not None else tensor
 
 

@@ -1,0 +1,1 @@
+"""Command-line tools that Caffe2 shipped as binaries (``python -m caffe2torch.binaries.<tool>``)."""

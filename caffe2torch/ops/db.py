@@ -1,0 +1,252 @@
+"""Database ops: CreateDB, TensorProtosDBInput, Save and Load (Caffe2's db and load_save ops)."""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from caffe2torch.db import DBReader, open_db
+from caffe2torch.db import serialize
+from caffe2torch.ops.registry import NO_GRADIENT, register_op
+from caffe2torch.proto import caffe2_pb2
+
+
+@register_op("CreateDB", gradient=NO_GRADIENT)
+def create_db(ctx, inputs):
+    """Open database ``db`` of type ``db_type`` for reading; the output is a DBReader."""
+    if "db_type" not in ctx.args:
+        raise ValueError("CreateDB needs argument 'db_type': Caffe2's default 'leveldb' is not "
+                         "supported by caffe2torch, use 'minidb' or 'lmdb'")
+    # ``db`` is used as given, not relative to the workspace root (Caffe2 does the same).
+    return [DBReader(ctx.arg("db_type"), ctx.require("db"),
+                     ctx.arg("num_shards", 1), ctx.arg("shard_id", 0))]
+
+
+# --- TensorProtosDBInput ------------------------------------------------------------------------
+
+def read_batch(reader, batch_size, num_outputs):
+    """Read ``batch_size`` records (0: one, unbatched) and decode them into numpy arrays."""
+    records = reader.read_many(max(batch_size, 1))
+    first = caffe2_pb2.TensorProtos.FromString(records[0][1])
+    if len(first.protos) != num_outputs:
+        raise ValueError(f"record {records[0][0]!r} of {reader.path!r} holds "
+                         f"{len(first.protos)} TensorProtos but the op has {num_outputs} outputs")
+    layout = [(p.data_type, tuple(p.dims)) for p in first.protos]
+    lead = (batch_size,) if batch_size else ()
+    outs = [np.empty(lead + dims, dtype=serialize.numpy_dtype(t)) for t, dims in layout]
+    rows = [o.reshape(len(records), -1) for o in outs]  # views: record b of output i is rows[i][b]
+    for b, (key, value) in enumerate(records):
+        protos = first if b == 0 else caffe2_pb2.TensorProtos.FromString(value)
+        if len(protos.protos) != num_outputs:
+            raise ValueError(f"record {key!r} of {reader.path!r} holds {len(protos.protos)} "
+                             f"TensorProtos, the first record of the batch {num_outputs}")
+        for i, p in enumerate(protos.protos):
+            if (p.data_type, tuple(p.dims)) != layout[i]:
+                raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} has dims "
+                                 f"{list(p.dims)}, the first record of the batch {list(layout[i][1])}")
+            if p.data_type == caffe2_pb2.TensorProto.BYTE and not p.HasField("raw_data"):
+                data = np.frombuffer(p.byte_data, dtype=np.uint8)  # no copy: the fast path
+            else:
+                data = serialize.tensor_data(p)
+            if data.size != rows[i].shape[1]:
+                raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} holds "
+                                 f"{data.size} values but its dims {list(p.dims)} need "
+                                 f"{rows[i].shape[1]}")
+            rows[i][b] = data
+    return outs
+
+
+class _Prefetcher:
+    """One worker thread that reads the next batch while the net runs (Caffe2's PrefetchOperator).
+
+    Batches come out in the order a sequential reader would produce them: the worker holds at
+    most one pending read, started only after the previous batch was handed out.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="TensorProtosDBInput")
+        self._pending = None  # (reader, future)
+
+    def next_batch(self, reader, read):
+        """The batch for this run; then start reading the following one."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is reader:
+            batch = pending[1].result()
+        else:  # first run, or the DBReader blob was replaced: read now
+            if pending is not None:
+                pending[1].cancel()
+            batch = read(reader)
+        self._pending = (reader, self._pool.submit(read, reader))
+        return batch
+
+    def close(self):
+        """Stop the worker (called when the net is closed)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending = None
+
+
+@register_op("TensorProtosDBInput", gradient=NO_GRADIENT)
+def tensor_protos_db_input(ctx, inputs):
+    """Read ``batch_size`` TensorProtos records from the DBReader: output i is [B] + protos[i].dims."""
+    reader = inputs[0]
+    if not isinstance(reader, DBReader):
+        raise TypeError(f"input {ctx.input_names[0]!r} must be a DBReader made by CreateDB, "
+                        f"not a {type(reader).__name__}")
+    batch_size = ctx.arg("batch_size", 0)
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    num_outputs = len(ctx.output_names)
+    prefetcher = ctx.state.get("prefetcher")
+    if prefetcher is None:
+        prefetcher = ctx.state["prefetcher"] = _Prefetcher()
+    batch = prefetcher.next_batch(reader, lambda r: read_batch(r, batch_size, num_outputs))
+    return [serialize.to_torch(arr, ctx.device) for arr in batch]
+
+
+# --- Save and Load ------------------------------------------------------------------------------
+
+def _db_path(ctx, db):
+    # Caffe2 joins root folder and db; os.path.join also lets an absolute ``db`` through.
+    return db if ctx.arg("absolute_path", 0) else os.path.join(ctx.root_folder, db)
+
+
+def _strip(name, prefix):
+    # Caffe2 cuts everything up to and including the first occurrence of the prefix.
+    pos = name.find(prefix) if prefix else -1
+    return name[pos + len(prefix):] if pos >= 0 else name
+
+
+@register_op("Save", gradient=NO_GRADIENT, cpu_only_inputs=True)
+def save(ctx, inputs):
+    """Write the input blobs to a new database ``db`` (keys ``<name>#%<chunk>``)."""
+    db_type = ctx.require("db_type")
+    path = _db_path(ctx, ctx.require("db"))
+    names = ctx.arg("blob_name_overrides") or [
+        _strip(n, ctx.arg("strip_prefix", "")) for n in ctx.input_names]
+    if len(names) != len(inputs):
+        raise ValueError(f"Save: blob_name_overrides has {len(names)} names for "
+                         f"{len(inputs)} input blobs")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Save: duplicate blob names {names}")
+    with open_db(db_type, path, "new") as db:
+        txn = db.new_transaction()
+        for name, value in zip(names, inputs):
+            for key, record in serialize.serialize_blob(name, value):
+                txn.put(key, record)
+        txn.commit()
+    return []
+
+
+def _source_names(ctx, load_all):
+    """Blob name in the db -> output index (Caffe2's output_indices_)."""
+    sources = ctx.arg("source_blob_names") or []
+    if sources and len(sources) != len(ctx.output_names):
+        raise ValueError(f"Load: {len(sources)} source_blob_names for "
+                         f"{len(ctx.output_names)} outputs")
+    if sources and ctx.arg("strip_prefix"):
+        raise ValueError("Load: strip_prefix and source_blob_names are mutually exclusive")
+    if sources and load_all:
+        raise ValueError("Load: load_all cannot be used with source_blob_names")
+    if load_all:
+        return None
+    names = sources or ctx.output_names
+    if len(set(names)) != len(names):
+        raise ValueError(f"Load: duplicate source blob names {names}")
+    return {name: i for i, name in enumerate(names)}
+
+
+def _keep_device(tensor_proto):
+    detail = tensor_proto.device_detail
+    if tensor_proto.HasField("device_detail") and detail.device_type in (caffe2_pb2.CUDA,
+                                                                         caffe2_pb2.HIP):
+        return torch.device("cuda", detail.cuda_gpu_id)
+    return torch.device("cpu")
+
+
+class _LoadState:
+    """What one Load run has read so far: assembled blobs, chunks in progress, key origins."""
+
+    def __init__(self, ctx, wanted):
+        self.ctx = ctx
+        self.wanted = wanted  # None: load_all
+        self.prefix = ctx.arg("add_prefix", "")
+        self.strip = ctx.arg("strip_prefix", "")
+        self.done = {}  # blob name -> (numpy array or bytes, device)
+        self.chunks = {}  # blob name -> (TensorChunks, device)
+        self.db_of = {}  # blob name -> index of the db it came from
+
+    def blob_name(self, key):
+        """Caffe2's buildBlobNameFromDbKey: cut at '#%', strip_prefix, then add_prefix."""
+        return self.prefix + _strip(serialize.blob_name_from_key(key), self.strip)
+
+    def extract(self, db_index, cursor, where):
+        """Read records from ``cursor`` until every output is loaded (or the end)."""
+        while cursor.valid():
+            key = cursor.key()
+            name = self.blob_name(key)
+            if self.wanted is None or name in self.wanted:
+                if self.db_of.setdefault(name, db_index) != db_index:
+                    raise ValueError(f"Load: blob {name!r} is in more than one db")
+                self.add(name, serialize.parse_blob(cursor.value(), f"record {key!r} of {where}"))
+                if self.wanted is not None and len(self.done) == len(self.wanted):
+                    return  # Caffe2 stops on the last needed record, without advancing
+            cursor.next()
+
+    def add(self, name, blob):
+        """One record of blob ``name``."""
+        if blob.type == "std::string":
+            if name in self.done or name in self.chunks:
+                raise ValueError(f"Load: blob {name!r} appears twice")
+            self.done[name] = (blob.content, None)
+            return
+        if name in self.done:
+            raise ValueError(f"Load: blob {name!r} has more chunks than its dims hold")
+        if name not in self.chunks:
+            device = (_keep_device(blob.tensor) if self.ctx.arg("keep_device", 0)
+                      else self.ctx.device)
+            self.chunks[name] = (serialize.TensorChunks(name, blob.tensor), device)
+        chunks, device = self.chunks[name]
+        chunks.add(blob.tensor)
+        if chunks.complete:
+            del self.chunks[name]
+            self.done[name] = (chunks.value(), device)
+
+
+@register_op("Load", gradient=NO_GRADIENT)
+def load(ctx, inputs):
+    """Load blobs from databases (or DBReader inputs); chunks are assembled by segment."""
+    load_all = ctx.arg("load_all", 0)
+    state = _LoadState(ctx, _source_names(ctx, load_all))
+    if inputs:
+        for i, reader in enumerate(inputs):
+            if not isinstance(reader, DBReader):
+                raise TypeError(f"input {ctx.input_names[i]!r} must be a DBReader made by "
+                                f"CreateDB, not a {type(reader).__name__}")
+            with reader.lock:  # read from where the reader is, without rewinding
+                state.extract(i, reader.cursor, reader.path)
+    else:
+        db_type = ctx.require("db_type")
+        dbs = ctx.arg("dbs") or [ctx.require("db")]
+        for i, db in enumerate(dbs):
+            path = _db_path(ctx, db)
+            with open_db(db_type, path, "read") as source:
+                cursor = source.cursor()
+                try:
+                    state.extract(i, cursor, path)
+                finally:
+                    cursor.close()
+    for name, (chunks, _) in state.chunks.items():
+        raise ValueError(f"Load: blob {name!r} is incomplete: its chunks hold {chunks.loaded} "
+                         f"of {chunks.total} values")
+    values = {name: serialize.to_torch(v, device) if device is not None else v
+              for name, (v, device) in state.done.items()}
+    if load_all:
+        ctx.workspace.blobs.update(values)
+        return []
+    missing = [n for n in state.wanted if n not in values]
+    if missing and not ctx.arg("allow_incomplete", 0):
+        raise ValueError(f"Load: expected {len(state.wanted)} blobs, found only "
+                         f"{len(values)}; missing {missing}")
+    # An output that was not found keeps its current value (allow_incomplete).
+    return [values[src] if src in values else ctx.workspace.blobs.get(out)
+            for src, out in zip(state.wanted, ctx.output_names)]

@@ -1,0 +1,173 @@
+"""DB ops through the workspace: CreateDB, TensorProtosDBInput, Save, Load."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caffe2torch.db import DBReader, open_db
+from caffe2torch.db import serialize
+from caffe2torch.proto import caffe2_pb2
+from caffe2torch.python import core, workspace
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "caffe2-artifacts"
+MNIST = str(ARTIFACTS / "mnist-test-nhwc-minidb")
+FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+@pytest.fixture(autouse=True)
+def fresh_workspace(tmp_path):
+    workspace.ResetWorkspace(str(tmp_path))
+    yield
+    workspace.ResetWorkspace()
+
+
+def run(op_type, inputs, outputs, **args):
+    workspace.RunOperatorOnce(core.CreateOperator(op_type, inputs, outputs, **args))
+
+
+def _all_mnist_records():
+    with open_db("minidb", MNIST, "read") as db:
+        records = list(db.cursor())
+    protos = [caffe2_pb2.TensorProtos.FromString(v).protos for _, v in records]
+    images = np.stack([np.frombuffer(p[0].byte_data, np.uint8).reshape(28, 28, 1)
+                       for p in protos])
+    return images, np.array([p[1].int32_data[0] for p in protos], np.int32)
+
+
+def test_create_db_outputs_a_reader():
+    run("CreateDB", [], ["reader"], db=MNIST, db_type="minidb")
+    reader = workspace.FetchBlob("reader")
+    assert isinstance(reader, DBReader) and reader.read()[0] == b"00000000"
+
+
+def test_create_db_leveldb_default_is_a_clear_error():
+    with pytest.raises(Exception, match="leveldb.*not supported.*minidb.*lmdb"):
+        run("CreateDB", [], ["reader"], db=MNIST)
+    with pytest.raises(Exception, match="'rocksdb' is not supported"):
+        run("CreateDB", [], ["reader"], db=MNIST, db_type="rocksdb")
+
+
+def test_tensor_protos_db_input_reads_mnist_and_wraps_around():
+    images, labels = _all_mnist_records()
+    init = core.Net("init")
+    init.CreateDB([], "dbreader", db=MNIST, db_type="minidb")
+    net = core.Net("read")
+    net.TensorProtosDBInput(["dbreader"], ["data", "label"], batch_size=64)
+    workspace.RunNetOnce(init)
+    workspace.CreateNet(net)
+    workspace.RunNet(net.Proto().name)
+    data, label = workspace.FetchBlob("data"), workspace.FetchBlob("label")
+    assert data.dtype == np.uint8 and data.shape == (64, 28, 28, 1)
+    assert label.dtype == np.int32 and label.shape == (64,)
+    assert label[:10].tolist() == FIRST_LABELS
+    np.testing.assert_array_equal(data, images[:64])
+    # 1000 records = 15 full batches + 40; batch 16 continues from the start (the prefetch
+    # thread must hand them out in exactly this order).
+    for _ in range(15):
+        workspace.RunNet(net.Proto().name)
+    order = np.r_[960:1000, 0:24]
+    np.testing.assert_array_equal(workspace.FetchBlob("label"), labels[order])
+    np.testing.assert_array_equal(workspace.FetchBlob("data"), images[order])
+    workspace.RunNet(net.Proto().name)
+    np.testing.assert_array_equal(workspace.FetchBlob("label"), labels[24:88])
+
+
+def test_tensor_protos_db_input_unbatched_and_output_count():
+    run("CreateDB", [], ["r"], db=MNIST, db_type="minidb")
+    run("TensorProtosDBInput", ["r"], ["image", "label"])
+    assert workspace.FetchBlob("image").shape == (28, 28, 1)
+    assert workspace.FetchBlob("label").shape == () and workspace.FetchBlob("label") == 7
+    with pytest.raises(Exception, match="holds 2 TensorProtos but the op has 1 outputs"):
+        run("TensorProtosDBInput", ["r"], ["image"], batch_size=2)
+
+
+def test_tensor_protos_db_input_other_types_and_nchw(tmp_path):
+    path = str(tmp_path / "x-lmdb")
+    with open_db("lmdb", path, "new") as db:
+        txn = db.new_transaction()
+        for i in range(3):
+            protos = caffe2_pb2.TensorProtos()
+            protos.protos.add().CopyFrom(serialize.NumpyArrayToCaffe2Tensor(
+                np.full((1, 2, 2), i, np.float32)))
+            protos.protos.add().CopyFrom(serialize.NumpyArrayToCaffe2Tensor(
+                np.array([i, -i], np.int64)))
+            txn.put(b"%d" % i, protos.SerializeToString())
+    run("CreateDB", [], ["r"], db=path, db_type="lmdb")
+    run("TensorProtosDBInput", ["r"], ["x", "y"], batch_size=2)
+    x, y = workspace.FetchBlob("x"), workspace.FetchBlob("y")
+    assert x.dtype == np.float32 and x.shape == (2, 1, 2, 2)
+    assert y.dtype == np.int64 and y.tolist() == [[0, 0], [1, -1]]
+
+
+def test_save_load_round_trip_with_chunks(monkeypatch, tmp_path):
+    monkeypatch.setattr(serialize, "CHUNK_SIZE", 5)
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.array([1, 2], dtype=np.int64)
+    workspace.FeedBlob("model/w", w)
+    workspace.FeedBlob("model/b", b)
+    workspace.FeedBlob("meta", b"hello")
+    workspace.FeedBlob("model/it", np.array(7, np.int64))  # a 0-d tensor stays 0-d
+    run("Save", ["meta", "model/w", "model/b", "model/it"], [], db="params.minidb",
+        db_type="minidb", strip_prefix="model/")
+    path = tmp_path / "params.minidb"  # relative to the workspace root
+    with open_db("minidb", path, "read") as db:
+        keys = [k for k, _ in db.cursor()]
+    assert keys == [b"meta", b"w#%0", b"w#%1", b"w#%2", b"b#%0", b"it#%0"]
+    workspace.ResetWorkspace(str(tmp_path))
+    run("Load", [], ["w", "b", "meta", "it"], db=str(path), db_type="minidb", absolute_path=1)
+    assert workspace.FetchBlob("it").shape == () and workspace.FetchBlob("it") == 7
+    np.testing.assert_array_equal(workspace.FetchBlob("w"), w)
+    np.testing.assert_array_equal(workspace.FetchBlob("b"), b)
+    assert workspace.FetchBlob("b").dtype == np.int64
+    assert workspace.FetchBlob("meta") == b"hello"
+    assert isinstance(workspace.FetchTorch("w"), torch.Tensor)
+
+
+def test_load_all_prefixes_overrides_and_sources(tmp_path):
+    workspace.FeedBlob("a", np.ones(2, np.float32))
+    workspace.FeedBlob("b", np.zeros(3, np.int32))
+    run("Save", ["a", "b"], [], db=str(tmp_path / "d"), db_type="lmdb", absolute_path=1,
+        blob_name_overrides=["x/a", "x/b"])
+    workspace.ResetWorkspace()
+    run("Load", [], [], db="d", db_type="lmdb", load_all=1, strip_prefix="x/", add_prefix="p_")
+    assert workspace.Blobs() == ["p_a", "p_b"]
+    run("Load", [], ["mine"], db="d", db_type="lmdb", source_blob_names=["x/b"])
+    np.testing.assert_array_equal(workspace.FetchBlob("mine"), np.zeros(3, np.int32))
+
+
+def test_load_missing_blob_and_allow_incomplete(tmp_path):
+    workspace.FeedBlob("a", np.ones(2, np.float32))
+    run("Save", ["a"], [], db="d", db_type="minidb")
+    with pytest.raises(Exception, match="missing \\['nope'\\]"):
+        run("Load", [], ["a", "nope"], db="d", db_type="minidb")
+    workspace.FeedBlob("nope", np.array([5], np.int32))
+    run("Load", [], ["a", "nope"], db="d", db_type="minidb", allow_incomplete=1)
+    assert workspace.FetchBlob("nope").tolist() == [5]  # untouched
+
+
+def test_load_from_dbreader_continues_at_its_position(tmp_path):
+    # The predictor layout: a string blob first, then the parameters, read by two Loads that
+    # share one DBReader.
+    workspace.FeedBlob("!!META_NET_DEF", b"net bytes")
+    workspace.FeedBlob("w", np.arange(4, dtype=np.float32))
+    run("Save", ["!!META_NET_DEF", "w"], [], db=str(tmp_path / "model.minidb"),
+        db_type="minidb", absolute_path=1)
+    workspace.ResetWorkspace()
+    run("CreateDB", [], ["!!PREDICTOR_DBREADER"], db=str(tmp_path / "model.minidb"),
+        db_type="minidb")
+    reader = workspace.FetchBlob("!!PREDICTOR_DBREADER")
+    run("Load", ["!!PREDICTOR_DBREADER"], ["!!META_NET_DEF"])
+    assert workspace.FetchBlob("!!META_NET_DEF") == b"net bytes"
+    assert reader.cursor.key() == b"!!META_NET_DEF"  # stopped on the last needed record
+    run("Load", ["!!PREDICTOR_DBREADER"], ["w"])
+    np.testing.assert_array_equal(workspace.FetchBlob("w"), np.arange(4, dtype=np.float32))
+
+
+def test_save_errors(tmp_path):
+    workspace.FeedBlob("a", np.ones(2, np.float32))
+    with pytest.raises(Exception, match="needs argument 'db_type'"):
+        run("Save", ["a"], [], db="d")
+    with pytest.raises(Exception, match="blob_name_overrides has 2 names for 1"):
+        run("Save", ["a"], [], db="d", db_type="minidb", blob_name_overrides=["x", "y"])
+    assert not (tmp_path / "d").exists()
