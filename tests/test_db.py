@@ -89,6 +89,8 @@ def test_unknown_db_type_and_mode(tmp_path):
         open_db("leveldb", tmp_path / "x", "new")
     with pytest.raises(ValueError, match="unknown db mode 'append'"):
         open_db("minidb", tmp_path / "x", "append")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        open_db("minidb", tmp_path, "new")
     with pytest.raises(FileNotFoundError, match="missing.minidb"):
         open_db("minidb", tmp_path / "missing.minidb", "read")
 

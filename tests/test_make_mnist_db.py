@@ -1,5 +1,6 @@
 """make_mnist_db: IDX parsing, Caffe2's record layout, byte-identity with a real Caffe2 file."""
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_cli_output_is_byte_identical_to_caffe2s(idx_files, tmp_path):
         [sys.executable, "-m", "caffe2torch.binaries.make_mnist_db", "--image_file", str(images),
          "--label_file", str(labels), "--output_file", str(out), "--db", "minidb",
          "--data_limit", "1000"],
-        cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == REAL_MINIDB.read_bytes()
 
@@ -102,7 +103,7 @@ def _cli(tmp_path, images, labels, *extra):
     return subprocess.run(
         [sys.executable, "-m", "caffe2torch.binaries.make_mnist_db", "--image_file", str(images),
          "--label_file", str(labels), "--output_file", str(tmp_path / "out"), *extra],
-        cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_bad_files_exit_2_with_a_one_line_error(tmp_path, idx_files):

@@ -92,6 +92,11 @@ class DBReader:
             self.cursor.close()
             self.db.close()
 
+    def __del__(self):
+        # A DBReader blob dropped from the workspace closes its files, as Caffe2's destructor.
+        if getattr(self, "cursor", None) is not None:
+            self.close()
+
     def __repr__(self):
         return f"DBReader(db_type={self.db_type!r}, path={self.path!r})"
 

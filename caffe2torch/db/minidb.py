@@ -18,7 +18,11 @@ class MiniDBCursor:
         self._path = path
         self._file = open(path, "rb")
         self._key = self._value = None
-        self.seek_to_first()
+        try:
+            self.seek_to_first()
+        except ValueError:
+            self._file.close()
+            raise
 
     def seek_to_first(self):
         """Rewind to the first record."""
@@ -94,10 +98,14 @@ class MiniDB:
         self.mode = mode
         self._file = None
         self._tmp = None
+        self._cursors = []
         if mode == "read":
             if not os.path.isfile(self.path):
                 raise FileNotFoundError(f"minidb {self.path!r} does not exist")
         elif mode == "new":
+            if os.path.isdir(self.path):
+                raise IsADirectoryError(f"minidb {self.path!r} is a folder: a minidb is one "
+                                        "file, choose another path")
             self._tmp = temp_path_beside(self.path)
             self._file = open(self._tmp, "xb")
         elif mode == "write":
@@ -109,7 +117,9 @@ class MiniDB:
         """A new cursor at the first record (read mode)."""
         if self.mode != "read":
             raise ValueError(f"minidb {self.path!r} is open for writing, not reading")
-        return MiniDBCursor(self.path)
+        cursor = MiniDBCursor(self.path)
+        self._cursors.append(cursor)
+        return cursor
 
     def new_transaction(self):
         """A transaction that appends records (new/write mode)."""
@@ -127,16 +137,26 @@ class MiniDB:
         self._file.write(value)
 
     def close(self):
-        """Finish writing: a new database replaces the target only now."""
+        """Close the cursors; finish writing: a new database replaces the target only now."""
+        for cursor in self._cursors:
+            cursor.close()
+        self._cursors = []
         if self._file is not None:
             self._file.close()
             self._file = None
             if self._tmp is not None:
-                os.replace(self._tmp, self.path)
-                self._tmp = None
+                tmp, self._tmp = self._tmp, None
+                try:
+                    os.replace(tmp, self.path)
+                except OSError:
+                    os.unlink(tmp)
+                    raise
 
     def abort(self):
         """Drop what a "new" database wrote; the target is left untouched."""
+        for cursor in self._cursors:
+            cursor.close()
+        self._cursors = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -42,8 +42,9 @@ def read_batch(reader, batch_size, num_outputs):
                              f"TensorProtos, the first record of the batch {num_outputs}")
         for i, p in enumerate(protos.protos):
             if (p.data_type, tuple(p.dims)) != layout[i]:
-                raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} has dims "
-                                 f"{list(p.dims)}, the first record of the batch {list(layout[i][1])}")
+                raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} is "
+                                 f"{_describe(p.data_type, p.dims)} but in the batch's first "
+                                 f"record {_describe(*layout[i])}")
             if p.data_type == caffe2_pb2.TensorProto.BYTE and not p.HasField("raw_data"):
                 data = np.frombuffer(p.byte_data, dtype=np.uint8)  # no copy: the fast path
             else:
@@ -54,6 +55,10 @@ def read_batch(reader, batch_size, num_outputs):
                                  f"{rows[i].shape[1]}")
             rows[i][b] = data
     return outs
+
+
+def _describe(data_type, dims):
+    return f"{caffe2_pb2.TensorProto.DataType.Name(data_type)} {list(dims)}"
 
 
 class _Prefetcher:
@@ -87,7 +92,7 @@ class _Prefetcher:
 
 @register_op("TensorProtosDBInput", gradient=NO_GRADIENT)
 def tensor_protos_db_input(ctx, inputs):
-    """Read ``batch_size`` TensorProtos records from the DBReader: output i is [B] + protos[i].dims."""
+    """Read ``batch_size`` TensorProtos records from a DBReader: output i is [B]+protos[i].dims."""
     reader = inputs[0]
     if not isinstance(reader, DBReader):
         raise TypeError(f"input {ctx.input_names[0]!r} must be a DBReader made by CreateDB, "
@@ -155,12 +160,16 @@ def _source_names(ctx, load_all):
     return {name: i for i, name in enumerate(names)}
 
 
-def _keep_device(tensor_proto):
+def _keep_device(name, tensor_proto):
+    """The device a blob was saved from (keep_device=1): its ``device_detail``, else CPU."""
     detail = tensor_proto.device_detail
-    if tensor_proto.HasField("device_detail") and detail.device_type in (caffe2_pb2.CUDA,
-                                                                         caffe2_pb2.HIP):
-        return torch.device("cuda", detail.cuda_gpu_id)
-    return torch.device("cpu")
+    if not (tensor_proto.HasField("device_detail")
+            and detail.device_type in (caffe2_pb2.CUDA, caffe2_pb2.HIP)):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"Load: blob {name!r} was saved from a GPU and keep_device=1, but "
+                           "PyTorch sees no GPU; drop keep_device to load it on the op's device")
+    return torch.device("cuda", detail.cuda_gpu_id)
 
 
 class _LoadState:
@@ -202,7 +211,7 @@ class _LoadState:
         if name in self.done:
             raise ValueError(f"Load: blob {name!r} has more chunks than its dims hold")
         if name not in self.chunks:
-            device = (_keep_device(blob.tensor) if self.ctx.arg("keep_device", 0)
+            device = (_keep_device(name, blob.tensor) if self.ctx.arg("keep_device", 0)
                       else self.ctx.device)
             self.chunks[name] = (serialize.TensorChunks(name, blob.tensor), device)
         chunks, device = self.chunks[name]

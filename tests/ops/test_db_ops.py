@@ -99,6 +99,18 @@ def test_tensor_protos_db_input_other_types_and_nchw(tmp_path):
     assert x.dtype == np.float32 and x.shape == (2, 1, 2, 2)
     assert y.dtype == np.int64 and y.tolist() == [[0, 0], [1, -1]]
 
+    path = str(tmp_path / "ragged.minidb")
+    with open_db("minidb", path, "new") as db:  # records whose shapes differ cannot be batched
+        txn = db.new_transaction()
+        for i, shape in enumerate([(2,), (2,), (3,)]):
+            protos = caffe2_pb2.TensorProtos()
+            protos.protos.add().CopyFrom(serialize.NumpyArrayToCaffe2Tensor(np.zeros(shape)))
+            txn.put(b"%d" % i, protos.SerializeToString())
+    run("CreateDB", [], ["r"], db=path, db_type="minidb")
+    with pytest.raises(Exception, match="'2'.*is DOUBLE \\[3\\] but in the batch's first "
+                                        "record DOUBLE \\[2\\]"):
+        run("TensorProtosDBInput", ["r"], ["x"], batch_size=3)
+
 
 def test_save_load_round_trip_with_chunks(monkeypatch, tmp_path):
     monkeypatch.setattr(serialize, "CHUNK_SIZE", 5)
@@ -171,3 +183,32 @@ def test_save_errors(tmp_path):
     with pytest.raises(Exception, match="blob_name_overrides has 2 names for 1"):
         run("Save", ["a"], [], db="d", db_type="minidb", blob_name_overrides=["x", "y"])
     assert not (tmp_path / "d").exists()
+
+
+def test_load_places_blobs_on_the_op_device_unless_keep_device(tmp_path):
+    # A late-Caffe2 record saved from GPU 0: without keep_device it loads on the op's device.
+    blob = caffe2_pb2.BlobProto(name="w", type="Tensor")
+    blob.tensor.CopyFrom(serialize.NumpyArrayToCaffe2Tensor(np.ones(3, np.float32), "w"))
+    blob.tensor.device_detail.device_type = caffe2_pb2.CUDA
+    with open_db("minidb", tmp_path / "gpu.minidb", "new") as db:
+        db.new_transaction().put(b"w#%0", blob.SerializeToString())
+    run("Load", [], ["w"], db="gpu.minidb", db_type="minidb")
+    assert workspace.FetchTorch("w").device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="saved from a GPU and keep_device=1"):
+            run("Load", [], ["w"], db="gpu.minidb", db_type="minidb", keep_device=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_db_ops_on_cuda(tmp_path):
+    cuda = caffe2_pb2.DeviceOption(device_type=caffe2_pb2.CUDA, cuda_gpu_id=0)
+    run("CreateDB", [], ["r"], db=MNIST, db_type="minidb")
+    workspace.RunOperatorOnce(core.CreateOperator(
+        "TensorProtosDBInput", ["r"], ["data", "label"], batch_size=8, device_option=cuda))
+    assert workspace.FetchTorch("data").device.type == "cuda"
+    assert workspace.FetchBlob("label")[:8].tolist() == FIRST_LABELS[:8]
+    run("Save", ["data", "label"], [], db="x", db_type="minidb")
+    workspace.RunOperatorOnce(core.CreateOperator(
+        "Load", [], ["data", "label"], db="x", db_type="minidb", device_option=cuda))
+    assert workspace.FetchTorch("label").device.type == "cuda"
+    assert workspace.FetchBlob("label").tolist() == FIRST_LABELS[:8]
