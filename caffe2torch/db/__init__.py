@@ -76,8 +76,10 @@ class DBReader:
             return [self._read_locked() for _ in range(n)]
 
     def _read_locked(self):
-        if not self.cursor.valid():
-            raise ValueError(f"database {self.path!r} ({self.db_type}) has no records to read")
+        if not self.cursor.valid():  # empty, or a Load read the cursor to the end
+            self._move_to_beginning()
+            if not self.cursor.valid():
+                raise ValueError(f"database {self.path!r} ({self.db_type}) has no records")
         record = self.cursor.key(), self.cursor.value()
         for _ in range(self.num_shards):
             self.cursor.next()

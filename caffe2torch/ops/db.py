@@ -244,9 +244,10 @@ def load(ctx, inputs):
                     state.extract(i, cursor, path)
                 finally:
                     cursor.close()
-    for name, (chunks, _) in state.chunks.items():
-        raise ValueError(f"Load: blob {name!r} is incomplete: its chunks hold {chunks.loaded} "
-                         f"of {chunks.total} values")
+    incomplete = [f"{name!r} ({c.loaded} of {c.total} values)"
+                  for name, (c, _) in state.chunks.items()]
+    if incomplete:
+        raise ValueError(f"Load: chunks missing for blobs {', '.join(incomplete)}")
     values = {name: serialize.to_torch(v, device) if device is not None else v
               for name, (v, device) in state.done.items()}
     if load_all:

@@ -174,6 +174,21 @@ def test_load_from_dbreader_continues_at_its_position(tmp_path):
     assert reader.cursor.key() == b"!!META_NET_DEF"  # stopped on the last needed record
     run("Load", ["!!PREDICTOR_DBREADER"], ["w"])
     np.testing.assert_array_equal(workspace.FetchBlob("w"), np.arange(4, dtype=np.float32))
+    assert reader.cursor.key() == b"w#%0"
+    with pytest.raises(Exception, match="missing \\['!!META_NET_DEF'\\]"):  # no rewind
+        run("Load", ["!!PREDICTOR_DBREADER"], ["!!META_NET_DEF"])
+    assert reader.read()[0] == b"!!META_NET_DEF"  # read() wraps from the exhausted cursor
+
+
+def test_load_reports_missing_chunks(monkeypatch, tmp_path):
+    monkeypatch.setattr(serialize, "CHUNK_SIZE", 2)
+    records = serialize.serialize_blob("w", np.arange(5, dtype=np.float32))
+    with open_db("minidb", tmp_path / "d", "new") as db:
+        txn = db.new_transaction()
+        for key, value in records[:2]:
+            txn.put(key, value)
+    with pytest.raises(Exception, match="chunks missing for blobs 'w' \\(4 of 5 values\\)"):
+        run("Load", [], ["w"], db="d", db_type="minidb")
 
 
 def test_save_errors(tmp_path):
