@@ -137,7 +137,8 @@ def _bool_flag(text):
 
 def main(argv=None):
     """The command line; exits with status 2 and a one-line message on bad input."""
-    parser = argparse.ArgumentParser(prog="make_mnist_db", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="make_mnist_db", description="Convert MNIST IDX files into a Caffe2 minidb or LMDB.")
     parser.add_argument("--image_file", required=True, help="IDX image file (may be gzipped)")
     parser.add_argument("--label_file", required=True, help="IDX label file (may be gzipped)")
     parser.add_argument("--output_file", required=True, help="db to create (lmdb: a folder)")
@@ -145,7 +146,7 @@ def main(argv=None):
                         "(Caffe2's default, leveldb, is not supported)")
     parser.add_argument("--data_limit", type=int, default=-1, help="keep the first N items")
     parser.add_argument("--channel_first", nargs="?", const=True, default=False, type=_bool_flag,
-                        help="images as [1,rows,cols] (NCHW) instead of [rows,cols,1]")
+                        metavar="BOOL", help="images as [1,rows,cols] (NCHW) instead of [rows,cols,1]")
     args = parser.parse_args(argv)
     if args.db not in SUPPORTED_DB_TYPES and args.db not in ("MiniDB", "LMDB"):
         parser.error(f"--db {args.db!r} is not supported: use one of "
