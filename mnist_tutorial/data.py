@@ -80,7 +80,7 @@ class DataError(Exception):
 
 
 def db_path(data_dir, split, db_type="lmdb"):
-    """Where the ``split`` ("train"/"test") database lives: ``data_dir/mnist-<split>-nchw-<type>``."""
+    """Where the ``split`` ("train"/"test") database lives: data_dir/mnist-<split>-nchw-<type>."""
     return Path(data_dir) / f"mnist-{split}-nchw-{db_type}"
 
 
@@ -170,7 +170,7 @@ def verify_mnist(data_dir, db_type="lmdb", expected_counts=None):
 
 
 def scan_db(path, db_type="lmdb"):
-    """Read a database once: its record count and SHA-256 of keys and values, first record checked."""
+    """Read a database once: its record count and the SHA-256 of its keys and values, in order."""
     digest, n = hashlib.sha256(), 0
     try:
         with open_db(db_type, str(path), "read") as db:
@@ -342,7 +342,7 @@ def _check_member(member, label):
 
 
 def _members_under(members, name, db_type):
-    """(member, path inside the database) for the database ``name`` at the root or one folder down."""
+    """(member, path inside the database) for database ``name`` at the root or one folder down."""
     chosen = []
     for member in members:
         parts = PurePosixPath(member.filename).parts
