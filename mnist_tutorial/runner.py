@@ -1,0 +1,617 @@
+"""run_all.py's engine: parameters, the papermill loop over the steps, run.json and the history.
+
+A run lives in ``<outputs>/<run-id>/``: the executed notebooks and their HTML, ``run.json`` and
+``workspace/`` (what the steps write). ``<outputs>/runs.jsonl`` gets one line per run,
+``<outputs>/latest`` points at the last run and ``<outputs>/index.html`` shows the history.
+
+Exit codes: 0 success; 1 a step failed (or the test accuracy is below ``min_test_accuracy``);
+2 bad usage or parameters, or the run folder is locked by another run; 130 interrupted.
+Everything that can be checked without a kernel is checked before the first kernel starts.
+"""
+import argparse
+import base64
+import contextlib
+import datetime
+import fcntl
+import html
+import io
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+KERNEL_NAME = "caffe2torch"
+STEPS = ("download", "build", "train", "test", "export")
+NOTEBOOKS = {step: f"{i:02d}_{step}.ipynb" for i, step in enumerate(STEPS, 1)}
+METRICS_FILES = {"train": "metrics_train.json", "test": "metrics_test.json",
+                 "export": "metrics_export.json"}
+INJECTED = ("run_dir",)  # parameters the runner sets itself; notebooks declare them
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SECRET_WORDS = {"key", "keys", "apikey", "token", "tokens", "password", "passwd", "pwd", "secret",
+                "secrets", "credential", "credentials", "auth", "private", "privatekey"}
+SECRET_PARTS = ("passw", "secret", "token", "credential", "apikey", "api_key", "privatekey")
+
+
+class UsageError(Exception):
+    """Bad usage or parameters: run_all.py prints the one-line message and exits with 2."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One pipeline parameter: its type, default, allowed values and help."""
+
+    type: type
+    default: object
+    help: str
+    choices: tuple = None
+    ge: float = None  # inclusive lower bound
+    gt: float = None  # exclusive lower bound
+    lt: float = None  # exclusive upper bound
+    le: float = None  # inclusive upper bound
+    runner_only: bool = False  # used by run_all.py, not passed to any notebook
+
+
+SCHEMA = {
+    "data_dir": Param(str, "data", "folder of the MNIST LMDBs, reused across runs (relative: the "
+                      "repository root)"),
+    "data_source": Param(str, "auto", "where MNIST comes from; existing = use the LMDBs already in "
+                         "data_dir as they are", choices=("auto", "package", "caffe2-zip", "idx",
+                                                          "existing")),
+    "device": Param(str, "auto", "auto = cuda when PyTorch sees a GPU, else cpu",
+                    choices=("auto", "cpu", "cuda")),
+    "seed": Param(int, 1, "seeds Python, numpy and torch in every step", ge=0, le=2 ** 32 - 1),
+    "train_batch_size": Param(int, 64, "images per training iteration", ge=1, le=60000),
+    "test_batch_size": Param(int, 100, "images per test batch", ge=1, le=10000),
+    "train_iters": Param(int, 200, "training iterations", ge=1, le=10_000_000),
+    "test_iters": Param(int, 100, "test batches", ge=1, le=1_000_000),
+    "base_lr": Param(float, -0.1, "base learning rate; negative (Caffe2 adds LR * gradient)",
+                     ge=-10.0, lt=0.0),
+    "lr_policy": Param(str, "step", "LearningRate policy", choices=("fixed", "step", "exp", "inv")),
+    "stepsize": Param(int, 1, "step policy: iterations per decay step", ge=1),
+    "gamma": Param(float, 0.999, "step/exp/inv policies: decay factor", gt=0.0, le=1.0),
+    "power": Param(float, 0.75, "inv policy: LR = base_lr * (1 + gamma * iter) ^ -power", gt=0.0,
+                   le=10.0),
+    "print_every": Param(int, 25, "print loss and accuracy every N iterations (0: never)", ge=0),
+    "min_test_accuracy": Param(float, 0.945, "the test step fails below this mean accuracy",
+                               ge=0.0, le=1.0),
+    "cell_timeout": Param(int, 3600, "seconds one notebook cell may run", ge=1,
+                          runner_only=True),
+    "start_timeout": Param(int, 120, "seconds a kernel may take to start", ge=1,
+                           runner_only=True),
+}
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+def looks_secret(name):
+    """True for names like api_key, token, db_password: papermill writes values into notebooks."""
+    lowered = name.lower()
+    words = set(re.split(r"[^a-z0-9]+", lowered))
+    return bool(words & SECRET_WORDS) or any(part in lowered for part in SECRET_PARTS)
+
+
+def _describe_range(spec):
+    if spec.choices:
+        return "one of " + ", ".join(map(str, spec.choices))
+    bounds = ((">=", spec.ge), (">", spec.gt), ("<", spec.lt), ("<=", spec.le))
+    return " and ".join(f"{op} {bound:,}" if isinstance(bound, int) else f"{op} {bound:g}"
+                        for op, bound in bounds if bound is not None)
+
+
+def check_param(name, value, origin):
+    """The value of parameter ``name`` converted to its type, or a UsageError naming it."""
+    if looks_secret(name):
+        raise UsageError(f"parameter {name!r} ({origin}) looks like a secret; papermill writes "
+                         "parameters into the output notebooks: pass secrets through the "
+                         "environment instead")
+    spec = SCHEMA.get(name)
+    if spec is None:
+        import difflib
+        close = difflib.get_close_matches(name, SCHEMA, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see run_all.py --list"
+        raise UsageError(f"unknown parameter {name!r} ({origin}){hint}")
+    kind = {int: "an integer", float: "a number", str: "a string"}[spec.type]
+    if spec.type is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept any float literal
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    ok = (isinstance(value, str) if spec.type is str else
+          isinstance(value, int) and not isinstance(value, bool) if spec.type is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        raise UsageError(f"parameter {name!r} ({origin}) must be {kind}, got {value!r}")
+    value = spec.type(value)
+    if spec.type is float and value != value:
+        raise UsageError(f"parameter {name!r} ({origin}) must be a number, got nan")
+    bad = ((spec.choices and value not in spec.choices)
+           or (spec.ge is not None and value < spec.ge) or (spec.gt is not None and value <= spec.gt)
+           or (spec.lt is not None and value >= spec.lt) or (spec.le is not None and value > spec.le))
+    if bad:
+        raise UsageError(f"parameter {name!r} ({origin}) must be {_describe_range(spec)}, "
+                         f"got {value!r}")
+    if spec.type is str and not value:
+        raise UsageError(f"parameter {name!r} ({origin}) must not be empty")
+    return value
+
+
+def load_params_file(path):
+    """The mapping in a YAML params file (no checks on its keys yet)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"params file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"params file {path} is not readable YAML: "
+                         f"{' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"params file {path} must hold a mapping of parameter: value")
+    return data
+
+
+def parse_override(text):
+    """``KEY=VALUE`` → (key, value); the value is read as a YAML scalar (strings stay raw)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"-p {text!r}: expected KEY=VALUE, e.g. -p train_iters=500")
+    spec = SCHEMA.get(key)
+    if spec is not None and spec.type is str:
+        return key, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"-p {key}: expected a single value, got {raw!r}")
+    return key, value
+
+
+def resolve_params(files=(), overrides=(), base=None):
+    """Defaults ← ``base`` (a resumed run's params) ← each file ← each -p, all checked."""
+    params = {name: spec.default for name, spec in SCHEMA.items()}
+    layers = [("resumed run.json", base or {})]
+    layers += [(f"in {path}", load_params_file(path)) for path in files]
+    layers += [("from -p", dict([parse_override(text)])) for text in overrides]
+    for origin, layer in layers:
+        for name, value in layer.items():
+            params[str(name)] = check_param(str(name), value, origin)
+    return params
+
+
+def resolve_device(device):
+    """The device the steps will use; "cuda" without a GPU is a UsageError."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise UsageError("parameter 'device' is cuda but PyTorch sees no GPU "
+                         "(torch.cuda.is_available() is False); use device=cpu or device=auto")
+    return "cpu"
+
+
+def notebook_parameters(step):
+    """The parameters declared in the step's notebook (papermill.inspect_notebook)."""
+    import papermill
+    path = NOTEBOOK_DIR / NOTEBOOKS[step]
+    if not path.exists():
+        raise UsageError(f"notebook {path} is missing")
+    declared = papermill.inspect_notebook(str(path))
+    if not declared:
+        raise UsageError(f"notebook {path} has no cell tagged 'parameters'")
+    for name in declared:
+        if name not in SCHEMA and name not in INJECTED:
+            raise UsageError(f"notebook {path.name} declares parameter {name!r}, which "
+                             "mnist_tutorial/runner.py's SCHEMA does not know")
+    return declared
+
+
+def step_params(step, params, run_dir, device):
+    """What the step's notebook gets: only the parameters it declares, run_dir injected."""
+    values = {name: params[name] for name in notebook_parameters(step) if name in SCHEMA}
+    if "device" in values:
+        values["device"] = device
+    values["run_dir"] = str(run_dir)
+    return values
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def parse_args(argv):
+    """run_all.py's options (argparse exits 2 on bad usage)."""
+    parser = argparse.ArgumentParser(
+        prog="run_all.py", description="Run the MNIST notebooks (" + " → ".join(STEPS) +
+        ") with papermill into <outputs>/<run-id>/.")
+    parser.add_argument("-f", "--params-file", action="append", default=[], metavar="PARAMS.yaml",
+                        help="YAML file of parameters (repeatable; later files win)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter (repeatable)")
+    parser.add_argument("--run-id", help="name of the run folder (default: UTC time + suffix); "
+                        "an existing run is resumed in place")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--from", dest="from_step", metavar="STEP", choices=STEPS,
+                       help="run STEP and the steps after it (with --run-id: resume that run)")
+    order.add_argument("--only", metavar="STEP[,STEP...]", help="run only these steps")
+    parser.add_argument("--outputs", metavar="DIR", help="folder of runs and history (default: "
+                        "outputs/ in the repository)")
+    parser.add_argument("--list", action="store_true", help="list steps and parameters, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the plan, run no kernel")
+    return parser.parse_args(argv)
+
+
+def select_steps(args):
+    """The steps to run, in pipeline order."""
+    if args.from_step:
+        return list(STEPS[STEPS.index(args.from_step):])
+    if args.only:
+        names = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in names if s not in STEPS]
+        if unknown or not names:
+            raise UsageError(f"--only {args.only!r}: unknown step {unknown[0] if unknown else ''!r}; "
+                             f"steps are {', '.join(STEPS)}")
+        return [s for s in STEPS if s in names]
+    return list(STEPS)
+
+
+def list_text():
+    """The --list output: steps with their notebooks, then the parameters."""
+    lines = ["steps:"]
+    for step in STEPS:
+        lines.append(f"  {step:9s} notebooks/{NOTEBOOKS[step]}")
+    lines.append("parameters (name, type, default, allowed: help):")
+    for name, spec in SCHEMA.items():
+        allowed = _describe_range(spec)
+        lines.append(f"  {name:18s} {spec.type.__name__:5s} {spec.default!r:10} "
+                     f"{allowed + ': ' if allowed else ''}{spec.help}")
+    return "\n".join(lines)
+
+
+def new_run_id():
+    """UTC time plus a short random suffix, e.g. 20250101T120000Z-3fa9."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def utc_now():
+    """The current UTC time in ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def write_atomic(path, text):
+    """Write ``text`` through a temporary file in the same folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    """A JSON file, or None when it does not exist or is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold ``<run_dir>/.lock``; a second run on the same folder gets a UsageError."""
+    handle = open(run_dir / ".lock", "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"run folder {run_dir} is in use by another run_all.py (lock "
+                             f"{run_dir / '.lock'} is held); wait for it or pick another "
+                             "--run-id") from None
+        yield
+    finally:
+        handle.close()
+
+
+def git_commit():
+    """The repository's HEAD commit (with "-dirty" when tracked files changed), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
+        return head + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions():
+    """Versions of Python, torch, caffe2torch and papermill."""
+    import papermill
+    import torch
+
+    import caffe2torch
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "caffe2torch": getattr(caffe2torch, "__version__", "unknown"),
+            "papermill": papermill.__version__}
+
+
+def collect_metrics(workspace):
+    """The scalar values of the steps' metrics files, merged."""
+    metrics = {}
+    for name in METRICS_FILES.values():
+        for key, value in (read_json(workspace / name) or {}).items():
+            if isinstance(value, (int, float, str, bool)):
+                metrics[key] = value
+    return metrics
+
+
+# --- running the notebooks ---------------------------------------------------------------------
+
+class _LineFormatter(logging.Formatter):
+    """``[step] line`` for every line of a (multi-line) log message: greppable logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = "-"
+
+    def format(self, record):
+        text = record.getMessage().rstrip("\n")
+        return "\n".join(f"[{self.step}] {line}" for line in text.split("\n"))
+
+
+def _papermill_logging():
+    handler = logging.StreamHandler(sys.stdout)
+    formatter = _LineFormatter()
+    handler.setFormatter(formatter)
+    logger = logging.getLogger("papermill")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return formatter
+
+
+def render_html(notebook_path, html_path):
+    """An HTML page of the executed notebook (images embedded, no scripts from the network)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    exporter = HTMLExporter(template_name="lab")
+    exporter.mathjax_url = ""  # the default loads MathJax from a CDN; our notebooks have no math
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook_path), as_version=4))
+    write_atomic(html_path, body)
+
+
+def run_step(step, values, run_dir, params, formatter):
+    """Execute one notebook with papermill; returns the step record (raises on failure)."""
+    import papermill
+    formatter.step = step
+    output = run_dir / NOTEBOOKS[step]
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / NOTEBOOKS[step]), str(output), parameters=values,
+        kernel_name=KERNEL_NAME, log_output=True, progress_bar=False,
+        request_save_on_cell_execute=True, execution_timeout=params["cell_timeout"],
+        start_timeout=params["start_timeout"], cwd=str(run_dir))
+
+
+def _kernel_env():
+    """Kernels import mnist_tutorial and caffe2torch from this repository."""
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+
+
+# --- history -----------------------------------------------------------------------------------
+
+def record_history(outputs, run):
+    """Append the run to runs.jsonl, point ``latest`` at it and regenerate index.html."""
+    line = {"run_id": run["run_id"], "status": run["status"],
+            "test_accuracy": run["metrics"].get("test_accuracy"), "seconds": run["seconds"],
+            "started": run["started"], "finished": run["finished"],
+            "steps": [s["name"] for s in run["steps"] if s.get("ran_now")],
+            "device": run["device"], "git_commit": run["git_commit"]}
+    with open(outputs / ".history.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # one write of one line with O_APPEND: concurrent runs never interleave inside a line
+        fd = os.open(outputs / "runs.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+        tmp_link = outputs / f".latest.tmp-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp_link.unlink()
+        os.symlink(run["run_id"], tmp_link)
+        os.replace(tmp_link, outputs / "latest")
+        write_atomic(outputs / "index.html", index_html(read_history(outputs)))
+
+
+def read_history(outputs):
+    """The lines of runs.jsonl (unreadable lines skipped)."""
+    runs = []
+    with contextlib.suppress(FileNotFoundError):
+        for text in (outputs / "runs.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                runs.append(json.loads(text))
+    return runs
+
+
+def accuracy_plot_png(runs):
+    """A PNG of test accuracy over the runs (bytes), or None when no run has one."""
+    points = [(i, r["test_accuracy"]) for i, r in enumerate(runs)
+              if isinstance(r.get("test_accuracy"), (int, float))]
+    if not points:
+        return None
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3))
+    ax = fig.add_subplot()
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+    ax.set_xlabel("run (in order of runs.jsonl)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def index_html(runs):
+    """outputs/index.html: the accuracy-over-runs plot and a table of runs, newest first."""
+    png = accuracy_plot_png(runs)
+    plot = (f'<img alt="test accuracy over runs" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode()}">' if png else "<p>No test accuracy yet.</p>")
+    rows = []
+    for r in reversed(runs):
+        rid = html.escape(str(r.get("run_id")))
+        acc = r.get("test_accuracy")
+        seconds = r.get("seconds")
+        rows.append(
+            f'<tr><td><a href="{rid}/run.json">{rid}</a></td>'
+            f'<td class="{html.escape(str(r.get("status")))}">{html.escape(str(r.get("status")))}</td>'
+            f"<td>{'' if acc is None else f'{acc:.4f}'}</td>"
+            f"<td>{'' if seconds is None else f'{seconds:.1f}'}</td>"
+            f"<td>{html.escape(str(r.get('started', '')))}</td>"
+            f"<td>{html.escape(', '.join(r.get('steps', [])))}</td>"
+            f"<td>{html.escape(str(r.get('device', '')))}</td></tr>")
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>MNIST runs</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}.failed{{color:#b00}}.succeeded{{color:#070}}</style>
+</head><body><h1>MNIST pipeline runs</h1>{plot}
+<table><tr><th>run</th><th>status</th><th>test accuracy</th><th>seconds</th><th>started (UTC)</th>
+<th>steps run</th><th>device</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """run_all.py's entry point; returns the exit code."""
+    args = parse_args(argv)
+    if args.list:
+        print(list_text())
+        return 0
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"run_all.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args):
+    outputs = Path(args.outputs).resolve() if args.outputs else REPO_ROOT / "outputs"
+    if args.run_id is not None and (not RUN_ID.match(args.run_id) or args.run_id == "latest"):
+        raise UsageError(f"--run-id {args.run_id!r}: use letters, digits, '.', '_' and '-' "
+                         "(not 'latest')")
+    run_id = args.run_id or new_run_id()
+    run_dir = outputs / run_id
+    previous = read_json(run_dir / "run.json") if run_dir.exists() else None
+    params = resolve_params(args.params_file, args.param,
+                            base=(previous or {}).get("params"))
+    steps = select_steps(args)
+    done = {s["name"] for s in (previous or {}).get("steps", []) if s.get("status") == "succeeded"}
+    for step in steps:
+        missing = [s for s in STEPS[:STEPS.index(step)] if s not in steps and s not in done]
+        if missing:
+            raise UsageError(f"cannot run step {step}: step {missing[0]} has not succeeded in run "
+                             f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
+    device = resolve_device(params["device"])
+    plan = {step: step_params(step, params, run_dir, device) for step in steps}
+    if args.dry_run:
+        print(f"run {run_id} in {run_dir} on {device}")
+        for step, values in plan.items():
+            print(f"  {step}: notebooks/{NOTEBOOKS[step]} with {values}")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _execute(outputs, run_dir, run_id, params, device, plan, previous, args)
+
+
+def _execute(outputs, run_dir, run_id, params, device, plan, previous, args):
+    import papermill
+    _kernel_env()
+    formatter = _papermill_logging()
+    workspace = run_dir / "workspace"
+    workspace.mkdir(exist_ok=True)
+    records = {s["name"]: s for s in (previous or {}).get("steps", [])}
+    run = {"run_id": run_id, "status": "running", "params": params,
+           "params_files": [str(p) for p in args.params_file], "overrides": list(args.param),
+           "device": device, "versions": versions(), "git_commit": git_commit(),
+           "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
+    started = time.perf_counter()
+    code, failure = 0, None
+    print(f"run {run_id}: {run_dir} (device {device})", flush=True)
+    for step, values in plan.items():
+        if failure is not None:
+            records[step] = {"name": step, "status": "not_run", "seconds": None,
+                             "notebook": None, "html": None}
+            continue
+        metrics_file = METRICS_FILES.get(step)
+        if metrics_file:
+            (workspace / metrics_file).unlink(missing_ok=True)  # no stale metrics on failure
+        notebook = run_dir / NOTEBOOKS[step]
+        html_path = notebook.with_suffix(".html")
+        record = {"name": step, "status": "running", "seconds": None,
+                  "notebook": notebook.name, "html": html_path.name, "ran_now": True}
+        records[step] = record
+        _write_run(run_dir, run, records)
+        print(f"== step {step}: notebooks/{NOTEBOOKS[step]} -> {notebook}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            run_step(step, values, run_dir, params, formatter)
+            record["status"] = "succeeded"
+        except papermill.PapermillExecutionError as e:
+            record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
+            failure = (f"step {step} failed at cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                       f"failed notebook saved: {notebook}")
+            code = 1
+        except KeyboardInterrupt:
+            record.update(status="failed", error="interrupted")
+            failure, code = f"step {step} interrupted; partial notebook: {notebook}", 130
+        except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            failure = (f"step {step} failed: {type(e).__name__}: {' '.join(str(e).split())}\n"
+                       f"notebook (as far as it ran): {notebook}")
+            code = 1
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        if notebook.exists():
+            try:
+                render_html(notebook, html_path)
+            except Exception as e:  # a rendering problem must not hide the step's result
+                print(f"[{step}] could not render {html_path.name}: {e}", flush=True)
+                record["html"] = None
+        else:
+            record["notebook"] = record["html"] = None
+        print(f"== step {step}: {record['status']} in {record['seconds']:.1f} s", flush=True)
+    run.update(status="failed" if failure else "succeeded", finished=utc_now(),
+               seconds=round(time.perf_counter() - started, 2),
+               metrics=collect_metrics(workspace))
+    _write_run(run_dir, run, records)
+    run["steps"] = [dict(records[s]) for s in STEPS if s in records]
+    record_history(outputs, run)
+    if failure:
+        print(f"run_all.py: {failure}", file=sys.stderr, flush=True)
+    else:
+        acc = run["metrics"].get("test_accuracy")
+        print(f"run {run_id} succeeded in {run['seconds']:.1f} s"
+              + (f"; test accuracy {acc:.4f}" if acc is not None else "")
+              + f"; see {run_dir / 'run.json'}", flush=True)
+    return code
+
+
+def _write_run(run_dir, run, records):
+    """run.json with the steps in pipeline order (``ran_now`` is only for the history line)."""
+    steps = [{k: v for k, v in records[s].items() if k != "ran_now"} for s in STEPS if s in records]
+    write_atomic(run_dir / "run.json", json.dumps({**run, "steps": steps}, indent=2) + "\n")
