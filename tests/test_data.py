@@ -454,11 +454,17 @@ def test_a_tampered_pickle_is_refused_without_running_code(tmp_path, monkeypatch
     assert leftovers(tmp_path / "data") == []
 
 
-def test_a_corrupt_pickle_is_a_clear_error(tmp_path):
+def test_a_corrupt_or_wrong_pickle_is_a_clear_error(tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(gzip.compress(pickle.dumps(((1, 2), (3, 4), (5, 6)), protocol=2))[:-9])
     with pytest.raises(DataError, match="is truncated or corrupt"):
         data.load_mnist_pickle(path)
+    labels = np.zeros(2, np.int64)
+    for images, why in ((np.zeros((2, 784)), "expected float32"),
+                        (np.full((2, 784), 0.3, np.float32), "pixels are not k/256")):
+        path.write_bytes(gzip.compress(pickle.dumps(((images, labels),) * 3, protocol=4)))
+        with pytest.raises(DataError, match=f"not the expected MNIST pickle \\({why}"):
+            data.load_mnist_pickle(path)
 
 
 # --- progress ----------------------------------------------------------------------------------
