@@ -1,0 +1,307 @@
+"""Glue ops: Cast, StopGradient, Copy, the iteration counter, LearningRate, Print and Summarize."""
+import logging
+import os
+import threading
+
+import numpy as np
+import torch
+
+from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
+from caffe2torch.proto import caffe2_pb2
+
+log = logging.getLogger("caffe2torch")
+
+_TP = caffe2_pb2.TensorProto
+TORCH_DTYPES = {
+    _TP.FLOAT: torch.float32, _TP.INT32: torch.int32, _TP.BYTE: torch.uint8, _TP.BOOL: torch.bool,
+    _TP.UINT8: torch.uint8, _TP.INT8: torch.int8, _TP.UINT16: torch.uint16, _TP.INT16: torch.int16,
+    _TP.INT64: torch.int64, _TP.FLOAT16: torch.float16, _TP.DOUBLE: torch.float64,
+}
+_NAMES = {name: number for name, number in _TP.DataType.items()}
+
+
+def data_type(value, what="dtype"):
+    """A Caffe2 DataType number from an int or a case-insensitive name ('float', 'INT64')."""
+    if isinstance(value, str):
+        number = _NAMES.get(value.upper())
+        if number is None:
+            raise ValueError(f"{what}={value!r} is not a Caffe2 DataType; use one of "
+                             f"{', '.join(sorted(_NAMES))}")
+        return number
+    if int(value) not in _NAMES.values():
+        raise ValueError(f"{what}={value} is not a Caffe2 DataType number; use one of "
+                         + ", ".join(f"{n}={v}" for n, v in sorted(_NAMES.items(), key=lambda kv: kv[1])))
+    return int(value)
+
+
+def torch_dtype(value, what="dtype"):
+    """The torch dtype for a Caffe2 DataType given as an int or a name."""
+    number = data_type(value, what)
+    if number not in TORCH_DTYPES:
+        raise ValueError(f"{what}={_TP.DataType.Name(number)} has no torch tensor type "
+                         "(STRING tensors are numpy object arrays)")
+    return TORCH_DTYPES[number]
+
+
+# --- Cast, StopGradient, Copy -------------------------------------------------------------------
+
+def _cast_grad(op, g_output):
+    """Cast(dY) -> dX with to/from_type swapped; needs argument from_type."""
+    args = {a.name: a for a in op.arg}
+    if "from_type" not in args:
+        raise ValueError(f"the gradient of Cast ({list(op.input)} -> {list(op.output)}) needs "
+                         "argument 'from_type' (the input's DataType)")
+    from caffe2torch.python.utils import ArgumentValue
+
+    to = data_type(ArgumentValue(args["to"]), "to")
+    source = data_type(ArgumentValue(args["from_type"]), "from_type")
+    return [gradient_op(op, "Cast", [g_output[0]], [grad_name(op.input[0])], copy_args=False,
+                        to=source, from_type=to)], [grad_name(op.input[0])]
+
+
+def _cast_setup(ctx):
+    ctx.state["dtype"] = torch_dtype(ctx.require("to"), "to")
+
+
+@register_op("Cast", gradient=_cast_grad, setup=_cast_setup)
+def cast(ctx, inputs):
+    """Y = X converted to DataType ``to`` (int or case-insensitive name); floats truncate to ints."""
+    return [inputs[0].to(ctx.state["dtype"], copy=True)]
+
+
+@register_op("StopGradient", gradient=NO_GRADIENT)
+def stop_gradient(ctx, inputs):
+    """Y = X; backpropagation stops here (in place allowed)."""
+    x = inputs[0]
+    if ctx.inplace.get(0) == 0:
+        return [x]
+    return [x.clone()]  # a different blob name never shares storage
+
+
+def _copy_grad(op, g_output):
+    """Copy(dY) -> dX."""
+    return [gradient_op(op, "Copy", [g_output[0]], [grad_name(op.input[0])])], \
+        [grad_name(op.input[0])]
+
+
+@register_op("Copy", gradient=_copy_grad)
+def copy(ctx, inputs):
+    """Y = a copy of X on the op's device."""
+    return [inputs[0].clone()]
+
+
+# --- Iteration counter --------------------------------------------------------------------------
+
+def _check_counter(ctx, it):
+    if not isinstance(it, torch.Tensor) or it.dtype != torch.int64 or it.numel() != 1:
+        raise ValueError(f"operator {ctx.op.type}: blob {ctx.input_names[-1]!r} must be an int64 "
+                         "counter of one element, e.g. ConstantFill([], 'iter', shape=[1], "
+                         "value=0, dtype=core.DataType.INT64)")
+
+
+def _iter_setup(ctx):
+    if ctx.input_names and ctx.output_names != ctx.input_names[-1:]:
+        raise ValueError(f"operator {ctx.op.type} works in place: its output must be its counter "
+                         f"input {ctx.input_names[-1]!r}, e.g. Iter(['iter'], ['iter'])")
+
+
+@register_op("Iter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True)
+def iter_op(ctx, inputs):
+    """Add 1 to the int64 counter in place (so the first run gives 1); the counter stays on CPU."""
+    if not inputs:
+        # Caffe2's old form Iter([], ['iter']): the op owns a counter that starts at 0.
+        counter = ctx.state.get("counter")
+        if counter is None:
+            counter = ctx.state["counter"] = torch.zeros(1, dtype=torch.int64)
+        return [counter.add_(1)]
+    _check_counter(ctx, inputs[0])
+    return [inputs[0].add_(1)]
+
+
+class _Mutex:
+    """What CreateMutex stores: a lock (Caffe2's std::mutex blob)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __repr__(self):
+        return "<Caffe2 mutex>"
+
+
+@register_op("CreateMutex", gradient=NO_GRADIENT)
+def create_mutex(ctx, inputs):
+    """Y = a new mutex, for AtomicIter."""
+    return [_Mutex()]
+
+
+@register_op("AtomicIter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True)
+def atomic_iter(ctx, inputs):
+    """(mutex, iter) -> iter: Iter under the mutex (build_sgd's iteration counter)."""
+    mutex, counter = inputs
+    if not isinstance(mutex, _Mutex):
+        raise ValueError(f"operator AtomicIter: blob {ctx.input_names[0]!r} is not a mutex; "
+                         "create it with CreateMutex")
+    _check_counter(ctx, counter)
+    with mutex.lock:
+        counter.add_(1)
+    return [counter]
+
+
+# --- LearningRate -------------------------------------------------------------------------------
+
+def _lr_policy(ctx):
+    """f(iter) for the op's policy, with its arguments read once."""
+    policy = ctx.require("policy")
+    gamma = float(ctx.arg("gamma", 0.0))
+    power = float(ctx.arg("power", 0.0))
+    if policy == "fixed":
+        return lambda it: 1.0
+    if policy == "step":
+        stepsize = int(ctx.require("stepsize"))
+        if stepsize <= 0:
+            raise ValueError(f"LearningRate policy 'step' needs stepsize > 0, got {stepsize}")
+        return lambda it: gamma ** (it // stepsize)
+    if policy == "exp":
+        return lambda it: gamma ** it
+    if policy == "inv":
+        return lambda it: (1.0 + gamma * it) ** (-power)
+    if policy == "poly":
+        max_iter = float(ctx.require("max_iter"))
+        # Past max_iter the base would go negative; the rate stays 0 there.
+        return lambda it: max(1.0 - it / max_iter, 0.0) ** power
+    if policy == "constantWarmup":
+        multiplier, num_iter = float(ctx.arg("multiplier", 0.5)), int(ctx.arg("num_iter", 0))
+        return lambda it: multiplier if it < num_iter else 1.0
+    if policy == "linearWarmup":
+        start, num_iter = float(ctx.arg("start_multiplier", 0.0)), int(ctx.arg("num_iter", 0))
+        return lambda it: start + (1.0 - start) * it / num_iter if it < num_iter else 1.0
+    raise ValueError(f"LearningRate: unknown policy {policy!r}; caffe2torch supports "
+                     "fixed, step, exp, inv, poly, constantWarmup, linearWarmup "
+                     "(Caffe2 never had 'multistep')")
+
+
+def _lr_setup(ctx):
+    ctx.state["lr"] = (float(ctx.require("base_lr")), _lr_policy(ctx))
+
+
+@register_op("LearningRate", gradient=NO_GRADIENT, setup=_lr_setup, cpu_only_inputs=True)
+def learning_rate(ctx, inputs):
+    """lr = base_lr · f(iter) as a 0-d float on the op's device; policies fixed/step/exp/inv/poly."""
+    base_lr, policy = ctx.state["lr"]
+    it = int(inputs[0].reshape(()).item())  # the counter lives on CPU: no device sync
+    # torch.full launches a fill kernel: no host-to-device copy that would wait for the GPU.
+    return [torch.full((), base_lr * policy(it), dtype=torch.float32, device=ctx.device)]
+
+
+# --- Print and Summarize ------------------------------------------------------------------------
+
+# How Caffe2 (TypeMeta::name) calls each element type in Print's output.
+_C_TYPE_NAMES = {
+    torch.float32: "float", torch.float64: "double", torch.float16: "caffe2::float16",
+    torch.int32: "int", torch.int64: "long", torch.int16: "short", torch.int8: "signed char",
+    torch.uint8: "unsigned char", torch.uint16: "unsigned short", torch.bool: "bool",
+}
+
+
+def _g(value):
+    """A number as C++'s default ostream prints it (6 significant digits, like printf %g)."""
+    return "%g" % value
+
+
+class _LineFile:
+    """An output file opened at CreateNet (truncated) and flushed after every line."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8")
+
+    def write_line(self, line):
+        """Append one line and flush it, as C++'s std::endl does."""
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self):
+        """Close the file (PreparedNet.close calls this)."""
+        self.file.close()
+
+
+def _print_setup(ctx):
+    limit = int(ctx.arg("limit", 0))
+    every_n = int(ctx.arg("every_n", 1))
+    if every_n < 1:
+        raise ValueError(f"operator Print: every_n must be >= 1, got {every_n}")
+    ctx.state["print"] = [limit or 1000, every_n, 0]  # limit, every_n, runs modulo every_n
+    if ctx.arg("to_file", 0):
+        ctx.state["file"] = _LineFile(os.path.join(ctx.root_folder, ctx.input_names[0] + ".log"))
+
+
+def format_print_line(name, value, limit=1000):
+    """Print's line for ``value``: ``Tensor <name> of type <type>. Dims: (d0,d1,): v0,v1,...``."""
+    if isinstance(value, torch.Tensor):
+        type_name = _C_TYPE_NAMES.get(value.dtype, str(value.dtype).replace("torch.", ""))
+        shape = tuple(value.shape)
+        flat = value.detach().reshape(-1)[:limit].cpu()
+        if value.dtype.is_floating_point:
+            values = [_g(v) for v in flat.double().tolist()]
+        else:
+            values = [str(int(v)) for v in flat.tolist()]
+    else:
+        array = np.asarray(value, dtype=object)
+        type_name, shape = "std::string", array.shape
+        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                  for v in array.reshape(-1)[:limit]]
+    dims = "".join(f"{d}," for d in shape)
+    return f"Tensor {name} of type {type_name}. Dims: ({dims}): " + ",".join(values)
+
+
+@register_op("Print", gradient=NO_GRADIENT, setup=_print_setup, cpu_only_inputs=True)
+def print_op(ctx, inputs):
+    """Print the blob (to_file=1: append to <root>/<blob>.log); limit values, every_n runs."""
+    state = ctx.state["print"]
+    limit, every_n, count = state
+    count += 1
+    if count > every_n:
+        count -= every_n
+    state[2] = count
+    if count != 1:
+        return []
+    line = format_print_line(ctx.input_names[0], inputs[0], limit)
+    output = ctx.state.get("file")
+    if output is not None:
+        output.write_line(line)
+    else:
+        print(line)
+    return []
+
+
+def _summarize_setup(ctx):
+    if ctx.arg("to_file", 0):
+        name = ctx.input_names[0].replace("/", "#") + ".summary"
+        ctx.state["file"] = _LineFile(os.path.join(ctx.root_folder, name))
+
+
+def summary_stats(x):
+    """(min, max, mean, std) of a tensor, std unbiased (0 for one element), in float64."""
+    if x.numel() == 0:
+        raise ValueError("operator Summarize: the input tensor is empty")
+    flat = x.detach().reshape(-1).double()
+    std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+    stats = torch.stack([flat.min(), flat.max(), flat.mean(), std])
+    return [float(v) for v in stats.cpu().tolist()]
+
+
+@register_op("Summarize", gradient=NO_GRADIENT, setup=_summarize_setup)
+def summarize(ctx, inputs):
+    """Append 'min max mean std' (to_file=1: <root>/<blob, / → #>.summary); optional output [4]."""
+    stats = summary_stats(inputs[0])
+    line = " ".join(_g(v) for v in stats)
+    output = ctx.state.get("file")
+    if output is not None:
+        output.write_line(line)
+    else:
+        log.info("Summary of %s: %s", ctx.input_names[0], line)
+    if ctx.output_names:
+        return [torch.tensor(stats, dtype=torch.float32, device=ctx.device)]
+    return []
+
