@@ -88,13 +88,18 @@ def test_unregistered_op_raises_attribute_error_naming_it():
 
 
 def test_global_init_accepts_caffe2_flags():
-    assert core.GlobalInit(["caffe2", "--caffe2_log_level=0"])
-    assert core.GetFlag("caffe2_log_level") == "0"
-    assert logging.getLogger("caffe2torch").level == logging.INFO
-    with pytest.raises(ValueError, match="not a flag"):
-        core.GlobalInit(["caffe2", "caffe2_log_level=0"])
-    core.GlobalInit(["caffe2", "--caffe2_log_level=1"])
-    assert logging.getLogger("caffe2torch").level == logging.WARNING
+    logger = logging.getLogger("caffe2torch")
+    old_level = logger.level
+    try:
+        assert core.GlobalInit(["caffe2", "--caffe2_log_level=0"])
+        assert core.GetFlag("caffe2_log_level") == "0"
+        assert logger.level == logging.INFO
+        with pytest.raises(ValueError, match="not a flag"):
+            core.GlobalInit(["caffe2", "caffe2_log_level=0"])
+        core.GlobalInit(["caffe2", "--caffe2_log_level=1"])
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(old_level)
 
 
 def test_name_scope_prefixes_created_blobs():
