@@ -72,7 +72,8 @@ def averaged_loss(ctx, inputs):
 def averaged_loss_gradient(ctx, inputs):
     """dX = dY / numel(X) everywhere."""
     x, dy = inputs
-    return [(dy.reshape(()) / x.numel()).expand(x.shape).contiguous()]
+    # dY is the float32 autogen 1.0 for any X; dX takes X's dtype.
+    return [(dy.reshape(()).to(x.dtype) / x.numel()).expand(x.shape).contiguous()]
 
 
 # --- SoftmaxWithLoss ----------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def softmax_with_loss_gradient(ctx, inputs):
     p, d_loss = inputs[-2], inputs[-1]
     p2 = _as_rows(p)
     dx = p2 - _target(ctx, label, p2)
-    factor = d_loss.reshape(()) * scale
+    factor = d_loss.reshape(()).to(p2.dtype) * scale
     if len(inputs) == 5:
         weight = inputs[2].reshape(-1, 1).to(p2.dtype)
         total = weight.sum()

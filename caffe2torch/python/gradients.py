@@ -66,20 +66,28 @@ def backward_pass(ops, ys, create_operator):
         for key in by_consumer.get(i, ()):
             contributions = pending.pop(key, None)
             if contributions:
-                grads[key] = _merge(contributions, grad_ops)
+                grads[key] = _merge(key[0], contributions, grad_ops)
     grad_map = {}
     for (name, _version), g in sorted(grads.items(), key=lambda kv: -kv[0][1]):
         grad_map[name] = g
     return grad_ops, grad_map
 
 
-def _merge(contributions, grad_ops):
-    """One gradient name for a blob version; several contributions are renamed and summed."""
+def _merge(name, contributions, grad_ops):
+    """One gradient name for a blob version; several contributions are renamed and summed.
+
+    A contribution that no gradient op writes (a pass-through, e.g. Sum's gradient is dY itself)
+    keeps its name; the total goes to the first written contribution's name, else ``<name>_grad``.
+    """
     if len(contributions) == 1:
         return contributions[0][0]
-    target = contributions[0][0]
+    written = [g for g, writers in contributions if writers]
+    target = written[0] if written else registry.grad_name(name)
     parts = []
     for k, (g, writers) in enumerate(contributions):
+        if not writers:
+            parts.append(g)
+            continue
         part = f"_{g}_autosplit_{k}"
         for w in writers:
             for j, out in enumerate(w.output):
