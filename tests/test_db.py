@@ -198,3 +198,20 @@ def test_dbreader_on_empty_db(tmp_path):
     open_db("minidb", path, "new").close()
     with pytest.raises(ValueError, match="has no records"):
         DBReader("minidb", str(path)).read()
+
+
+def test_lmdb_opened_twice_for_reading_in_one_process(tmp_path):
+    """A training reader and a second reader (a scan, a test net) share one LMDB folder."""
+    path = tmp_path / "db"
+    with open_db("lmdb", path, "new") as db:
+        txn = db.new_transaction()
+        for i in range(3):
+            txn.put(b"%08d" % i, b"v%d" % i)
+    first = open_db("lmdb", path, "read")
+    second = open_db("lmdb", path, "read")
+    assert [k for k, _ in first.cursor()] == [b"00000000", b"00000001", b"00000002"]
+    first.close()
+    assert [v for _, v in second.cursor()] == [b"v0", b"v1", b"v2"]
+    second.close()
+    with open_db("lmdb", path, "read") as third:  # reopened after both closed
+        assert sum(1 for _ in third.cursor()) == 3

@@ -6,12 +6,43 @@ Mode "new" builds the database in a temporary folder beside the target and renam
 """
 import os
 import shutil
+import threading
 
 import lmdb
 
 from caffe2torch.db.minidb import temp_path_beside
 
 MAP_SIZE = 1 << 40  # Caffe2's LMDB_MAP_SIZE: address space only, the file grows as needed
+
+# py-lmdb allows one Environment per folder and process, but Caffe2 code opens the same database
+# several times (a training DBReader, a test reader, a tool that scans it): read-only opens share
+# one Environment, reference-counted, each with its own read transaction.
+_shared = {}
+_shared_lock = threading.Lock()
+
+
+def _acquire_readonly(path):
+    key = os.path.realpath(path)
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            env = lmdb.open(path, map_size=MAP_SIZE, readonly=True, lock=False, subdir=True,
+                            create=False)
+            entry = _shared[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_readonly(path):
+    key = os.path.realpath(path)
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _shared[key]
+            entry[0].close()
 
 
 class LMDBCursor:
@@ -93,8 +124,7 @@ class LMDB:
             if not os.path.isfile(os.path.join(self.path, "data.mdb")):
                 raise FileNotFoundError(f"lmdb {self.path!r} is not an LMDB folder "
                                         "(no data.mdb inside)")
-            self._env = lmdb.open(self.path, map_size=MAP_SIZE, readonly=True, lock=False,
-                                  subdir=True, create=False)
+            self._env = _acquire_readonly(self.path)
         elif mode == "new":
             if os.path.exists(self.path) and not os.path.isfile(
                     os.path.join(self.path, "data.mdb")):
@@ -125,8 +155,7 @@ class LMDB:
             return
         for txn in self._transactions:
             txn.commit()
-        self._env.close()
-        self._env = None
+        self._close_env()
         if self._tmp is not None:
             if os.path.exists(self.path):
                 shutil.rmtree(self.path)  # an older LMDB folder: "new" replaces it
@@ -139,11 +168,17 @@ class LMDB:
             return
         for txn in self._transactions:
             txn.abort()
-        self._env.close()
-        self._env = None
+        self._close_env()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+    def _close_env(self):
+        if self.mode == "read":
+            _release_readonly(self.path)
+        else:
+            self._env.close()
+        self._env = None
 
     def __enter__(self):
         return self
