@@ -228,26 +228,48 @@ def _conv_gradient_setup(ctx):
 
 @register_op("ConvGradient", setup=_conv_gradient_setup)
 def conv_gradient(ctx, inputs):
-    """(X, W, dY) -> (dW, db, dX) with aten.convolution_backward."""
+    """(X, W, dY) -> (dW, db, dX) with aten.convolution_backward.
+
+    When no op of the net reads dX (the first convolution's ``data_grad``, which Caffe2 writes
+    but training never uses), dX is deferred: computed only if someone fetches it.
+    """
     sp = ctx.state["spatial"]
     mask = ctx.state["mask"]
+    lazy_dx = mask[0] and (len(ctx.output_names) - 1) in ctx.lazy_outputs
     x, w, plan = _conv_inputs(sp, inputs[0], inputs[1])
     dy = _to_nchw(inputs[2]) if sp.nhwc else inputs[2]
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit)
-    dx, dw, db = aten.convolution_backward(
+    now = [False, mask[1], mask[2]] if lazy_dx else mask
+    _, dw, db = aten.convolution_backward(
         dy, x, w, [w.shape[0]] if mask[2] else None, plan.stride, plan.padding, plan.dilation,
-        False, [0] * len(plan.stride), ctx.state["group"], mask)
+        False, [0] * len(plan.stride), ctx.state["group"], now)
     if sp.nhwc:
         dw = _to_nhwc(dw).contiguous()
     outputs = [dw]
     if mask[2]:
         outputs.append(db)
     if mask[0]:
-        if plan.explicit is not None:
-            dx = _unpad(dx, plan)
-        outputs.append(_to_nhwc(dx) if sp.nhwc else dx)
+        if lazy_dx:
+            outputs.append(ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
+        else:
+            outputs.append(_conv_dx(ctx, *inputs))
     return outputs
+
+
+def _conv_dx(ctx, x_in, w_in, dy_in):
+    """ConvGradient's dX alone."""
+    sp = ctx.state["spatial"]
+    x, w, plan = _conv_inputs(sp, x_in, w_in)
+    dy = _to_nchw(dy_in) if sp.nhwc else dy_in
+    if plan.explicit is not None:
+        x = F.pad(x, plan.explicit)
+    dx = aten.convolution_backward(
+        dy, x, w, None, plan.stride, plan.padding, plan.dilation, False,
+        [0] * len(plan.stride), ctx.state["group"], [True, False, False])[0]
+    if plan.explicit is not None:
+        dx = _unpad(dx, plan)
+    return _to_nhwc(dx) if sp.nhwc else dx
 
 
 # --- MaxPool / AveragePool ----------------------------------------------------------------------

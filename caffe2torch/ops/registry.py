@@ -115,10 +115,13 @@ class OpContext:
     ``workspace``: the Workspace, only for the few ops that create blobs by name (Load load_all).
     ``state``: per-op scratch space, e.g. files opened by the schema's ``setup``.
     ``generator``: a torch.Generator seeded from DeviceOption.random_seed, or None (global RNG).
+    ``lazy_outputs``: indices of outputs that no op of the net reads; an op may return a
+    :meth:`defer` value there, computed only if someone fetches it (e.g. the data gradient of a
+    first convolution, which Caffe2 writes but training never reads).
     """
 
     __slots__ = ("op", "args", "device", "input_names", "output_names", "workspace", "state",
-                 "generator", "inplace")
+                 "generator", "inplace", "lazy_outputs", "mutated_blobs")
 
     def __init__(self, op, args, device, workspace, generator=None):
         self.op = op
@@ -132,6 +135,14 @@ class OpContext:
         # output index -> input index it overwrites (Caffe2's in-place, e.g. Relu(x, x)).
         self.inplace = {o: self.input_names.index(n) for o, n in enumerate(self.output_names)
                         if n in self.input_names}
+        self.lazy_outputs = frozenset()
+        self.mutated_blobs = frozenset()  # blobs that ops of the net overwrite in place
+
+    def defer(self, fn, inputs):
+        """A :class:`Deferred` ``fn(*inputs)``; inputs that the net updates in place are copied."""
+        frozen = [x.clone() if name in self.mutated_blobs else x
+                  for name, x in zip(self.input_names, inputs)]
+        return Deferred(fn, frozen)
 
     @property
     def root_folder(self):
@@ -148,6 +159,24 @@ class OpContext:
             return self.args[name]
         except KeyError:
             raise ValueError(f"operator {self.op.type} needs argument {name!r}") from None
+
+
+class Deferred:
+    """A blob value computed when first read (FetchBlob, or an op of another net)."""
+
+    __slots__ = ("_fn", "_inputs", "_versions")
+
+    def __init__(self, fn, inputs):
+        self._fn = fn
+        self._inputs = inputs
+        self._versions = [x._version for x in inputs]
+
+    def resolve(self):
+        """Compute the value; inputs changed in place since the op ran make this an error."""
+        if any(x._version != v for x, v in zip(self._inputs, self._versions)):
+            raise RuntimeError("a deferred blob's inputs were modified in place after the op that "
+                               "wrote it ran; fetch it before modifying them")
+        return self._fn(*self._inputs)
 
 
 def grad_name(name):

@@ -6,6 +6,7 @@ the op's setup; the loop then only reads input blobs, calls, and stores outputs.
 import torch
 
 from caffe2torch.ops import registry
+from caffe2torch.ops.registry import Deferred
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import utils
 
@@ -69,6 +70,13 @@ class PreparedNet:
                 schema.setup(ctx)
             move = not schema.cpu_only_inputs
             self.steps.append(_Step(i, schema.forward, ctx, move))
+        read = {n for op in netdef.op for n in op.input}
+        mutated = frozenset(n for step in self.steps for n in step.ctx.output_names
+                            if n in step.ctx.input_names)
+        for step in self.steps:
+            step.ctx.lazy_outputs = frozenset(
+                k for k, n in enumerate(step.outputs) if n not in read)
+            step.ctx.mutated_blobs = mutated
         for name in (n for op in netdef.op for n in op.output):
             workspace.blobs.setdefault(name, None)
 
@@ -84,12 +92,25 @@ class PreparedNet:
                             device = step.ctx.device
                             inputs = [x.to(device) if isinstance(x, torch.Tensor) and x.device != device
                                       else x for x in inputs]
+                        if any(type(x) is Deferred for x in inputs):
+                            inputs = self._resolve(step, inputs)
                         outputs = step.fn(step.ctx, inputs)
                     except Exception as exc:
                         raise self._error(step, exc) from exc
                     for name, value in zip(step.outputs, outputs):
                         blobs[name] = value
         return True
+
+    def _resolve(self, step, inputs):
+        blobs = self.workspace.blobs
+        out = []
+        for name, x in zip(step.inputs, inputs):
+            if type(x) is Deferred:
+                x = blobs[name] = x.resolve()
+                if step.move and x.device != step.ctx.device:
+                    x = x.to(step.ctx.device)
+            out.append(x)
+        return out
 
     def _error(self, step, exc):
         op = step.ctx.op

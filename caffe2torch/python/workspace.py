@@ -4,6 +4,7 @@ import os
 import numpy as np
 import torch
 
+from caffe2torch.ops.registry import Deferred
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import scope
 from caffe2torch.python.executor import PreparedNet, torch_device
@@ -109,6 +110,8 @@ def FetchBlob(name):
     if name not in blobs:
         raise KeyError(f"blob {name!r} does not exist in the workspace")
     value = blobs[name]
+    if type(value) is Deferred:
+        value = blobs[name] = value.resolve()
     if value is None:
         raise RuntimeError(f"blob {name!r} exists but has no value yet: run the net that writes it")
     if isinstance(value, torch.Tensor):
@@ -118,7 +121,11 @@ def FetchBlob(name):
 
 def FetchTorch(name):
     """The torch tensor behind blob ``name`` (no copy): caffe2torch's own addition."""
-    return C().blobs[str(name)]
+    blobs = C().blobs
+    value = blobs[str(name)]
+    if type(value) is Deferred:
+        value = blobs[str(name)] = value.resolve()
+    return value
 
 
 def RunOperatorOnce(operator):
