@@ -220,6 +220,17 @@ def notebook_parameters(step):
     return declared
 
 
+def check_kernel():
+    """The caffe2torch kernelspec must be installed (``make kernel``) before a run starts."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    except NoSuchKernel:
+        raise UsageError(f"Jupyter kernel {KERNEL_NAME!r} is not installed: run `make kernel` (or "
+                         f"python -m ipykernel install --sys-prefix --name {KERNEL_NAME})") from None
+    return spec
+
+
 def step_params(step, params, run_dir, device):
     """What the step's notebook gets: only the parameters it declares, run_dir injected."""
     values = {name: params[name] for name in notebook_parameters(step) if name in SCHEMA}
@@ -349,11 +360,11 @@ def versions():
 
 
 def collect_metrics(workspace):
-    """The scalar values of the steps' metrics files, merged."""
+    """The numbers in the steps' metrics files, merged (lists and paths stay in the files)."""
     metrics = {}
     for name in METRICS_FILES.values():
         for key, value in (read_json(workspace / name) or {}).items():
-            if isinstance(value, (int, float, str, bool)):
+            if isinstance(value, (int, float, bool)):
                 metrics[key] = value
     return metrics
 
@@ -403,16 +414,59 @@ def render_html(notebook_path, html_path):
     write_atomic(html_path, body)
 
 
-def run_step(step, values, run_dir, params, formatter):
-    """Execute one notebook with papermill; returns the step record (raises on failure)."""
+class KernelStarter:
+    """Starts each step's kernel one step ahead, so its boot and imports overlap the step before.
+
+    A fresh kernel per notebook, as with papermill alone; the only thing it runs before its
+    notebook is ``PRELOAD`` (IPython's exec_lines), which imports what every step imports anyway.
+    """
+
+    PRELOAD = "import mnist_tutorial.steps"
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.pending = None
+
+    def _start(self):
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+        km = AsyncKernelManager(kernel_name=KERNEL_NAME)
+        run_sync(km.start_kernel)(cwd=str(self.run_dir), extra_arguments=[
+            f"--InteractiveShellApp.exec_lines={self.PRELOAD}"])
+        return km
+
+    def take(self, start_next):
+        """This step's kernel (started now if none is waiting); start the next one if asked."""
+        km, self.pending = self.pending or self._start(), None
+        if start_next:
+            self.pending = self._start()
+        return km
+
+    @staticmethod
+    def stop(km):
+        """Shut a kernel down (it may already be gone)."""
+        from jupyter_core.utils import run_sync
+        with contextlib.suppress(Exception):
+            run_sync(km.shutdown_kernel)(now=True)
+
+    def close(self):
+        """Shut down the kernel started ahead, if a step failed before using it."""
+        if self.pending is not None:
+            self.stop(self.pending)
+            self.pending = None
+
+
+def run_step(step, values, run_dir, params, formatter, km=None):
+    """Execute one notebook with papermill (on ``km``'s kernel when given); raises on failure."""
     import papermill
     formatter.step = step
     output = run_dir / NOTEBOOKS[step]
+    extra = {} if km is None else {"km": km}
     papermill.execute_notebook(
         str(NOTEBOOK_DIR / NOTEBOOKS[step]), str(output), parameters=values,
         kernel_name=KERNEL_NAME, log_output=True, progress_bar=False,
         request_save_on_cell_execute=True, execution_timeout=params["cell_timeout"],
-        start_timeout=params["start_timeout"], cwd=str(run_dir))
+        start_timeout=params["start_timeout"], cwd=str(run_dir), **extra)
 
 
 def _kernel_env():
@@ -442,8 +496,12 @@ def record_history(outputs, run):
         tmp_link = outputs / f".latest.tmp-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             tmp_link.unlink()
-        os.symlink(run["run_id"], tmp_link)
-        os.replace(tmp_link, outputs / "latest")
+        try:
+            os.symlink(run["run_id"], tmp_link)
+            os.replace(tmp_link, outputs / "latest")
+        except OSError as e:  # a volume without symlinks: the history still gets written
+            print(f"run_all.py: cannot point {outputs / 'latest'} at {run['run_id']}: {e}",
+                  file=sys.stderr)
         write_atomic(outputs / "index.html", index_html(read_history(outputs)))
 
 
@@ -538,6 +596,7 @@ def _run(args):
             raise UsageError(f"cannot run step {step}: step {missing[0]} has not succeeded in run "
                              f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
     device = resolve_device(params["device"])
+    check_kernel()
     plan = {step: step_params(step, params, run_dir, device) for step in steps}
     if args.dry_run:
         print(f"run {run_id} in {run_dir} on {device}")
@@ -550,8 +609,17 @@ def _run(args):
 
 
 def _execute(outputs, run_dir, run_id, params, device, plan, previous, args):
-    import papermill
     _kernel_env()
+    kernels = KernelStarter(run_dir)
+    try:
+        return _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, args,
+                              kernels)
+    finally:
+        kernels.close()
+
+
+def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, args, kernels):
+    import papermill
     formatter = _papermill_logging()
     workspace = run_dir / "workspace"
     workspace.mkdir(exist_ok=True)
@@ -579,8 +647,10 @@ def _execute(outputs, run_dir, run_id, params, device, plan, previous, args):
         _write_run(run_dir, run, records)
         print(f"== step {step}: notebooks/{NOTEBOOKS[step]} -> {notebook}", flush=True)
         t0 = time.perf_counter()
+        km = None
         try:
-            run_step(step, values, run_dir, params, formatter)
+            km = kernels.take(start_next=step != list(plan)[-1])
+            run_step(step, values, run_dir, params, formatter, km)
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
             record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
@@ -595,6 +665,9 @@ def _execute(outputs, run_dir, run_id, params, device, plan, previous, args):
             failure = (f"step {step} failed: {type(e).__name__}: {' '.join(str(e).split())}\n"
                        f"notebook (as far as it ran): {notebook}")
             code = 1
+        finally:
+            if km is not None:
+                kernels.stop(km)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         if notebook.exists():
             try:

@@ -155,8 +155,10 @@ def _in_jupyter():
 def show_png(path):
     """Display a PNG inline when running in Jupyter; in plain Python the file is enough."""
     if _in_jupyter():
-        from IPython.display import Image, display
-        display(Image(filename=str(path)))
+        from IPython.display import display
+        # the text/plain part is what a log of the run (papermill's log_output) shows
+        display({"image/png": Path(path).read_bytes(), "text/plain": f"[figure {Path(path).name}]"},
+                raw=True)
 
 
 def _pyplot():

@@ -201,6 +201,7 @@ def test_smoke_run_history_and_live_log(smoke_run):
     assert "smoke" in page and "data:image/png;base64," in page
     assert "[train] iteration     0: loss" in result.stdout  # cell output streamed as it ran
     assert "[export] image 1: prediction" in result.stdout
+    assert "[train] [figure train_curves.png]" in result.stdout
 
 
 def test_failing_step_then_resume(smoke_run, tmp_path):

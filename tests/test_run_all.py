@@ -26,6 +26,7 @@ def no_kernel(monkeypatch):
         raise AssertionError("a kernel was started")
     monkeypatch.setattr(papermill, "execute_notebook", refuse)
     monkeypatch.setattr(runner, "run_step", refuse)
+    monkeypatch.setattr(runner.KernelStarter, "_start", refuse)
 
 
 def _main(capsys, *args):
@@ -146,6 +147,10 @@ def fake_papermill(monkeypatch):
     """Record papermill's arguments; 'execute' by copying the notebook, or fail like papermill."""
     import papermill
     calls = []
+    started, stopped = [], []
+    monkeypatch.setattr(runner.KernelStarter, "_start", lambda self: started.append(1) or
+                        f"kernel{len(started)}")
+    monkeypatch.setattr(runner.KernelStarter, "stop", staticmethod(stopped.append))
 
     def execute(input_path, output_path, parameters=None, **kwargs):
         calls.append({"input": input_path, "parameters": parameters, **kwargs})
@@ -155,7 +160,8 @@ def fake_papermill(monkeypatch):
             raise papermill.PapermillExecutionError(4, 3, "steps.test()", "StepError",
                                                     "boom", ["Traceback"])
     monkeypatch.setattr(papermill, "execute_notebook", execute)
-    return calls
+    yield calls
+    assert sorted(stopped) == sorted(f"kernel{i}" for i in range(1, len(started) + 1))  # none left
 
 
 def test_papermill_gets_the_kernel_timeouts_and_only_declared_parameters(
@@ -165,6 +171,7 @@ def test_papermill_gets_the_kernel_timeouts_and_only_declared_parameters(
                             "--only", "download", "--run-id", "r1", "--outputs", str(out))
     assert code == 0
     (call,) = fake_papermill
+    assert call["km"] == "kernel1"  # the kernel started for it (no next step to start ahead)
     assert call["kernel_name"] == "caffe2torch" and call["log_output"] is True
     assert call["progress_bar"] is False and call["request_save_on_cell_execute"] is True
     assert call["execution_timeout"] == 77 and call["start_timeout"] == 9
@@ -188,6 +195,7 @@ def test_a_failing_step_exits_1_naming_step_cell_and_notebook(tmp_path, capsys, 
     code, _, err = _main(capsys, "--from", "test", "-p", "test_iters=13", "--run-id", "r2",
                          "--outputs", str(out))
     assert code == 1
+    assert fake_papermill[-1]["km"] == "kernel9"  # kernel10, started for export, is stopped unused
     assert "step test failed at cell 3: StepError: boom" in err
     assert str(out / "r2" / "04_test.ipynb") in err
     run = json.loads((out / "r2/run.json").read_text())
@@ -219,3 +227,13 @@ def test_history_page_lists_runs_and_plots_accuracy(tmp_path):
     assert page.count("<tr>") == 5 and "0.9420" in page and "bad&lt;x&gt;" in page
     assert 'src="data:image/png;base64,' in page
     assert "http://" not in page and "https://" not in page
+
+
+def test_a_missing_kernel_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    def missing(self, name):
+        raise NoSuchKernel(name)
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", missing)
+    code, _, err = _main(capsys, "--outputs", str(tmp_path / "out"))
+    assert code == 2 and "make kernel" in err and not (tmp_path / "out").exists()
