@@ -237,3 +237,17 @@ def test_labels_are_recommended_ones_set_with_labels_not_commonlabels(docs):
 def test_base_files_are_named_after_the_kind_they_hold(path):
     kinds = {d["kind"].lower() for d in yaml.safe_load_all((DEPLOY / path).read_text()) if d}
     assert kinds == {path.rsplit("/", 1)[-1].removesuffix(".yaml")}
+
+
+def test_the_tutorials_template_is_all_there_without_privileged(rendered):
+    # The tutorial's pod: a Jupyter server with one GPU, the GPU toleration, privileged; its
+    # Service: port 80 to 8888. The gpu overlay (the default) keeps all of it but privileged.
+    docs = rendered["gpu"]
+    service = by_kind(docs, "Service")["jupyter"]["spec"]["ports"][0]
+    spec = pod_template(jupyter(docs))["spec"]
+    (c,) = spec["containers"]
+    assert (service["port"], c["ports"][0]["containerPort"]) == (80, 8888)
+    assert c["command"] == ["jupyter", "lab"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert "privileged" not in yaml.safe_dump(spec)
