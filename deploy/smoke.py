@@ -173,15 +173,12 @@ def volume_path(name):
                    PREFIX + name).stdout.strip())
 
 
-def clean(play_files):
-    """Remove the smoke's pods and volumes from earlier runs."""
-    for f in play_files:
-        if f.exists():
-            sh("podman", "kube", "down", str(f), check=False)
-    for kind in ("volume", "secret"):
+def clean():
+    """Remove the smoke's pods, volumes and secrets (all named with the prefix)."""
+    for kind in ("pod", "volume", "secret"):
         for name in sh("podman", kind, "ls", "--format", "{{.Name}}").stdout.split():
             if name.startswith(PREFIX):
-                sh("podman", kind, "rm", *(["-f"] if kind == "volume" else []), name, check=False)
+                sh("podman", kind, "rm", *(["-f"] if kind != "secret" else []), name, check=False)
 
 
 def play(path, docs):
@@ -259,6 +256,17 @@ def check_jupyter(objects):
     sh("podman", "secret", "create", PREFIX + "jupyter-token", "-", input=json.dumps(data))
     # The claims' volumes are the pipeline's, still there: Jupyter sees the run's outputs.
     pod = as_pod("jupyter", deployment["spec"]["template"], objects)
+    # podman 4.3 races when it removes a finished init container under load ("cannot remove
+    # container ... as it is running"): run each init container to its end first, in a pod of
+    # its own with the same spec, as the kubelet runs them one after the other.
+    for init in pod["spec"].pop("initContainers", []):
+        alone = json.loads(json.dumps(pod))
+        alone["metadata"]["name"] = PREFIX + init["name"]
+        alone["spec"].update(containers=[init], restartPolicy="Never")
+        play(WORK / f"{init['name']}.yaml", [alone])
+        if wait_for_exit(f"{PREFIX}{init['name']}-{init['name']}", timeout=300) != 0:
+            raise SmokeError(f"Jupyter's init container {init['name']} failed")
+        sh("podman", "kube", "down", str(WORK / f"{init['name']}.yaml"))
     # podman maps declared ports to the host, which needs a network; the pod has none here, and
     # the checks below ask from inside it.
     for c in pod["spec"]["containers"]:
@@ -295,12 +303,11 @@ def main():
     conf = WORK / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     os.environ["CONTAINERS_CONF"] = str(conf)
-    play_files = [WORK / "pipeline.yaml", WORK / "jupyter.yaml"]
     timings = {}
     start = time.monotonic()
     try:
         require_tools()
-        clean(play_files)
+        clean()
         t = time.monotonic()
         base, state = make_base_image()
         timings[f"base image {base} ({state})"] = time.monotonic() - t
@@ -315,7 +322,7 @@ def main():
         shutil.rmtree(WORK / "outputs", ignore_errors=True)
         shutil.copytree(outputs, WORK / "outputs", symlinks=True)
         timings["pipeline pod"] = time.monotonic() - t
-        sh("podman", "kube", "down", str(play_files[0]))
+        sh("podman", "kube", "down", str(WORK / "pipeline.yaml"))
         t = time.monotonic()
         check_jupyter(objects)
         timings["jupyter pod"] = time.monotonic() - t
@@ -324,7 +331,7 @@ def main():
         return 1
     finally:
         if not os.environ.get("SMOKE_KEEP"):
-            clean(play_files)
+            clean()
     for what, seconds in timings.items():
         print(f"k8s-smoke: {what}: {seconds:.0f} s")
     print(f"k8s-smoke: run {run_dir.name} succeeded (test_accuracy "
