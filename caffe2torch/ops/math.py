@@ -75,8 +75,14 @@ def _weight(w):
 @register_op("WeightedSum", gradient=_weighted_sum_grad, setup=_weighted_sum_setup)
 def weighted_sum(ctx, inputs):
     """Y = Σ wᵢ·Xᵢ for inputs X0, w0, X1, w1, ...; with Y = X0 the update happens in place."""
-    x0 = inputs[0]
-    out = x0.mul_(_weight(inputs[1])) if ctx.state["inplace"] else x0 * _weight(inputs[1])
+    x0, w0 = inputs[0], _weight(inputs[1])
+    if ctx.state["inplace"]:
+        # SGD's w0 is the blob ONE: on the CPU, reading it is free and saves a pass over X0.
+        if w0.device.type != "cpu" or float(w0) != 1.0:
+            x0.mul_(w0)
+        out = x0
+    else:
+        out = x0 * w0
     for i in range(2, len(inputs), 2):
         out.addcmul_(inputs[i], _weight(inputs[i + 1]))
     return [out]

@@ -221,9 +221,40 @@ def conv(ctx, inputs):
     return [_to_nhwc(y) if sp.nhwc else y]
 
 
+# oneDNN's CPU backward-data kernel is ~6x slower than PyTorch's native one when the conv has
+# 1-3 input channels per group (a first layer: LeNet's conv1 computes data_grad, as in Caffe2).
+_FEW_CHANNELS = 3
+
+
+def _native_input_grad(dy, x, w, conv):
+    """dX of a CPU convolution computed with oneDNN (mkldnn) switched off for this call."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return aten.convolution_backward(dy, x, w, None, *conv, [True, False, False])[0]
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 def _conv_gradient_setup(ctx):
     _conv_setup(ctx)
     ctx.state["mask"] = [not ctx.arg("no_gradient_to_input", 0), True, not ctx.arg("no_bias", 0)]
+
+
+def _conv_args(ctx, plan):
+    return (plan.stride, plan.padding, plan.dilation, False, [0] * len(plan.stride),
+            ctx.state["group"])
+
+
+def _native_dx_faster(x, w):
+    return x.device.type == "cpu" and w.shape[1] <= _FEW_CHANNELS
+
+
+def _finish_dx(sp, plan, dx):
+    """dX on the padded NCHW view, back to the input's layout."""
+    if plan.explicit is not None:
+        dx = _unpad(dx, plan)
+    return _to_nhwc(dx) if sp.nhwc else dx
 
 
 @register_op("ConvGradient", setup=_conv_gradient_setup)
@@ -240,20 +271,22 @@ def conv_gradient(ctx, inputs):
     dy = _to_nchw(inputs[2]) if sp.nhwc else inputs[2]
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit)
-    now = [False, mask[1], mask[2]] if lazy_dx else mask
-    _, dw, db = aten.convolution_backward(
-        dy, x, w, [w.shape[0]] if mask[2] else None, plan.stride, plan.padding, plan.dilation,
-        False, [0] * len(plan.stride), ctx.state["group"], now)
+    # dX comes from the same call unless it is deferred or faster computed alone.
+    fused_dx = mask[0] and not lazy_dx and not _native_dx_faster(x, w)
+    dx, dw, db = aten.convolution_backward(
+        dy, x, w, [w.shape[0]] if mask[2] else None, *_conv_args(ctx, plan),
+        [fused_dx, True, mask[2]])
     if sp.nhwc:
         dw = _to_nhwc(dw).contiguous()
     outputs = [dw]
     if mask[2]:
         outputs.append(db)
-    if mask[0]:
-        if lazy_dx:
-            outputs.append(ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
-        else:
-            outputs.append(_conv_dx(ctx, *inputs))
+    if fused_dx:
+        outputs.append(_finish_dx(sp, plan, dx))
+    elif lazy_dx:
+        outputs.append(ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
+    elif mask[0]:
+        outputs.append(_conv_dx(ctx, *inputs))
     return outputs
 
 
@@ -264,12 +297,12 @@ def _conv_dx(ctx, x_in, w_in, dy_in):
     dy = _to_nchw(dy_in) if sp.nhwc else dy_in
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit)
-    dx = aten.convolution_backward(
-        dy, x, w, None, plan.stride, plan.padding, plan.dilation, False,
-        [0] * len(plan.stride), ctx.state["group"], [True, False, False])[0]
-    if plan.explicit is not None:
-        dx = _unpad(dx, plan)
-    return _to_nhwc(dx) if sp.nhwc else dx
+    conv = _conv_args(ctx, plan)
+    if _native_dx_faster(x, w):
+        dx = _native_input_grad(dy, x, w, conv)
+    else:
+        dx = aten.convolution_backward(dy, x, w, None, *conv, [True, False, False])[0]
+    return _finish_dx(sp, plan, dx)
 
 
 # --- MaxPool / AveragePool ----------------------------------------------------------------------
