@@ -107,6 +107,30 @@ def test_conv_gradient_outputs_follow_caffe2():
     assert list(net.Proto().op[-1].output) == ["w_grad", "b_grad"]
 
 
+@pytest.mark.parametrize("channels", [2, 5])  # dX from PyTorch's native kernel / the fused call
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_conv_input_gradient_read_by_a_later_op(channels, nhwc):
+    """When an op reads X_grad it is computed at once (not deferred), with the same values."""
+    x = rand(2, 6, 7, channels) if nhwc else rand(2, channels, 6, 7)
+    w = rand(4, 3, 2, channels, seed=1) if nhwc else rand(4, channels, 3, 2, seed=1)
+    args = dict(kernel_h=3, kernel_w=2, pad_t=1, pad_l=0, pad_b=2, pad_r=1, stride=2,
+                order="NHWC" if nhwc else "NCHW")
+    net = core.Net("conv_dx_read")
+    net.Conv(["X", "W", "b"], "Y", **args)
+    net.AddGradientOperators({"Y": "dY"})
+    net.Scale("X_grad", "X_grad_read", scale=1.0)
+    reference = conv_reference((1, 0, 2, 1), stride=2, nhwc=nhwc)
+    xt, wt, bt = (torch.tensor(v, requires_grad=True) for v in (x, w, rand(4, seed=2)))
+    y = reference(xt, wt, bt)
+    dy = rand(*y.shape, seed=3)
+    (y * torch.tensor(dy)).sum().backward()
+    for name, value in {"X": x, "W": w, "b": bt.detach().numpy(), "dY": dy}.items():
+        workspace.FeedBlob(name, value)
+    workspace.RunNetOnce(net)
+    np.testing.assert_allclose(workspace.FetchBlob("X_grad_read"), xt.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(workspace.FetchBlob("W_grad"), wt.grad.numpy(), rtol=1e-10)
+
+
 def test_conv_no_gradient_to_input():
     check_op("Conv", {"X": rand(1, 2, 5, 5), "W": rand(3, 2, 3, 3, seed=1), "b": rand(3, seed=2)},
              ["Y"], dict(kernel=3, no_gradient_to_input=1), conv_reference(),
