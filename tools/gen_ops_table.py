@@ -25,6 +25,34 @@ by gradient makers.
 """
 
 
+NOTES = """
+## Behaviour decisions
+
+Where Caffe2's behaviour was unclear or depended on the device, caffe2torch decided as follows.
+
+- **AveragePool** divides by the number of real (non-padding) inputs in each window, as Caffe2's
+  CPU op does; later Caffe2 calls this `count_include_pad`, default 0, and so does caffe2torch.
+- **MaxPoolGradient** sends each window's gradient to its first maximum (PyTorch and cuDNN);
+  Caffe2's CPU op gave it to every tied maximum.
+- **Pooling sizes**: `legacy_pad=3` (CAFFE_LEGACY_POOLING) uses Caffe's ceil-mode sizes, `2` (SAME)
+  may pad more at the end; asymmetric pads (`pad_t`/`pad_l`/`pad_b`/`pad_r`, `pads`) work for
+  Conv and both poolings. Pooling takes 2-D and 3-D inputs; Conv 1-D to 3-D.
+- **Sum**'s gradient is Caffe2's pass-through (each input's gradient is dY itself, no op).
+  **Add/Sub/Mul/Div/MatMul** emit one `<Op>Gradient(dY, A, B)` op, which also sums broadcast
+  gradients back to each input's shape. **WeightedSum** has a gradient for the Xᵢ only.
+- **Dropout** with `is_test=1` copies X and leaves its mask output unwritten, as Caffe2 does.
+- **LearningRate** supports fixed, step, exp, inv, poly, constantWarmup and linearWarmup; `poly`
+  is 0 past `max_iter`. Caffe2 never had `multistep`: unknown policies are errors.
+- **Print** names element types as Caffe2 does (float, double, int, long, unsigned char, bool, ...)
+  and prints numbers with C++'s default 6 significant digits; uint8/int8 values print as numbers
+  (C++ would print them as raw characters).
+- **Summarize** without `to_file` logs its line on the `caffe2torch` logger at INFO level.
+- **GivenTensorStringFill** and `ConstantFill(dtype=STRING)` give numpy object arrays of bytes.
+- **Cast** takes `to` as a DataType number or a case-insensitive name (`"float"`, `"INT32"`); its
+  gradient needs `from_type`.
+"""
+
+
 def _cell(text):
     """Text safe inside a Markdown table cell (no pipes, no HTML-looking <tags>)."""
     return (text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
@@ -49,7 +77,7 @@ def render():
     for s in schemas:
         lines.append(f"| `{s.type}` | {s.family} | {'yes' if s.differentiable else 'no'} | "
                      f"{_cell(_gradient(s))} | {_cell(s.doc)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def main(argv=None):
