@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_ops_table", ROOT / "tools" / "gen_ops_table.py")
+    path = ROOT / "tools" / "gen_ops_table.py"
+    spec = importlib.util.spec_from_file_location("gen_ops_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -70,7 +70,7 @@ class _Plan:
 
 
 class _Spatial:
-    """Kernel, stride, pad, dilation, order and legacy_pad of a Conv or pooling op (ConvPoolOpBase)."""
+    """Kernel, stride, pad, dilation, order and legacy_pad of Conv/pooling (ConvPoolOpBase)."""
 
     def __init__(self, ctx, pool):
         args = ctx.args

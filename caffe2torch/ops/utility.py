@@ -29,8 +29,9 @@ def data_type(value, what="dtype"):
                              f"{', '.join(sorted(_NAMES))}")
         return number
     if int(value) not in _NAMES.values():
+        known = sorted(_NAMES.items(), key=lambda kv: kv[1])
         raise ValueError(f"{what}={value} is not a Caffe2 DataType number; use one of "
-                         + ", ".join(f"{n}={v}" for n, v in sorted(_NAMES.items(), key=lambda kv: kv[1])))
+                         + ", ".join(f"{n}={v}" for n, v in known))
     return int(value)
 
 

@@ -52,7 +52,8 @@ def check_op(op_type, inputs, outputs, args=None, torch_forward=None, grad=True,
     got = {name: workspace.FetchBlob(name) for name in outputs if workspace.HasBlob(name)
            and workspace.C().blobs[name] is not None}
 
-    tensors = [torch.tensor(value, requires_grad=value.dtype.kind == "f") for value in inputs.values()]
+    tensors = [torch.tensor(value, requires_grad=value.dtype.kind == "f")
+               for value in inputs.values()]
     expected = _as_list(torch_forward(*tensors))
     assert len(expected) <= len(outputs), "torch_forward returned more values than outputs"
     for name, exp in zip(outputs, expected):

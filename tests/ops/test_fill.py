@@ -142,7 +142,7 @@ def test_given_tensor_fill_runs_give_fresh_tensors():
 
 
 def test_given_tensor_fill_size_mismatch_is_a_clear_error():
-    with pytest.raises(RuntimeError, match=r"shape \[2, 2\] holds 4 values but argument 'values' has 3"):
+    with pytest.raises(RuntimeError, match=r"\[2, 2\] holds 4 values but argument 'values' has 3"):
         fill("GivenTensorFill", shape=[2, 2], values=[1.0, 2.0, 3.0])
 
 

@@ -184,7 +184,8 @@ POOL_CASES = {
                    (2, 0), (6, 6)),
     "pad_bigger_than_half_kernel": ((5, 5), dict(kernel=3, stride=1, pad=2), (3, 3), (1, 1), (2, 2),
                                     (7, 7)),
-    "global": ((5, 4), dict(global_pooling=1, kernel=0, legacy_pad=3), (5, 4), (1, 1), (0, 0), (1, 1)),
+    "global": ((5, 4), dict(global_pooling=1, kernel=0, legacy_pad=3), (5, 4), (1, 1), (0, 0),
+               (1, 1)),
 }
 
 
@@ -337,15 +338,17 @@ def bn_inputs(c=3):
 
 def test_spatial_bn_inference():
     check_op("SpatialBN", bn_inputs(), ["Y"], dict(is_test=1, epsilon=1e-3),
-             lambda x, s, b, m, v: F.batch_norm(x, m.detach(), v.detach(), s, b, False, 0.0, 1e-3), grad=False)
+             lambda x, s, b, m, v: F.batch_norm(x, m.detach(), v.detach(), s, b, False, 0.0, 1e-3),
+             grad=False)
 
 
 def test_spatial_bn_inference_nhwc():
     inputs = bn_inputs()
     inputs["X"] = rand(4, 3, 5, 3)
     check_op("SpatialBN", inputs, ["Y"], dict(is_test=1, order="NHWC"),
-             lambda x, s, b, m, v: F.batch_norm(x.permute(0, 3, 1, 2), m.detach(), v.detach(), s, b, False, 0.0,
-                                                1e-5).permute(0, 2, 3, 1), grad=False)
+             lambda x, s, b, m, v: F.batch_norm(x.permute(0, 3, 1, 2), m.detach(), v.detach(), s,
+                                                b, False, 0.0, 1e-5).permute(0, 2, 3, 1),
+             grad=False)
 
 
 def test_spatial_bn_training():

@@ -176,7 +176,8 @@ def test_learning_rate_tutorial_schedule():
 
 
 @pytest.mark.parametrize("args, match", [
-    (dict(base_lr=0.1, policy="multistep"), r"unknown policy 'multistep'.*fixed, step, exp, inv, poly"),
+    (dict(base_lr=0.1, policy="multistep"),
+     r"unknown policy 'multistep'.*fixed, step, exp, inv, poly"),
     (dict(policy="fixed"), "needs argument 'base_lr'"),
     (dict(base_lr=0.1), "needs argument 'policy'"),
     (dict(base_lr=0.1, policy="step"), "needs argument 'stepsize'"),
