@@ -328,6 +328,7 @@ def main():
         timings["jupyter pod"] = time.monotonic() - t
     except (SmokeError, subprocess.TimeoutExpired) as e:
         print(f"k8s-smoke: FAILED: {e}", file=sys.stderr)
+        print("k8s-smoke: 0 passed, 1 failed")
         return 1
     finally:
         if not os.environ.get("SMOKE_KEEP"):
@@ -339,6 +340,7 @@ def main():
           f"their HTML, run.json, runs.jsonl, index.html and latest checked; copies in "
           f"{WORK / 'outputs'}")
     print(f"k8s-smoke: passed in {time.monotonic() - start:.0f} s")
+    print("k8s-smoke: 1 passed, 0 failed")  # the closing line CI reads
     return 0
 
 
