@@ -21,11 +21,13 @@ CONTAINER_ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
 test: k8s-check
 
 image:
-	$(CONTAINER_ENGINE) build -f deploy/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+	$(CONTAINER_ENGINE) build -f deploy/Dockerfile -t $(IMAGE) \
+	    $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
 k8s-kubectl:
 	@command -v kubectl >/dev/null 2>&1 || { echo "k8s: kubectl not found: install kubectl" \
-	    "(it bundles kustomize; https://kubernetes.io/docs/tasks/tools/) and run this again" >&2; exit 1; }
+	    "(it bundles kustomize; https://kubernetes.io/docs/tasks/tools/) and run this again" >&2; \
+	    exit 1; }
 
 # One rendered file per overlay, written whole or not at all.
 k8s-render: k8s-kubectl
@@ -42,7 +44,9 @@ $(CHECKOV_VENV)/.installed: deploy/requirements-k8s.txt
 	touch $@
 
 K8S_RENDERED = $(K8S_OVERLAYS:%=$(K8S_OUT)/%.yaml)
-K8S_SKIPS = $(shell $(PY) -c 'import yaml; print(",".join(yaml.safe_load(open("deploy/checkov-skips.yaml"))))')
+# The check ids of deploy/checkov-skips.yaml, comma-separated for --skip-check.
+K8S_SKIPS = $(shell $(PY) -c 'import yaml; \
+    print(",".join(yaml.safe_load(open("deploy/checkov-skips.yaml"))))')
 
 k8s-check: $(VENV)/.installed $(CHECKOV_VENV)/.installed k8s-render
 	$(VENV)/bin/yamllint --strict -c deploy/.yamllint.yaml deploy

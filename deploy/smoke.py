@@ -23,6 +23,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -219,7 +220,8 @@ def check_outputs(outputs):
     runs = [p for p in outputs.iterdir() if p.is_dir() and not p.is_symlink()
             and (p / "run.json").exists()]
     if len(runs) != 1:
-        raise SmokeError(f"expected one run folder in {outputs}, found {sorted(p.name for p in runs)}")
+        found = sorted(p.name for p in runs)
+        raise SmokeError(f"expected one run folder in {outputs}, found {found}")
     run_dir = runs[0]
     run = json.loads((run_dir / "run.json").read_text())
     if run.get("status") != "succeeded" or run.get("run_id") != run_dir.name:
@@ -273,19 +275,21 @@ def check_jupyter(objects):
         c.pop("ports", None)
     play(WORK / "jupyter.yaml", [pod])
     # podman's network is off: ask from inside the pod, as the kubelet's probe would.
-    probe = ("import sys, time, urllib.request, urllib.error\n"
-             "def get(path):\n"
-             "    try:\n"
-             "        return urllib.request.urlopen('http://127.0.0.1:8888' + path, timeout=5).status\n"
-             "    except urllib.error.HTTPError as e:\n"
-             "        return e.code\n"
-             "    except OSError:\n"
-             "        return None\n"
-             "for _ in range(60):\n"
-             "    if get('/api') == 200:\n"
-             "        break\n"
-             "    time.sleep(1)\n"
-             "print(get('/api'), get('/api/contents'), get('/api/contents?token=' + sys.argv[1]))\n")
+    probe = textwrap.dedent("""\
+        import sys, time, urllib.error, urllib.request
+        def get(path):
+            try:
+                return urllib.request.urlopen("http://127.0.0.1:8888" + path, timeout=5).status
+            except urllib.error.HTTPError as e:
+                return e.code
+            except OSError:
+                return None
+        for _ in range(60):
+            if get("/api") == 200:
+                break
+            time.sleep(1)
+        print(get("/api"), get("/api/contents"), get("/api/contents?token=" + sys.argv[1]))
+        """)
     out = sh("podman", "exec", f"{PREFIX}jupyter-jupyter", "python", "-c", probe, token).stdout
     codes = out.split()
     if codes != ["200", "403", "200"]:
