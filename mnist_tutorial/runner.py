@@ -10,6 +10,7 @@ Everything that can be checked without a kernel is checked before the first kern
 """
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import fcntl
@@ -191,17 +192,42 @@ def resolve_params(files=(), overrides=(), base=None):
     return params
 
 
-def resolve_device(device):
+def probe_cuda():
+    """Ask PyTorch in a child process whether it sees a GPU; returns the running process.
+
+    The runner itself never imports torch (a second of a run's start): the child answers while
+    the runner imports papermill.
+    """
+    return subprocess.Popen([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cuda_available(probe):
+    """The answer of a probe_cuda() process."""
+    out, err = probe.communicate(timeout=600)
+    if probe.returncode != 0:
+        last = (err.strip().splitlines() or ["no message"])[-1]
+        raise UsageError(f"cannot import torch to look for a GPU ({last}); check the venv")
+    return out.strip() == "True"
+
+
+def resolve_device(device, probe=None):
     """The device the steps will use; "cuda" without a GPU is a UsageError."""
     if device == "cpu":
         return "cpu"
-    import torch
-    if torch.cuda.is_available():
+    if cuda_available(probe or probe_cuda()):
         return "cuda"
     if device == "cuda":
         raise UsageError("parameter 'device' is cuda but PyTorch sees no GPU "
                          "(torch.cuda.is_available() is False); use device=cpu or device=auto")
     return "cpu"
+
+
+def _lighter_imports():
+    """Skip jsonschema's optional rfc3987_syntax: building its grammars at import costs about a
+    second of every run; nbformat's schemas never use the IRI formats it checks."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)
 
 
 def notebook_parameters(step):
@@ -349,14 +375,13 @@ def git_commit():
 
 
 def versions():
-    """Versions of Python, torch, caffe2torch and papermill."""
-    import papermill
-    import torch
+    """Versions of Python, torch, caffe2torch and papermill (torch's from its metadata)."""
+    import importlib.metadata
 
     import caffe2torch
-    return {"python": platform.python_version(), "torch": torch.__version__,
+    return {"python": platform.python_version(), "torch": importlib.metadata.version("torch"),
             "caffe2torch": getattr(caffe2torch, "__version__", "unknown"),
-            "papermill": papermill.__version__}
+            "papermill": importlib.metadata.version("papermill")}
 
 
 def collect_metrics(workspace):
@@ -421,25 +446,27 @@ class KernelStarter:
     notebook is ``PRELOAD`` (IPython's exec_lines), which imports what every step imports anyway.
     """
 
-    PRELOAD = "import mnist_tutorial.steps"
+    PRELOAD = {"download": "import mnist_tutorial.steps", "build": "import mnist_tutorial.steps"}
+    PLOTTING = "import mnist_tutorial.steps, matplotlib.pyplot"  # train, test, export
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
         self.pending = None
 
-    def _start(self):
+    def _start(self, step):
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
         km = AsyncKernelManager(kernel_name=KERNEL_NAME)
+        preload = self.PRELOAD.get(step, self.PLOTTING)
         run_sync(km.start_kernel)(cwd=str(self.run_dir), extra_arguments=[
-            f"--InteractiveShellApp.exec_lines={self.PRELOAD}"])
+            f"--InteractiveShellApp.exec_lines={preload}"])
         return km
 
-    def take(self, start_next):
-        """This step's kernel (started now if none is waiting); start the next one if asked."""
-        km, self.pending = self.pending or self._start(), None
-        if start_next:
-            self.pending = self._start()
+    def take(self, step, next_step=None):
+        """The kernel for ``step`` (started now if none waits); start ``next_step``'s too."""
+        km, self.pending = self.pending or self._start(step), None
+        if next_step is not None:
+            self.pending = self._start(next_step)
         return km
 
     @staticmethod
@@ -589,14 +616,27 @@ def _run(args):
     params = resolve_params(args.params_file, args.param,
                             base=(previous or {}).get("params"))
     steps = select_steps(args)
+    probe = probe_cuda() if params["device"] != "cpu" else None
+    try:
+        return _check_and_execute(args, outputs, run_id, run_dir, previous, params, steps, probe)
+    finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()
+            probe.communicate()
+
+
+def _check_and_execute(args, outputs, run_id, run_dir, previous, params, steps, probe):
     done = {s["name"] for s in (previous or {}).get("steps", []) if s.get("status") == "succeeded"}
     for step in steps:
         missing = [s for s in STEPS[:STEPS.index(step)] if s not in steps and s not in done]
         if missing:
             raise UsageError(f"cannot run step {step}: step {missing[0]} has not succeeded in run "
                              f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
-    device = resolve_device(params["device"])
+    _lighter_imports()
     check_kernel()
+    for step in steps:
+        notebook_parameters(step)  # imports papermill while the probe imports torch
+    device = resolve_device(params["device"], probe)
     plan = {step: step_params(step, params, run_dir, device) for step in steps}
     if args.dry_run:
         print(f"run {run_id} in {run_dir} on {device}")
@@ -630,6 +670,7 @@ def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, arg
            "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
     started = time.perf_counter()
     code, failure = 0, None
+    renderer, pages = concurrent.futures.ThreadPoolExecutor(max_workers=1), []
     print(f"run {run_id}: {run_dir} (device {device})", flush=True)
     for step, values in plan.items():
         if failure is not None:
@@ -649,7 +690,8 @@ def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, arg
         t0 = time.perf_counter()
         km = None
         try:
-            km = kernels.take(start_next=step != list(plan)[-1])
+            later = list(plan)[list(plan).index(step) + 1:]
+            km = kernels.take(step, later[0] if later else None)
             run_step(step, values, run_dir, params, formatter, km)
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
@@ -669,15 +711,18 @@ def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, arg
             if km is not None:
                 kernels.stop(km)
         record["seconds"] = round(time.perf_counter() - t0, 2)
-        if notebook.exists():
-            try:
-                render_html(notebook, html_path)
-            except Exception as e:  # a rendering problem must not hide the step's result
-                print(f"[{step}] could not render {html_path.name}: {e}", flush=True)
-                record["html"] = None
+        if notebook.exists():  # rendered while the next step runs
+            pages.append((record, renderer.submit(render_html, notebook, html_path)))
         else:
             record["notebook"] = record["html"] = None
         print(f"== step {step}: {record['status']} in {record['seconds']:.1f} s", flush=True)
+    for record, page in pages:
+        try:
+            page.result()
+        except Exception as e:  # a rendering problem must not hide the step's result
+            print(f"[{record['name']}] could not render {record['html']}: {e}", flush=True)
+            record["html"] = None
+    renderer.shutdown()
     run.update(status="failed" if failure else "succeeded", finished=utc_now(),
                seconds=round(time.perf_counter() - started, 2),
                metrics=collect_metrics(workspace))

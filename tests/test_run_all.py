@@ -96,8 +96,7 @@ def test_missing_params_file_and_bad_step_names(tmp_path, capsys, no_kernel):
 
 
 def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
-    import torch
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runner, "cuda_available", lambda probe: False)
     code, _, err = _main(capsys, "-f", str(REPO / "params/gpu.yaml"), "--outputs", str(tmp_path))
     assert code == 2 and "cuda" in err and "no GPU" in err
     code, out, _ = _main(capsys, "-p", "device=auto", "--dry-run", "--outputs", str(tmp_path))
@@ -109,6 +108,12 @@ def test_starting_mid_pipeline_needs_the_earlier_steps(tmp_path, capsys, no_kern
     assert code == 2 and "step download has not succeeded" in err
     code, _, err = _main(capsys, "--only", "download,test", "--outputs", str(tmp_path))
     assert code == 2 and "step build has not succeeded" in err
+
+
+def test_the_gpu_probe_asks_torch_in_a_child_process():
+    probe = runner.probe_cuda()
+    import torch
+    assert runner.cuda_available(probe) == torch.cuda.is_available()
 
 
 def test_cli_exit_code_and_message():
@@ -148,7 +153,7 @@ def fake_papermill(monkeypatch):
     import papermill
     calls = []
     started, stopped = [], []
-    monkeypatch.setattr(runner.KernelStarter, "_start", lambda self: started.append(1) or
+    monkeypatch.setattr(runner.KernelStarter, "_start", lambda self, step: started.append(step) or
                         f"kernel{len(started)}")
     monkeypatch.setattr(runner.KernelStarter, "stop", staticmethod(stopped.append))
 
