@@ -1,12 +1,15 @@
 """caffe2torch vs a hand-written PyTorch loop: the tutorial's 200-iteration LeNet training.
 
 Both train from the same initial weights on the same MNIST batches (records 0..12799 of the
-training LMDB, in order) with the tutorial's SGD (lr = -0.1 * 0.999^iter in float32 as Caffe2 computes it, param += lr * grad),
-in one process, alternating. The plain loop gets its batches pre-decoded in memory (no data
-cost at all); caffe2torch reads them through TensorProtosDBInput, as the tutorial does. Prints
-the median wall time of each variant, the ratios caffe2torch/plain (target <= 1.10 without the
-tutorial's Print/Summarize bookkeeping ops), and the largest relative difference between the two
-loss curves (target <= 1e-4).
+training LMDB, in order) with the tutorial's SGD (lr = -0.1 * 0.999^iter, computed in float32
+as Caffe2 does; param += lr * grad), in one process, in lockstep: each iteration of each variant
+is timed side by side, the order rotating, so a change of machine load hits all variants alike.
+The plain loop gets its batches pre-decoded in memory (no data cost at all); caffe2torch reads
+them through TensorProtosDBInput as the tutorial does (its prefetch thread may overlap the
+other variants' steps). Prints each variant's time per run, the median over runs of the per-run
+ratio caffe2torch/plain (target <= 1.10 without the tutorial's Print/Summarize bookkeeping ops;
+reported with them too), and the largest relative difference between the loss curves (target
+<= 1e-4).
 
     PYTHONPATH=. .venv/bin/python bench/engine_vs_torch.py [--repeats 5] [--device cpu|cuda]
 """
@@ -52,21 +55,29 @@ def initial_weights(model, seed):
     return {p: workspace.FetchBlob(p) for p in PARAMS}
 
 
-def run_caffe2torch(model, weights, iters, device_option, root):
-    """Train through caffe2torch; returns (seconds, losses)."""
-    workspace.ResetWorkspace(root)
-    workspace.RunNetOnce(model.param_init_net)
-    for name, value in weights.items():
-        workspace.FeedBlob(name, value, device_option)
-    workspace.CreateNet(model.net, overwrite=True)
-    losses = np.zeros(iters)
-    start = time.perf_counter()
-    for i in range(iters):
-        workspace.RunNet(model.net)
-        losses[i] = workspace.FetchBlob("loss")
-    seconds = time.perf_counter() - start
-    workspace.ResetWorkspace(root)
-    return seconds, losses
+class Caffe2TorchTrainer:
+    """The tutorial's train net in a workspace of its own, one RunNet per step."""
+
+    def __init__(self, name, model, weights, device_option, root):
+        self.name = name
+        self.net = model.net
+        workspace.SwitchWorkspace(name, create_if_missing=True)
+        workspace.ResetWorkspace(root)
+        workspace.RunNetOnce(model.param_init_net)
+        for blob, value in weights.items():
+            workspace.FeedBlob(blob, value, device_option)
+        workspace.CreateNet(model.net, overwrite=True)
+
+    def step(self, i):
+        """One training iteration; returns the loss (fetched, as the tutorial does)."""
+        workspace.SwitchWorkspace(self.name)
+        workspace.RunNet(self.net)
+        return float(workspace.FetchBlob("loss"))
+
+    def close(self):
+        """Drop the workspace's nets and blobs (closes the DB reader)."""
+        workspace.SwitchWorkspace(self.name)
+        workspace.ResetWorkspace()
 
 
 def load_batches(train_db, count):
@@ -83,31 +94,54 @@ def load_batches(train_db, count):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def run_plain(images, labels, weights, iters, batch, device):
-    """Train with a hand-written PyTorch loop (autograd); returns (seconds, losses)."""
-    w = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in weights.items()}
-    params = [w[p] for p in PARAMS]
-    images, labels = images.to(device), labels.to(device)
-    losses = np.zeros(iters)
-    start = time.perf_counter()
-    for i in range(iters):
-        x = images[i * batch:(i + 1) * batch].float() * 0.00390625
-        y = labels[i * batch:(i + 1) * batch]
+class PlainTrainer:
+    """A hand-written PyTorch loop (autograd, functional LeNet, in-place SGD)."""
+
+    def __init__(self, images, labels, weights, batch, device):
+        self.w = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in weights.items()}
+        self.params = [self.w[p] for p in PARAMS]
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch = batch
+
+    def step(self, i):
+        """Training iteration ``i`` (0-based); returns the loss."""
+        w, b = self.w, self.batch
+        x = self.images[i * b:(i + 1) * b].float() * 0.00390625
+        y = self.labels[i * b:(i + 1) * b]
         h = F.max_pool2d(F.conv2d(x, w["conv1_w"], w["conv1_b"]), 2, 2)
         h = F.max_pool2d(F.conv2d(h, w["conv2_w"], w["conv2_b"]), 2, 2)
         h = F.relu(F.linear(h.flatten(1), w["fc3_w"], w["fc3_b"]))
         softmax = F.softmax(F.linear(h, w["pred_w"], w["pred_b"]), dim=1)
-        xent = -torch.log(softmax.gather(1, y[:, None]).clamp_min(1e-20))
-        loss = xent.mean()
+        loss = -torch.log(softmax.gather(1, y[:, None]).clamp_min(1e-20)).mean()
         (softmax.argmax(1) == y).float().mean()  # the tutorial's accuracy, computed each step
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(loss, self.params)
         # step policy, stepsize 1, Caffe2's Iter starting at 1; Caffe2 computes it in float32
         lr = float(np.float32(-0.1) * np.float32(0.999) ** np.float32(i + 1))
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(self.params, grads):
                 p.add_(g, alpha=lr)
-        losses[i] = loss.item()
-    return time.perf_counter() - start, losses
+        return loss.item()
+
+    def close(self):
+        """Nothing to release."""
+
+
+def run_lockstep(trainers, iters):
+    """Step every trainer once per iteration, rotating the order; returns seconds and losses.
+
+    Timing each variant's iterations side by side makes the ratio robust to a machine whose
+    load changes during the run (the variants see the same conditions, a few ms apart).
+    """
+    names = list(trainers)
+    seconds = dict.fromkeys(names, 0.0)
+    losses = {n: np.zeros(iters) for n in names}
+    for i in range(iters):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            start = time.perf_counter()
+            losses[name][i] = trainers[name].step(i)
+            seconds[name] += time.perf_counter() - start
+    return seconds, losses
 
 
 def main():
@@ -119,8 +153,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, alternating")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prepare_mnist(args.data_dir, source="auto")
     train_db = str(db_path(args.data_dir, "train"))
     device = torch.device(args.device)
@@ -129,31 +166,40 @@ def main():
     booked_model = build_train_model(train_db, args.batch, option, bookkeeping=True)
     weights = initial_weights(plain_model, args.seed)
     images, labels = load_batches(train_db, args.iters * args.batch)
-    root = tempfile.mkdtemp(prefix="c2t-bench-")
 
-    times = {"caffe2torch": [], "caffe2torch+bookkeeping": [], "plain PyTorch": []}
+    variants = ("caffe2torch", "caffe2torch+bookkeeping", "plain PyTorch")
+    times = {n: [] for n in variants}
+    ratios = {n: [] for n in variants[:2]}
     curves = {}
-    # one untimed warm-up of each, then alternate
-    run_caffe2torch(plain_model, weights, 5, option, root)
-    run_plain(images, labels, weights, 5, args.batch, device)
-    for _ in range(args.repeats):
-        for name in times:
-            if name == "plain PyTorch":
-                seconds, losses = run_plain(images, labels, weights, args.iters, args.batch, device)
-            else:
-                model = booked_model if name.endswith("bookkeeping") else plain_model
-                seconds, losses = run_caffe2torch(model, weights, args.iters, option, root)
-            times[name].append(seconds)
-            curves[name] = losses
+    for run in range(args.repeats + 1):  # run 0 warms up and is not counted
+        trainers = {
+            "caffe2torch": Caffe2TorchTrainer("bench_plain", plain_model, weights, option,
+                                              tempfile.mkdtemp(prefix="c2t-bench-")),
+            "caffe2torch+bookkeeping": Caffe2TorchTrainer("bench_booked", booked_model, weights,
+                                                          option, tempfile.mkdtemp(prefix="c2t-bench-")),
+            "plain PyTorch": PlainTrainer(images, labels, weights, args.batch, device),
+        }
+        seconds, losses = run_lockstep(trainers, args.iters if run else 10)
+        for trainer in trainers.values():
+            trainer.close()
+        if run == 0:
+            continue
+        curves = losses
+        for name in variants:
+            times[name].append(seconds[name])
+        for name in ratios:
+            ratios[name].append(seconds[name] / seconds["plain PyTorch"])
+    workspace.SwitchWorkspace("default")
 
     print(f"LeNet, {args.iters} iterations, batch {args.batch}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} runs each")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for name, seconds in med.items():
-        print(f"  {name:26s} median {seconds:7.3f} s   runs: {', '.join(f'{t:.3f}' for t in times[name])}")
-    plain = med["plain PyTorch"]
-    ratio = med["caffe2torch"] / plain
-    ratio_book = med["caffe2torch+bookkeeping"] / plain
+    for name, runs in times.items():
+        print(f"  {name:26s} median {statistics.median(runs):7.3f} s   runs: "
+              f"{', '.join(f'{t:.3f}' for t in runs)}")
+    ratio = statistics.median(ratios["caffe2torch"])
+    ratio_book = statistics.median(ratios["caffe2torch+bookkeeping"])
+    print("per-run ratios to plain: " + "; ".join(
+        f"{n}: {', '.join(f'{r:.3f}' for r in rs)}" for n, rs in ratios.items()))
     print(f"ratio caffe2torch/plain (no bookkeeping): {ratio:.3f}   (target <= 1.10: "
           f"{'met' if ratio <= 1.10 else 'NOT met'})")
     print(f"ratio caffe2torch+bookkeeping/plain:     {ratio_book:.3f}")
