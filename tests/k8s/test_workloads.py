@@ -170,7 +170,7 @@ def quantity(text):
 def test_every_referenced_claim_configmap_and_secret_exists_or_is_documented(docs, workloads):
     defined = {kind: set(by_kind(docs, kind)) for kind in
                ("PersistentVolumeClaim", "ConfigMap", "Secret")}
-    readme = (DEPLOY / "README-k8s.md").read_text()
+    readme = (DEPLOY.parent / "README.md").read_text()
     for obj in workloads:
         spec = pod_template(obj)["spec"]
         for v in spec["volumes"]:
