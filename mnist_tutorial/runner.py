@@ -211,15 +211,26 @@ def cuda_available(probe):
     return out.strip() == "True"
 
 
+def cpu_only_torch():
+    """True when the installed torch is a CPU-only build (version "+cpu"): no GPU to look for."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("torch").endswith("+cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def resolve_device(device, probe=None):
     """The device the steps will use; "cuda" without a GPU is a UsageError."""
     if device == "cpu":
         return "cpu"
-    if cuda_available(probe or probe_cuda()):
+    if probe is not None and cuda_available(probe):
         return "cuda"
     if device == "cuda":
-        raise UsageError("parameter 'device' is cuda but PyTorch sees no GPU "
-                         "(torch.cuda.is_available() is False); use device=cpu or device=auto")
+        why = "this torch is a CPU-only build" if probe is None else \
+            "torch.cuda.is_available() is False"
+        raise UsageError(f"parameter 'device' is cuda but PyTorch sees no GPU ({why}); "
+                         "use device=cpu or device=auto")
     return "cpu"
 
 
@@ -444,6 +455,7 @@ class KernelStarter:
 
     A fresh kernel per notebook, as with papermill alone; the only thing it runs before its
     notebook is ``PRELOAD`` (IPython's exec_lines), which imports what every step imports anyway.
+    Kernels talk over Unix sockets in a private temporary folder, not TCP ports.
     """
 
     PRELOAD = {"download": "import mnist_tutorial.steps", "build": "import mnist_tutorial.steps"}
@@ -452,11 +464,19 @@ class KernelStarter:
     def __init__(self, run_dir):
         self.run_dir = run_dir
         self.pending = None
+        self.sockets = None
+        self.started = 0
 
     def _start(self, step):
+        import tempfile
+
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
-        km = AsyncKernelManager(kernel_name=KERNEL_NAME)
+        if self.sockets is None:  # short: a Unix socket path has at most ~100 characters
+            self.sockets = tempfile.mkdtemp(prefix="c2t-kernels-")
+        self.started += 1
+        km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc",
+                                ip=os.path.join(self.sockets, f"k{self.started}"))
         preload = self.PRELOAD.get(step, self.PLOTTING)
         run_sync(km.start_kernel)(cwd=str(self.run_dir), extra_arguments=[
             f"--InteractiveShellApp.exec_lines={preload}"])
@@ -481,6 +501,9 @@ class KernelStarter:
         if self.pending is not None:
             self.stop(self.pending)
             self.pending = None
+        if self.sockets is not None:
+            import shutil
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def run_step(step, values, run_dir, params, formatter, km=None):
@@ -616,7 +639,7 @@ def _run(args):
     params = resolve_params(args.params_file, args.param,
                             base=(previous or {}).get("params"))
     steps = select_steps(args)
-    probe = probe_cuda() if params["device"] != "cpu" else None
+    probe = probe_cuda() if params["device"] != "cpu" and not cpu_only_torch() else None
     try:
         return _check_and_execute(args, outputs, run_id, run_dir, previous, params, steps, probe)
     finally:

@@ -101,6 +101,11 @@ def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
     assert code == 2 and "cuda" in err and "no GPU" in err
     code, out, _ = _main(capsys, "-p", "device=auto", "--dry-run", "--outputs", str(tmp_path))
     assert code == 0 and "on cpu" in out
+    # a CPU-only torch build ("+cpu") needs no probe at all
+    monkeypatch.setattr(runner, "cpu_only_torch", lambda: True)
+    monkeypatch.setattr(runner, "probe_cuda", lambda: pytest.fail("probed a CPU-only torch"))
+    code, _, err = _main(capsys, "-p", "device=cuda", "--outputs", str(tmp_path))
+    assert code == 2 and "CPU-only build" in err
 
 
 def test_starting_mid_pipeline_needs_the_earlier_steps(tmp_path, capsys, no_kernel):
