@@ -489,8 +489,9 @@ class KernelStarter:
         km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=os.path.join(self.sockets, f"k{self.count}"))
         preload = self.PRELOAD.get(step, self.PLOTTING)
+        # history in memory, as nbclient does: five kernels at once must not share one sqlite file
         run_sync(km.start_kernel)(cwd=str(self.run_dir), extra_arguments=[
-            f"--InteractiveShellApp.exec_lines={preload}"])
+            f"--InteractiveShellApp.exec_lines={preload}", "--HistoryManager.hist_file=:memory:"])
         return km
 
     def take(self, step):
