@@ -91,6 +91,26 @@ def copy(ctx, inputs):
     return [inputs[0].clone()]
 
 
+def _device_copy_grad(back):
+    def maker(op, g_output):
+        return [gradient_op(op, back, [g_output[0]], [grad_name(op.input[0])])], \
+            [grad_name(op.input[0])]
+    maker.__doc__ = f"{back}(dY) -> dX: the gradient goes back to X's device."
+    return maker
+
+
+@register_op("CopyGPUToCPU", gradient=_device_copy_grad("CopyCPUToGPU"), cpu_only_inputs=True)
+def copy_gpu_to_cpu(ctx, inputs):
+    """Y = X copied to host memory (the op itself is placed on the GPU, as in Caffe2)."""
+    return [inputs[0].to("cpu", copy=True)]
+
+
+@register_op("CopyCPUToGPU", gradient=_device_copy_grad("CopyGPUToCPU"), cpu_only_inputs=True)
+def copy_cpu_to_gpu(ctx, inputs):
+    """Y = X copied to the op's device (a GPU; the CPU when the op runs there)."""
+    return [inputs[0].to(ctx.device, copy=True)]
+
+
 # --- Iteration counter --------------------------------------------------------------------------
 
 def _check_counter(ctx, it):

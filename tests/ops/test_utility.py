@@ -308,3 +308,20 @@ def test_utility_ops_have_no_gradient():
         grads = net.AddGradientOperators(["loss"])
         assert "X" not in grads, op_type
 
+
+
+def test_device_copies_and_their_gradients():
+    """CopyGPUToCPU / CopyCPUToGPU (brew.accuracy with top_k on a GPU uses them)."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    workspace.FeedBlob("x", x)
+    net = core.Net("copies")
+    net.CopyGPUToCPU("x", "x_host")
+    net.CopyCPUToGPU("x_host", "x_dev")
+    net.AveragedLoss("x_dev", "loss")
+    net.AddGradientOperators(["loss"])
+    types = [op.type for op in net.Proto().op]
+    assert types[-2:] == ["CopyGPUToCPU", "CopyCPUToGPU"]  # each copy's gradient copies back
+    workspace.RunNetOnce(net)
+    np.testing.assert_array_equal(workspace.FetchBlob("x_dev"), x)
+    assert workspace.FetchTorch("x_host").device.type == "cpu"
+    np.testing.assert_allclose(workspace.FetchBlob("x_grad"), np.full_like(x, 1 / 6))
