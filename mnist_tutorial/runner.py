@@ -415,6 +415,7 @@ class _LineFormatter(logging.Formatter):
         self.step = "-"
 
     def format(self, record):
+        """Prefix every line of the message with the current step."""
         text = record.getMessage().rstrip("\n")
         return "\n".join(f"[{self.step}] {line}" for line in text.split("\n"))
 
