@@ -36,8 +36,11 @@ test: $(VENV)/.kernel
 lab: $(VENV)/.kernel
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-bench: $(VENV)/.installed
+# The published figures: each script prints its ratios measured side by side.
+bench: $(VENV)/.kernel
 	$(PY) bench/engine_vs_torch.py
+	$(PY) bench/data_bench.py
+	$(PY) bench/pipeline_overhead.py
 
 # Regenerate caffe2torch/proto/*_pb2.py from the .proto files (a repeatable, documented step).
 proto: $(VENV)/.installed

@@ -61,6 +61,7 @@ class Param:
     lt: float = None  # exclusive upper bound
     le: float = None  # inclusive upper bound
     runner_only: bool = False  # used by run_all.py, not passed to any notebook
+    may_be_empty: bool = False  # a str whose empty value means "the default"
 
 
 SCHEMA = {
@@ -69,6 +70,9 @@ SCHEMA = {
     "data_source": Param(str, "auto", "where MNIST comes from; existing = use the LMDBs already in "
                          "data_dir as they are", choices=("auto", "package", "caffe2-zip", "idx",
                                                           "existing")),
+    "data_url": Param(str, "", "caffe2-zip: URL or path of the tutorial's mnist-lmdb.zip; idx: base "
+                      "URL or folder of the four .gz IDX files; auto: replaces the download "
+                      "locations; empty = the defaults", may_be_empty=True),
     "device": Param(str, "auto", "auto = cuda when PyTorch sees a GPU, else cpu",
                     choices=("auto", "cpu", "cuda")),
     "seed": Param(int, 0, "seeds Python, numpy and torch in every step", ge=0, le=2 ** 32 - 1),
@@ -141,7 +145,7 @@ def check_param(name, value, origin):
     if bad:
         raise UsageError(f"parameter {name!r} ({origin}) must be {_describe_range(spec)}, "
                          f"got {value!r}")
-    if spec.type is str and not value:
+    if spec.type is str and not value and not spec.may_be_empty:
         raise UsageError(f"parameter {name!r} ({origin}) must not be empty")
     return value
 

@@ -189,12 +189,15 @@ def data_info(train_db, test_db, db_type, source):
     return info
 
 
-def download_step(run_dir, data_dir="data", data_source="auto"):
+def download_step(run_dir, data_dir="data", data_source="auto", data_url=""):
     """Prepare the MNIST LMDBs in ``data_dir`` and record where they are in ``data.json``."""
     from mnist_tutorial.data import db_path, prepare_mnist
     root = start_workspace(run_dir)
     data_dir = resolve(data_dir)
     train_db, test_db = db_path(data_dir, "train"), db_path(data_dir, "test")
+    if data_url and data_source in ("package", "existing"):
+        raise StepError(f"data_url is used with data_source caffe2-zip, idx or auto, not "
+                        f"{data_source}; drop data_url or change data_source")
     if data_source == "existing":
         # databases put there by hand (e.g. a mounted volume): use them as they are, any size
         for path in (train_db, test_db):
@@ -202,7 +205,7 @@ def download_step(run_dir, data_dir="data", data_source="auto"):
                 raise StepError(f"data_source=existing but {path} does not exist; prepare the "
                                 "databases or use data_source=auto")
     else:
-        prepare_mnist(data_dir, source=data_source)
+        prepare_mnist(data_dir, source=data_source, url=data_url or None)
     info = data_info(train_db, test_db, "lmdb", data_source)
     write_json(root / "data.json", info)
     print(f"workspace root: {root}")

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import nbformat
@@ -131,6 +132,18 @@ def test_download_builds_the_full_databases_from_the_package(tmp_path):
     info = steps.download_step(tmp_path / "run", data_dir=tmp_path / "data", data_source="package")
     assert (info["train_records"], info["test_records"]) == (60000, 10000)
     assert Path(info["train_db"]) == tmp_path / "data" / "mnist-train-nchw-lmdb"
+
+    # a user's copy of the tutorial's mnist-lmdb.zip, given as data_url (here: a local path)
+    archive = tmp_path / "mnist-lmdb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for db in ("mnist-train-nchw-lmdb", "mnist-test-nchw-lmdb"):
+            zf.write(tmp_path / "data" / db / "data.mdb", f"{db}/data.mdb")
+    info = steps.download_step(tmp_path / "run2", data_dir=tmp_path / "from-zip",
+                               data_source="caffe2-zip", data_url=str(archive))
+    assert (info["train_records"], info["test_records"]) == (60000, 10000)
+    with pytest.raises(steps.StepError, match="data_url is used with data_source caffe2-zip"):
+        steps.download_step(tmp_path / "run3", data_dir=tmp_path / "x", data_source="package",
+                            data_url=str(archive))
 
 
 # --- run_all.py with kernels -------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_papermill_gets_the_kernel_timeouts_and_only_declared_parameters(
     assert call["progress_bar"] is False and call["request_save_on_cell_execute"] is True
     assert call["execution_timeout"] == 77 and call["start_timeout"] == 9
     assert call["parameters"] == {"run_dir": str(out / "r1"), "data_dir": "data",
-                                  "data_source": "auto"}
+                                  "data_source": "auto", "data_url": ""}
     run = json.loads((out / "r1/run.json").read_text())
     assert run["status"] == "succeeded" and run["params"]["cell_timeout"] == 77
     assert [s["name"] for s in run["steps"]] == ["download"]
@@ -204,7 +204,7 @@ def test_a_failing_step_exits_1_naming_step_cell_and_notebook(tmp_path, capsys, 
                          "--run-id", "r2", "--outputs", str(out))
     code, _, err = _main(capsys, "--from", "test", "-p", "test_iters=13", "--run-id", "r2",
                          "--outputs", str(out))
-    assert code == 1
+    assert code == 1, err
     assert fake_papermill[-1]["km"] == "kernel9"  # kernel10, started for export, is stopped unused
     assert "step test failed at cell 3: StepError: boom" in err
     assert str(out / "r2" / "04_test.ipynb") in err
@@ -247,3 +247,11 @@ def test_a_missing_kernel_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
     monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", missing)
     code, _, err = _main(capsys, "--outputs", str(tmp_path / "out"))
     assert code == 2 and "make kernel" in err and not (tmp_path / "out").exists()
+
+
+def test_data_url_may_be_empty_or_a_location():
+    assert runner.resolve_params(overrides=["data_url="])["data_url"] == ""
+    assert runner.resolve_params(overrides=["data_url=/srv/mnist-lmdb.zip"])["data_url"] == \
+        "/srv/mnist-lmdb.zip"
+    with pytest.raises(runner.UsageError, match="data_dir.*must not be empty"):
+        runner.resolve_params(overrides=["data_dir="])
