@@ -14,11 +14,7 @@ from caffe2torch.python.model_helper import ModelHelper
 RNG = np.random.default_rng(1234)
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    yield
-    workspace.ResetWorkspace()
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def args_of(op):

@@ -10,11 +10,7 @@ from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, scope, utils, workspace
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    yield
-    workspace.ResetWorkspace()
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 @pytest.mark.parametrize("module", [

@@ -7,11 +7,7 @@ from caffe2torch.python import core, workspace
 from caffe2torch.python.executor import OperatorError
 
 
-@pytest.fixture(autouse=True)
-def _fresh(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    yield
-    workspace.ResetWorkspace()
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def _conv_train_net():

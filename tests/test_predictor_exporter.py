@@ -12,11 +12,7 @@ from caffe2torch.python.predictor import predictor_py_utils as pred_utils
 from caffe2torch.python.predictor.predictor_py_utils import predictor_constants as pc
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    yield
-    workspace.ResetWorkspace()
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def read_minidb(path):

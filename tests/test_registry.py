@@ -20,9 +20,7 @@ def load_generator():
     return module
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 # --- Registry invariants ------------------------------------------------------------------------

@@ -15,11 +15,7 @@ MNIST = str(ARTIFACTS / "mnist-test-nhwc-minidb")
 FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    yield
-    workspace.ResetWorkspace()
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def run(op_type, inputs, outputs, **args):

@@ -10,9 +10,7 @@ from caffe2torch.python import core, workspace
 from .helpers import DEVICES, check_op, rand
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def labels(*shape, d=5, seed=0):

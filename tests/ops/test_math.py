@@ -10,9 +10,7 @@ from caffe2torch.python import core, workspace
 from .helpers import DEVICES, check_op, rand
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 @pytest.mark.parametrize("args, factor", [({}, 1.0), (dict(scale=0.00390625), 0.00390625),

@@ -9,10 +9,7 @@ from caffe2torch.python import core, workspace
 from .helpers import check_op, rand
 
 
-@pytest.fixture(autouse=True)
-def fresh_workspace(tmp_path):
-    workspace.ResetWorkspace(str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
 
 
 def run(op_type, inputs, outputs, **args):
