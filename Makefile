@@ -33,8 +33,10 @@ run: $(VENV)/.kernel
 test: $(VENV)/.kernel
 	$(PY) -m pytest -q tests
 
+# Jupyter refuses to run as root unless told; containers and these machines often are root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(VENV)/.kernel
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --no-browser $(LAB_ARGS)
 
 # The published figures: each script prints its ratios measured side by side.
 bench: $(VENV)/.kernel
