@@ -472,8 +472,10 @@ class KernelStarter:
     Kernels talk over Unix sockets in a private temporary folder, not TCP ports.
     """
 
-    PRELOAD = {"download": "import mnist_tutorial.steps", "build": "import mnist_tutorial.steps"}
-    PLOTTING = "import mnist_tutorial.steps, matplotlib.pyplot"  # train, test, export
+    # download needs no torch (its kernel is ready first); the others load torch and the ops
+    TORCH = "import mnist_tutorial.steps, torch, caffe2torch.ops; caffe2torch.ops.load_families()"
+    PRELOAD = {"download": "import mnist_tutorial.steps", "build": TORCH}
+    PLOTTING = TORCH + "; import matplotlib.pyplot"  # train, test, export
 
     def __init__(self, run_dir, steps):
         self.run_dir = run_dir

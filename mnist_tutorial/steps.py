@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, net_drawer, workspace
@@ -53,8 +52,17 @@ def start_workspace(run_dir):
     return root
 
 
+def __getattr__(name):
+    # torch loads on first use, so that the download step's kernel starts without it
+    if name == "torch":
+        import torch
+        return torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def resolve_device(device):
     """"auto" → "cuda" when PyTorch sees a GPU, else "cpu"; "cuda" without a GPU is an error."""
+    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -72,6 +80,7 @@ def device_option(device):
 
 def seed_everything(seed):
     """Seed Python, numpy and torch (CPU and CUDA) so that a run is reproducible."""
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from caffe2torch.ops import FAMILIES, registry
+from caffe2torch.ops import FAMILY_NAMES, registry
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
 COMMAND = "PYTHONPATH=. python tools/gen_ops_table.py"
@@ -70,7 +70,7 @@ def _gradient(schema):
 
 def render():
     """The text of docs/ops.md."""
-    order = [module.__name__.rsplit(".", 1)[-1] for module in FAMILIES]
+    order = list(FAMILY_NAMES)
     schemas = sorted(registry.all_schemas(), key=lambda s: (order.index(s.family), s.type))
     lines = [HEADER, "| Op | Family | Differentiable | Gradient | What it does |",
              "|---|---|---|---|---|"]

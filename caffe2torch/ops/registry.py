@@ -102,7 +102,8 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from caffe2torch.ops import FAMILIES  # noqa: F401  (importing registers the ops)
+        from caffe2torch.ops import load_families
+        load_families()
 
 
 class OpContext:

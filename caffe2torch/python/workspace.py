@@ -2,12 +2,11 @@
 import os
 
 import numpy as np
-import torch
-
 from caffe2torch.ops.registry import Deferred
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import scope
-from caffe2torch.python.executor import PreparedNet, torch_device
+
+# torch and the executor load on first use: ResetWorkspace and friends stay light to import.
 
 
 class Workspace:
@@ -85,6 +84,9 @@ def _proto(net):
 
 def FeedBlob(name, arr, device_option=None):
     """Store ``arr`` (numpy array, tensor, scalar, bytes or str) as blob ``name``."""
+    import torch
+
+    from caffe2torch.python.executor import torch_device
     option = device_option if device_option is not None else scope.CurrentDeviceScope()
     device = torch_device(option)
     if isinstance(arr, (bytes, str)):
@@ -114,7 +116,7 @@ def FetchBlob(name):
         value = blobs[name] = value.resolve()
     if value is None:
         raise RuntimeError(f"blob {name!r} exists but has no value yet: run the net that writes it")
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach"):  # a torch tensor
         return value.detach().cpu().numpy().copy()
     return value
 
@@ -144,6 +146,7 @@ def RunOperatorsOnce(operators):
 
 def RunNetOnce(net):
     """Run a net once without keeping it."""
+    from caffe2torch.python.executor import PreparedNet
     prepared = PreparedNet(_proto(net), C())
     try:
         return prepared.run(1)
@@ -161,6 +164,7 @@ def CreateNet(net, overwrite=False, input_blobs=None):
         if not overwrite:
             raise RuntimeError(f"a net named {proto.name!r} already exists; pass overwrite=True")
         ws.nets.pop(proto.name).close()
+    from caffe2torch.python.executor import PreparedNet
     ws.nets[proto.name] = PreparedNet(proto, ws)
     return True
 
