@@ -136,30 +136,30 @@ class MiniDB:
         self._file.write(key)
         self._file.write(value)
 
-    def close(self):
-        """Close the cursors; finish writing: a new database replaces the target only now."""
+    def _release(self):
+        """Close the cursors and the file; True when the file was still open."""
         for cursor in self._cursors:
             cursor.close()
         self._cursors = []
-        if self._file is not None:
+        was_open = self._file is not None
+        if was_open:
             self._file.close()
             self._file = None
-            if self._tmp is not None:
-                tmp, self._tmp = self._tmp, None
-                try:
-                    os.replace(tmp, self.path)
-                except OSError:
-                    os.unlink(tmp)
-                    raise
+        return was_open
+
+    def close(self):
+        """Close the cursors; finish writing: a new database replaces the target only now."""
+        if self._release() and self._tmp is not None:
+            tmp, self._tmp = self._tmp, None
+            try:
+                os.replace(tmp, self.path)
+            except OSError:
+                os.unlink(tmp)
+                raise
 
     def abort(self):
         """Drop what a "new" database wrote; the target is left untouched."""
-        for cursor in self._cursors:
-            cursor.close()
-        self._cursors = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._release()
         if self._tmp is not None:
             os.unlink(self._tmp)
             self._tmp = None

@@ -4,7 +4,6 @@ Also the small parameter machinery brew's helpers use (Caffe2's ``modeling.param
 ``modeling.initializers``): :class:`ParameterTags`, :class:`ParameterInfo`, :class:`Initializer`,
 :class:`ExternalInitializer` and :func:`update_initializer`.
 """
-import difflib
 import logging
 
 from caffe2torch.python import core, scope
@@ -295,17 +294,13 @@ class ModelHelper:
     def __getattr__(self, op_type):
         if op_type.startswith("_"):
             raise AttributeError(op_type)
-        if not core.IsOperator(op_type):
-            from caffe2torch.ops import registry
-            close = difflib.get_close_matches(op_type, registry.registered_ops(), n=3)
-            hint = f" Did you mean: {close}?" if close else ""
-            raise AttributeError(f"Method {op_type} is not a registered operator.{hint}")
+        method = getattr(self.net, op_type)  # an unregistered op raises, naming close ones
         if op_type not in KNOWN_WORKING_OPS:
             if not self.allow_not_known_ops:
                 raise AttributeError(f"Operator {op_type} is not known to be safe")
             log.warning("You are creating an op that the ModelHelper does not recognize: %s.",
                         op_type)
-        return getattr(self.net, op_type)
+        return method
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(KNOWN_WORKING_OPS))
