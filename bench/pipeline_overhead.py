@@ -6,6 +6,8 @@ work with the same parameters (default: params/default.yaml, 200 iterations, 100
 - plain: ``python -c`` calling mnist_tutorial.steps' ``*_step`` functions in order.
 They run alternately, ``--repeats`` times each; the best time of each side is compared (the least
 disturbed on a shared machine). Target: pipeline / plain <= 1.5.
+A third side, ``run_all.py --fresh-kernels`` (every kernel a new Python process instead of a fork
+of the kernel fork server), shows what the fork server saves.
 
 Usage: PYTHONPATH=. python bench/pipeline_overhead.py [-f params/default.yaml] [--repeats 3]
 """
@@ -60,7 +62,7 @@ def main():
                   else params["data_dir"], source=params["data_source"], progress=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     overrides = ["-p", "device=cpu"]
-    pipeline_times, plain_times = [], []
+    pipeline_times, fresh_times, plain_times = [], [], []
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         for i in range(args.repeats):
             pipeline_times.append(timed(
@@ -69,8 +71,11 @@ def main():
             plain_times.append(timed(
                 [sys.executable, "-c", PLAIN, args.params_file, f"{tmp}/plain{i}", "device=cpu"],
                 env))
-            print(f"repeat {i}: pipeline {pipeline_times[-1]:.1f} s, plain {plain_times[-1]:.1f} s",
-                  flush=True)
+            fresh_times.append(timed(
+                [sys.executable, "run_all.py", "-f", args.params_file, *overrides,
+                 "--outputs", f"{tmp}/fresh", "--run-id", f"fresh{i}", "--fresh-kernels"], env))
+            print(f"repeat {i}: pipeline {pipeline_times[-1]:.1f} s, plain {plain_times[-1]:.1f} s, "
+                  f"pipeline --fresh-kernels {fresh_times[-1]:.1f} s", flush=True)
         run = json.loads(Path(f"{tmp}/outputs/bench{args.repeats - 1}/run.json").read_text())
     steps = ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in run["steps"])
     best_pipeline, best_plain = min(pipeline_times), min(plain_times)
@@ -81,6 +86,8 @@ def main():
           f"{run['metrics'].get('test_accuracy', float('nan')):.4f}")
     print(f"run_all.py (best of {args.repeats}): {best_pipeline:.1f} s")
     print(f"plain Python (best of {args.repeats}): {best_plain:.1f} s")
+    print(f"run_all.py --fresh-kernels (best of {args.repeats}): {min(fresh_times):.1f} s; "
+          f"ratio {min(fresh_times) / best_plain:.2f} (no fork server)")
     paired = sorted(a / b for a, b in zip(pipeline_times, plain_times))
     print(f"ratio pipeline / plain: {ratio:.2f} (target <= {TARGET}: "
           f"{'met' if ratio <= TARGET else 'NOT met'}); median of the paired ratios "

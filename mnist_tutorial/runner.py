@@ -303,6 +303,9 @@ def parse_args(argv):
     parser.add_argument("--list", action="store_true", help="list steps and parameters, then exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything and print the plan, run no kernel")
+    parser.add_argument("--fresh-kernels", action="store_true",
+                        help="start each kernel as a new Python process instead of forking it "
+                        "from a server that has imported torch already (slower, same results)")
     return parser.parse_args(argv)
 
 
@@ -363,7 +366,11 @@ def read_json(path):
 
 @contextlib.contextmanager
 def run_lock(run_dir):
-    """Hold ``<run_dir>/.lock``; a second run on the same folder gets a UsageError."""
+    """Create ``run_dir`` if needed and hold ``<run_dir>/.lock``; a second run on the same folder
+    gets a UsageError. A folder created here is removed again if a UsageError ends the run
+    before anything else was written into it."""
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
+    run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a")
     try:
         try:
@@ -373,6 +380,13 @@ def run_lock(run_dir):
                              f"{run_dir / '.lock'} is held); wait for it or pick another "
                              "--run-id") from None
         yield
+    except UsageError:
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            (run_dir / ".lock").unlink()
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
     finally:
         handle.close()
 
@@ -461,32 +475,62 @@ def render_html(notebook_path, html_path):
 
 
 class KernelStarter:
-    """Starts the kernels of all the run's steps together, so that their boot and imports overlap.
-
-    On 2 cores, booting them all at once after validation and then running the steps without
-    kernels booting beside them measured best (12.5 s for default.yaml, against 13.1 s when each
-    kernel starts one step ahead): torch's two threads train and test undisturbed.
+    """Starts the kernels of all the run's steps together, so that their boot overlaps the steps.
 
     A fresh kernel per notebook, as with papermill alone; the only thing it runs before its
     notebook is its ``PRELOAD`` (IPython's exec_lines): imports that its notebook makes anyway.
     Kernels talk over Unix sockets in a private temporary folder, not TCP ports.
+
+    By default each kernel is forked from a fork server (mnist_tutorial.kernelfork) that has
+    already imported what the kernels need, in two stages: ``light`` (ipykernel, caffe2torch's
+    core; the download step's kernel is forked from it first) and ``torch`` (torch, the ops,
+    matplotlib; the other steps). A new Python importing torch costs about 2 CPU seconds; five of
+    them were most of the pipeline's overhead on 2 cores. ``run_all.py --fresh-kernels`` starts
+    every kernel as a new process instead; so does any failure of the fork server.
     """
 
-    # download needs no torch (its kernel is ready first); the others load torch and the ops
-    TORCH = "import mnist_tutorial.steps, torch, caffe2torch.ops; caffe2torch.ops.load_families()"
-    PRELOAD = {"download": "import mnist_tutorial.steps", "build": TORCH}
-    PLOTTING = TORCH + "; import matplotlib.pyplot"  # train, test, export
+    LIGHT = "import ipykernel.kernelapp, IPython, mnist_tutorial.steps"
+    # as ipykernel does before it runs user code: matplotlib reads MPLBACKEND when imported
+    TORCH = ("import os; os.environ.setdefault('MPLBACKEND', "
+             "'module://matplotlib_inline.backend_inline'); "
+             "import mnist_tutorial.steps, torch, caffe2torch.ops; "
+             "caffe2torch.ops.load_families(); import matplotlib.pyplot")
+    STAGE = {"download": "light"}  # the others: "torch"
+    PRELOAD = {"light": "import mnist_tutorial.steps", "torch": TORCH}
 
-    def __init__(self, run_dir, steps):
+    def __init__(self, run_dir, steps, fork=True):
         self.run_dir = run_dir
         self.steps = list(steps)
+        self.fork = fork
+        self.server = None
+        self.stopper = None  # the thread that shuts used kernels down
         self.kernels = {}  # step -> kernel manager, started and not yet taken
         self.sockets = None
         self.count = 0
         self.launched = False
 
+    def prepare(self, spec):
+        """Start the fork server (the kernelspec must be ``python -m ipykernel_launcher``)."""
+        from mnist_tutorial import kernelfork
+        split = kernelfork.launcher_command(spec.argv)
+        if not self.fork or split is None or self.server is not None:
+            return
+        needed = {self.STAGE.get(step, "torch") for step in self.steps}
+        stages = [name for name in ("light", "torch") if name in needed]
+        code = {"light": self.LIGHT, "torch": self.TORCH}
+        first = self.STAGE.get(self.steps[0], "torch") if self.steps else None
+        # hold after "light" only when its kernel is the first one wanted
+        plan = [[name, code[name], name == "light" and first == "light" and len(stages) > 1]
+                for name in stages]
+        try:
+            self.server = kernelfork.ForkServer(split[0], plan, cwd=str(REPO_ROOT))
+        except OSError as e:
+            print(f"run_all.py: cannot start the kernel fork server ({e}); starting kernels "
+                  "as new processes", file=sys.stderr, flush=True)
+
     def _start(self, step):
         import tempfile
+        import uuid
 
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
@@ -495,11 +539,34 @@ class KernelStarter:
         self.count += 1
         km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=os.path.join(self.sockets, f"k{self.count}"))
-        preload = self.PRELOAD.get(step, self.PLOTTING)
+        stage = self.STAGE.get(step, "torch")
+        if self.server is not None:
+            from mnist_tutorial import kernelfork
+            km.kernel_id = str(uuid.uuid4())
+            provisioner = kernelfork.provisioner_class()(
+                kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
+            provisioner.server, provisioner.stage = self.server, stage
+            km.provisioner = provisioner
         # history in memory, as nbclient does: five kernels at once must not share one sqlite file
         run_sync(km.start_kernel)(cwd=str(self.run_dir), extra_arguments=[
-            f"--InteractiveShellApp.exec_lines={preload}", "--HistoryManager.hist_file=:memory:"])
+            f"--InteractiveShellApp.exec_lines={self.PRELOAD[stage]}",
+            "--HistoryManager.hist_file=:memory:"])
         return km
+
+    @staticmethod
+    def describe(km):
+        """How the kernel was started: "forked" (from the fork server) or "new process"; a kernel
+        that could not be forked says why on stderr."""
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        if not hasattr(process, "wait_started"):
+            return "new process"
+        with contextlib.suppress(TimeoutError):
+            process.wait_started(timeout=60)
+        if process.forked:
+            return "forked"
+        print(f"run_all.py: the kernel was started as a new process, not forked: "
+              f"{process.why_not_forked}", file=sys.stderr, flush=True)
+        return "new process"
 
     def take(self, step):
         """The kernel for ``step``; the first call starts the kernels of all the steps, in order."""
@@ -516,11 +583,24 @@ class KernelStarter:
         with contextlib.suppress(Exception):
             run_sync(km.shutdown_kernel)(now=True)
 
+    def retire(self, km):
+        """Shut a used kernel down in the background: the next step need not wait for it."""
+        if self.stopper is None:
+            self.stopper = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="kernel-stop")
+        self.stopper.submit(self.stop, km)
+
     def close(self):
-        """Shut down the kernels started ahead for steps that did not run (a step failed)."""
+        """Shut down the kernels started ahead for steps that did not run, then the fork server."""
+        if self.stopper is not None:
+            self.stopper.shutdown(wait=True)
+            self.stopper = None
         for km in self.kernels.values():
             self.stop(km)
         self.kernels.clear()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         if self.sockets is not None:
             import shutil
             shutil.rmtree(self.sockets, ignore_errors=True)
@@ -676,29 +756,29 @@ def _check_and_execute(args, outputs, run_id, run_dir, previous, params, steps, 
             raise UsageError(f"cannot run step {step}: step {missing[0]} has not succeeded in run "
                              f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
     _lighter_imports()
-    check_kernel()
-    for step in steps:
-        notebook_parameters(step)  # imports papermill while the probe imports torch
-    device = resolve_device(params["device"], probe)
-    plan = {step: step_params(step, params, run_dir, device) for step in steps}
-    if args.dry_run:
-        print(f"run {run_id} in {run_dir} on {device}")
-        for step, values in plan.items():
-            print(f"  {step}: notebooks/{NOTEBOOKS[step]} with {values}")
-        return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):
-        return _execute(outputs, run_dir, run_id, params, device, plan, previous, args)
-
-
-def _execute(outputs, run_dir, run_id, params, device, plan, previous, args):
-    _kernel_env()
-    kernels = KernelStarter(run_dir, plan)
-    try:
+    spec = check_kernel()
+    # only device=cuda can be refused: check it before anything starts; auto may resolve later
+    device = resolve_device(params["device"], probe) if (
+        probe is None or params["device"] == "cuda") else None
+    kernels = KernelStarter(run_dir, steps, fork=not args.fresh_kernels)
+    with contextlib.ExitStack() as stack:
+        if not args.dry_run:
+            stack.enter_context(run_lock(run_dir))
+        stack.callback(kernels.close)  # before the lock is let go
+        if not args.dry_run:  # the fork server imports torch while papermill gets imported
+            _kernel_env()
+            kernels.prepare(spec)
+        for step in steps:
+            notebook_parameters(step)  # imports papermill while the probe imports torch
+        device = device or resolve_device(params["device"], probe)
+        plan = {step: step_params(step, params, run_dir, device) for step in steps}
+        if args.dry_run:
+            print(f"run {run_id} in {run_dir} on {device}")
+            for step, values in plan.items():
+                print(f"  {step}: notebooks/{NOTEBOOKS[step]} with {values}")
+            return 0
         return _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, args,
                               kernels)
-    finally:
-        kernels.close()
 
 
 def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, args, kernels):
@@ -735,6 +815,7 @@ def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, arg
         km = None
         try:
             km = kernels.take(step)
+            record["kernel"] = kernels.describe(km)
             run_step(step, values, run_dir, params, formatter, km)
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
@@ -752,7 +833,7 @@ def _execute_steps(outputs, run_dir, run_id, params, device, plan, previous, arg
             code = 1
         finally:
             if km is not None:
-                kernels.stop(km)
+                kernels.retire(km)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         if notebook.exists():  # rendered while the next step runs
             pages.append((record, renderer.submit(render_html, notebook, html_path)))

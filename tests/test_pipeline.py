@@ -4,6 +4,7 @@ Small real-MNIST LMDBs (640 train / 500 test images) keep it fast; one test buil
 databases from the offline package source.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def test_smoke_run_json(smoke_run):
     assert [s["name"] for s in run["steps"]] == list(runner.STEPS)
     for step in run["steps"]:
         assert step["status"] == "succeeded" and step["seconds"] > 0
+        assert step["kernel"] == "forked"  # from the kernel fork server
         assert (outputs / "smoke" / step["notebook"]).exists()
         assert (outputs / "smoke" / step["html"]).exists()
     metrics = run["metrics"]
@@ -250,3 +252,29 @@ def test_failing_step_then_resume(smoke_run, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(h["status"], h["steps"]) for h in history] == [
         ("failed", ["test"]), ("succeeded", ["test", "export"])]
+
+
+def _texts(notebook, run_dir):
+    """The text each code cell printed or displayed, its run folder's path written as RUN (how
+    a cell's stream is cut into outputs depends on timing: joined here)."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    return ["".join(o.get("text", "") or o.get("data", {}).get("text/plain", "")
+                    for o in c.outputs).replace(str(run_dir), "RUN")
+            for c in nb.cells if c.cell_type == "code"]
+
+
+def test_fresh_kernels_give_the_same_notebooks(smoke_run, small_data, tmp_path):
+    """--fresh-kernels (a new Python per kernel) and forked kernels print the same things."""
+    outputs, forked = smoke_run
+    fresh = _run_all("-f", "params/smoke.yaml", "-p", f"data_dir={small_data}",
+                     "-p", "data_source=existing", "--run-id", "fresh", "--outputs", tmp_path,
+                     "--fresh-kernels")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    run = json.loads((tmp_path / "fresh/run.json").read_text())
+    assert [s["kernel"] for s in run["steps"]] == ["new process"] * len(runner.STEPS)
+    assert "not forked" not in forked.stderr
+    for name in runner.NOTEBOOKS.values():
+        a = _texts(outputs / "smoke" / name, outputs / "smoke")
+        b = _texts(tmp_path / "fresh" / name, tmp_path / "fresh")
+        timing = re.compile(r"in \d+\.\d+ s")  # training reports its wall time
+        assert [timing.sub("", t) for t in a] == [timing.sub("", t) for t in b], name

@@ -5,6 +5,7 @@ one CLI subprocess, which fails before it would.
 """
 import fcntl
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def no_kernel(monkeypatch):
     monkeypatch.setattr(papermill, "execute_notebook", refuse)
     monkeypatch.setattr(runner, "run_step", refuse)
     monkeypatch.setattr(runner.KernelStarter, "_start", refuse)
+    monkeypatch.setattr(runner.KernelStarter, "prepare", refuse)  # no kernel fork server either
 
 
 def _main(capsys, *args):
@@ -161,6 +163,7 @@ def fake_papermill(monkeypatch):
     monkeypatch.setattr(runner.KernelStarter, "_start", lambda self, step: started.append(step) or
                         f"kernel{len(started)}")
     monkeypatch.setattr(runner.KernelStarter, "stop", staticmethod(stopped.append))
+    monkeypatch.setattr(runner.KernelStarter, "prepare", lambda self, spec: None)
 
     def execute(input_path, output_path, parameters=None, **kwargs):
         calls.append({"input": input_path, "parameters": parameters, **kwargs})
@@ -247,6 +250,26 @@ def test_a_missing_kernel_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
     monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", missing)
     code, _, err = _main(capsys, "--outputs", str(tmp_path / "out"))
     assert code == 2 and "make kernel" in err and not (tmp_path / "out").exists()
+
+
+def test_a_broken_notebook_exits_2_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Checks that need papermill run while the kernel fork server starts (and the run folder is
+    locked): a failing one still exits 2, stops the server and removes the folder it made."""
+    import papermill
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(runner.NOTEBOOK_DIR, notebooks)
+    nb = nbformat.read(str(notebooks / runner.NOTEBOOKS["train"]), as_version=4)
+    nb.cells[1].source += "\nlearning_rate_typo: float = 0.1"
+    nbformat.write(nb, str(notebooks / runner.NOTEBOOKS["train"]))
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", notebooks)
+    calls = []
+    monkeypatch.setattr(runner.KernelStarter, "prepare", lambda self, spec: calls.append("prepare"))
+    monkeypatch.setattr(runner.KernelStarter, "close", lambda self: calls.append("close"))
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("executed"))
+    code, _, err = _main(capsys, "--run-id", "r", "--outputs", str(tmp_path / "out" / "runs"))
+    assert code == 2 and "'learning_rate_typo'" in err and "03_train.ipynb" in err
+    assert calls == ["prepare", "close"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_data_url_may_be_empty_or_a_location():
