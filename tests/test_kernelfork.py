@@ -96,8 +96,11 @@ def test_a_forked_kernel_runs_where_and_as_a_new_one_would(server, tmp_path):
 def test_interrupting_a_forked_kernel(server, tmp_path):
     km, kc = _start(server, "base", tmp_path)
     try:
-        msg_id = kc.execute("import time; time.sleep(60)")
-        time.sleep(0.5)
+        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        while True:  # interrupt once the cell runs (a kernel ignores SIGINT between cells)
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                break
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=20)
         assert reply["parent_header"]["msg_id"] == msg_id
@@ -166,8 +169,11 @@ def test_a_held_stage_forks_its_kernel_before_the_next_stage_loads(tmp_path):
     srv = _server(("first", MARK, True),
                   ("second", f"open({str(marker)!r}, 'w').close()", False))
     try:
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while "first" not in srv.stages and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert srv.stages["first"]["ok"] is True
+        time.sleep(1.0)
         assert not marker.exists()  # held: waiting for a kernel of the first stage
         km, kc = _start(srv, "first", tmp_path)
         deadline = time.monotonic() + 30
