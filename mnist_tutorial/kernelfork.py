@@ -375,11 +375,12 @@ class ForkServer:
     def request(self, stage, args, env, cwd, launch):
         """Ask for a kernel forked after ``stage``; returns its ForkedKernel at once."""
         kernel = ForkedKernel(self, launch)
+        if stage not in self._stage_names:
+            kernel._fallback(f"the fork server has no stage {stage!r}")
+            return kernel
         with self._lock:
-            if self.closed or stage not in self._stage_names:
-                closed = True
-            else:
-                closed = False
+            closed = self.closed
+            if not closed:
                 self._next_id += 1
                 rid = self._next_id
                 self._waiting[rid] = kernel

@@ -512,8 +512,8 @@ class KernelStarter:
     def prepare(self, spec):
         """Start the fork server (the kernelspec must be ``python -m ipykernel_launcher``)."""
         from mnist_tutorial import kernelfork
-        split = kernelfork.launcher_command(spec.argv)
-        if not self.fork or split is None or self.server is not None:
+        split = kernelfork.launcher_command(spec.argv) if self.fork else None
+        if split is None or self.server is not None:
             return
         needed = {self.STAGE.get(step, "torch") for step in self.steps}
         stages = [name for name in ("light", "torch") if name in needed]
@@ -762,10 +762,9 @@ def _check_and_execute(args, outputs, run_id, run_dir, previous, params, steps, 
         probe is None or params["device"] == "cuda") else None
     kernels = KernelStarter(run_dir, steps, fork=not args.fresh_kernels)
     with contextlib.ExitStack() as stack:
-        if not args.dry_run:
-            stack.enter_context(run_lock(run_dir))
-        stack.callback(kernels.close)  # before the lock is let go
         if not args.dry_run:  # the fork server imports torch while papermill gets imported
+            stack.enter_context(run_lock(run_dir))
+            stack.callback(kernels.close)  # before the lock is let go
             _kernel_env()
             kernels.prepare(spec)
         for step in steps:
