@@ -206,7 +206,6 @@ class ForkedKernel:
         self._ready = threading.Event()
         self._pid = None
         self._popen = None
-        self._error = None
         self.returncode = None
         self.forked = None  # True: a fork; False: launched normally
         self.why_not_forked = None
@@ -223,7 +222,7 @@ class ForkedKernel:
             self._popen = self._launch()
             self._pid = self._popen.pid
         except Exception as e:  # noqa: BLE001 - reported through poll() as a dead kernel
-            self._error = e
+            self.why_not_forked += f"; starting it as a new process failed too: {e}"
             self.returncode = 1
         self._ready.set()
 
