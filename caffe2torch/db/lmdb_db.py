@@ -10,7 +10,7 @@ import threading
 
 import lmdb
 
-from caffe2torch.db.minidb import temp_path_beside
+from caffe2torch.db.base import DB, Cursor, temp_path_beside
 
 MAP_SIZE = 1 << 40  # Caffe2's LMDB_MAP_SIZE: address space only, the file grows as needed
 
@@ -45,7 +45,7 @@ def _release_readonly(path):
             entry[0].close()
 
 
-class LMDBCursor:
+class LMDBCursor(Cursor):
     """A cursor over one read transaction (Caffe2's LMDBCursor)."""
 
     def __init__(self, env):
@@ -73,12 +73,6 @@ class LMDBCursor:
     def value(self):
         """The current value (bytes)."""
         return self._cursor.value() if self._valid else None
-
-    def __iter__(self):
-        """Yield (key, value) from the current record to the end."""
-        while self._valid:
-            yield self._cursor.key(), self._cursor.value()
-            self.next()
 
     def close(self):
         """End the read transaction."""
@@ -112,7 +106,7 @@ class LMDBTransaction:
             self._txn = None
 
 
-class LMDB:
+class LMDB(DB):
     """An LMDB folder opened in mode "new", "write" or "read"."""
 
     def __init__(self, path, mode):
@@ -179,12 +173,3 @@ class LMDB:
         else:
             self._env.close()
         self._env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

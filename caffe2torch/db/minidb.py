@@ -5,13 +5,14 @@ in write order. Mode "new" writes to a temporary file beside the target and rena
 so an error never leaves a half-written database behind; "write" appends like Caffe2's "ab".
 """
 import os
-import secrets
 import struct
+
+from caffe2torch.db.base import DB, Cursor, temp_path_beside
 
 _LENGTHS = struct.Struct("<ii")
 
 
-class MiniDBCursor:
+class MiniDBCursor(Cursor):
     """A forward-only cursor over a MiniDB file (Caffe2's MiniDBCursor)."""
 
     def __init__(self, path):
@@ -64,12 +65,6 @@ class MiniDBCursor:
         """The current record's value (bytes)."""
         return self._value
 
-    def __iter__(self):
-        """Yield (key, value) from the current record to the end."""
-        while self.valid():
-            yield self._key, self._value
-            self.next()
-
     def close(self):
         """Close the file."""
         self._file.close()
@@ -90,7 +85,7 @@ class MiniDBTransaction:
         self._db._file.flush()
 
 
-class MiniDB:
+class MiniDB(DB):
     """A MiniDB opened in mode "new", "write" or "read"."""
 
     def __init__(self, path, mode):
@@ -163,20 +158,6 @@ class MiniDB:
         if self._tmp is not None:
             os.unlink(self._tmp)
             self._tmp = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def temp_path_beside(path):
-    """A fresh name in the folder of ``path``, so that os.replace onto ``path`` is atomic."""
-    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _as_bytes(x):
