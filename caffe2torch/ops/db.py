@@ -1,4 +1,6 @@
 """Database ops: CreateDB, TensorProtosDBInput, Save and Load (Caffe2's db and load_save ops)."""
+import itertools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,36 +27,65 @@ def create_db(ctx, inputs):
 # --- TensorProtosDBInput ------------------------------------------------------------------------
 
 def read_batch(reader, batch_size, num_outputs):
-    """Read ``batch_size`` records (0: one, unbatched) and decode them into numpy arrays."""
+    """Read ``batch_size`` records (0: one, unbatched) and decode them into numpy arrays.
+
+    Each output's values are gathered record by record as the protobuf holds them (byte_data
+    bytes, a repeated field) and turned into one array per batch: no numpy call per record.
+    """
     records = reader.read_many(max(batch_size, 1))
     first = caffe2_pb2.TensorProtos.FromString(records[0][1])
     if len(first.protos) != num_outputs:
         raise ValueError(f"record {records[0][0]!r} of {reader.path!r} holds "
                          f"{len(first.protos)} TensorProtos but the op has {num_outputs} outputs")
-    layout = [(p.data_type, tuple(p.dims)) for p in first.protos]
-    lead = (batch_size,) if batch_size else ()
-    outs = [np.empty(lead + dims, dtype=serialize.numpy_dtype(t)) for t, dims in layout]
-    rows = [o.reshape(len(records), -1) for o in outs]  # views: record b of output i is rows[i][b]
+    layout = [(p.data_type, list(p.dims)) for p in first.protos]
+    sizes = [math.prod(dims) for _, dims in layout]
+    columns = [[] for _ in layout]  # output i: the values of each record
     for b, (key, value) in enumerate(records):
         protos = first if b == 0 else caffe2_pb2.TensorProtos.FromString(value)
         if len(protos.protos) != num_outputs:
             raise ValueError(f"record {key!r} of {reader.path!r} holds {len(protos.protos)} "
                              f"TensorProtos, the first record of the batch {num_outputs}")
         for i, p in enumerate(protos.protos):
-            if (p.data_type, tuple(p.dims)) != layout[i]:
+            data_type, dims = layout[i]
+            if p.data_type != data_type or p.dims != dims:
                 raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} is "
                                  f"{_describe(p.data_type, p.dims)} but in the batch's first "
-                                 f"record {_describe(*layout[i])}")
-            if p.data_type == caffe2_pb2.TensorProto.BYTE and not p.HasField("raw_data"):
-                data = np.frombuffer(p.byte_data, dtype=np.uint8)  # no copy: the fast path
-            else:
-                data = serialize.tensor_data(p)
-            if data.size != rows[i].shape[1]:
+                                 f"record {_describe(data_type, dims)}")
+            values = _record_values(p)
+            if len(values) != sizes[i]:
                 raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} holds "
-                                 f"{data.size} values but its dims {list(p.dims)} need "
-                                 f"{rows[i].shape[1]}")
-            rows[i][b] = data
-    return outs
+                                 f"{len(values)} values but its dims {dims} need {sizes[i]}")
+            columns[i].append(values)
+    lead = (batch_size,) if batch_size else ()
+    return [_stack(column, data_type, lead + tuple(dims))
+            for column, (data_type, dims) in zip(columns, layout)]
+
+
+# the fields whose values are the tensor's values as they are (no conversion)
+_PLAIN_FIELDS = {caffe2_pb2.TensorProto.BYTE: "byte_data",
+                 caffe2_pb2.TensorProto.FLOAT: "float_data",
+                 caffe2_pb2.TensorProto.DOUBLE: "double_data",
+                 caffe2_pb2.TensorProto.INT32: "int32_data",
+                 caffe2_pb2.TensorProto.INT64: "int64_data"}
+
+
+def _record_values(p):
+    """One TensorProto's values: its bytes or repeated field when usable as is, else numpy."""
+    field = _PLAIN_FIELDS.get(p.data_type)
+    if field and p.data_format == 0 and not p.HasField("raw_data"):
+        return getattr(p, field)
+    return serialize.tensor_data(p)  # raw_data, narrow ints, float16, strings; raises if bad
+
+
+def _stack(column, data_type, shape):
+    """One array of ``shape`` from the records' values."""
+    dtype = serialize.numpy_dtype(data_type)
+    if all(type(values) is bytes for values in column):  # byte_data: one join, one copy
+        flat = np.frombuffer(bytearray().join(column), dtype=np.uint8)  # writable
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(column), dtype=dtype,
+                           count=sum(map(len, column)))
+    return flat.reshape(shape)
 
 
 def _describe(data_type, dims):

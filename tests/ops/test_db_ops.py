@@ -108,6 +108,65 @@ def test_tensor_protos_db_input_other_types_and_nchw(tmp_path):
         run("TensorProtosDBInput", ["r"], ["x"], batch_size=3)
 
 
+def _write_records(path, records):
+    """A minidb of TensorProtos records, each a list of TensorProto."""
+    with open_db("minidb", path, "new") as db:
+        txn = db.new_transaction()
+        for i, protos in enumerate(records):
+            message = caffe2_pb2.TensorProtos()
+            message.protos.extend(protos)
+            txn.put(b"%d" % i, message.SerializeToString())
+
+
+def test_tensor_protos_db_input_batches_mixed_encodings(tmp_path):
+    """Records of one batch may store the same tensor differently (byte_data or raw_data, int32
+    values or uint8 narrowed into int32_data, float16): the batch holds the same values."""
+    TP = caffe2_pb2.TensorProto
+    images = np.arange(3 * 4, dtype=np.uint8).reshape(3, 2, 2) * 20
+    halves = np.array([[0.5, -1.0], [2.0, 0.25], [8.0, -0.125]], np.float16)
+    records = []
+    for i in range(3):
+        image = TP(data_type=TP.BYTE, dims=[2, 2])
+        if i == 1:
+            image.raw_data = images[i].tobytes()
+        else:
+            image.byte_data = images[i].tobytes()
+        label = TP(data_type=TP.INT32, dims=[], int32_data=[i * 7])
+        if i == 2:
+            label = TP(data_type=TP.INT32, dims=[], raw_data=np.int32(14).tobytes())
+        narrow = serialize.NumpyArrayToCaffe2Tensor(np.array([i, 250], np.uint8))
+        half = serialize.NumpyArrayToCaffe2Tensor(halves[i])
+        records.append([image, label, narrow, half])
+    path = str(tmp_path / "mixed.minidb")
+    _write_records(path, records)
+    run("CreateDB", [], ["r"], db=path, db_type="minidb")
+    run("TensorProtosDBInput", ["r"], ["x", "y", "n", "h"], batch_size=3)
+    x, y, n, h = (workspace.FetchBlob(b) for b in "xynh")
+    assert x.dtype == np.uint8 and x.shape == (3, 2, 2)
+    np.testing.assert_array_equal(x, images)
+    assert y.dtype == np.int32 and y.tolist() == [0, 7, 14]
+    assert n.dtype == np.uint8 and n.tolist() == [[0, 250], [1, 250], [2, 250]]
+    assert h.dtype == np.float16 and np.array_equal(h, halves)
+
+
+def test_tensor_protos_db_input_names_the_bad_record(tmp_path):
+    TP = caffe2_pb2.TensorProto
+    good = [TP(data_type=TP.FLOAT, dims=[2], float_data=[1, 2])]
+    short = [TP(data_type=TP.FLOAT, dims=[2], float_data=[1])]
+    path = str(tmp_path / "short.minidb")
+    _write_records(path, [good, short])
+    run("CreateDB", [], ["r"], db=path, db_type="minidb")
+    with pytest.raises(Exception, match="record b'1' .*TensorProto 0 holds 1 values but its "
+                                        "dims \\[2\\] need 2"):
+        run("TensorProtosDBInput", ["r"], ["x"], batch_size=2)
+    path = str(tmp_path / "count.minidb")
+    _write_records(path, [good, good + good])
+    run("CreateDB", [], ["r2"], db=path, db_type="minidb")
+    with pytest.raises(Exception, match="record b'1' .*holds 2 TensorProtos, the first record "
+                                        "of the batch 1"):
+        run("TensorProtosDBInput", ["r2"], ["x"], batch_size=2)
+
+
 def test_save_load_round_trip_with_chunks(monkeypatch, tmp_path):
     monkeypatch.setattr(serialize, "CHUNK_SIZE", 5)
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
