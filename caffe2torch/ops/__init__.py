@@ -1,11 +1,24 @@
 """Caffe2 operators implemented with PyTorch. Importing a family module registers its ops.
 
-The registry imports the families (and so torch) on its first lookup, so that code which only
-builds protos or reads databases (``core``, ``workspace.ResetWorkspace``) starts without torch.
+Every module of this package except the registry is an op family (one file per family). The
+registry imports the families (and so torch) on its first lookup, so that code which only builds
+protos or reads databases (``core``, ``workspace.ResetWorkspace``) starts without torch.
 """
 import importlib
+import pkgutil
 
-FAMILY_NAMES = ("nn", "math", "fill", "loss", "utility", "db")
+# The original families first (their order is docs/ops.md's); families added later follow by name.
+_FIRST = ("nn", "math", "fill", "loss", "utility", "db")
+_NOT_FAMILIES = {"registry"}
+
+
+def _family_names():
+    found = {m.name for m in pkgutil.iter_modules(__path__)
+             if not m.name.startswith("_") and m.name not in _NOT_FAMILIES and not m.ispkg}
+    return tuple(n for n in _FIRST if n in found) + tuple(sorted(found - set(_FIRST)))
+
+
+FAMILY_NAMES = _family_names()
 
 
 def load_families():
