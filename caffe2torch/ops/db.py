@@ -13,7 +13,7 @@ from caffe2torch.ops.registry import NO_GRADIENT, register_op
 from caffe2torch.proto import caffe2_pb2
 
 
-@register_op("CreateDB", gradient=NO_GRADIENT)
+@register_op("CreateDB", gradient=NO_GRADIENT, side_effects=True)
 def create_db(ctx, inputs):
     """Open database ``db`` of type ``db_type`` for reading; the output is a DBReader."""
     if "db_type" not in ctx.args:
@@ -121,7 +121,7 @@ class _Prefetcher:
         self._pending = None
 
 
-@register_op("TensorProtosDBInput", gradient=NO_GRADIENT)
+@register_op("TensorProtosDBInput", gradient=NO_GRADIENT, side_effects=True)
 def tensor_protos_db_input(ctx, inputs):
     """Read ``batch_size`` TensorProtos records from a DBReader: output i is [B]+protos[i].dims."""
     reader = inputs[0]
@@ -152,7 +152,7 @@ def _strip(name, prefix):
     return name[pos + len(prefix):] if pos >= 0 else name
 
 
-@register_op("Save", gradient=NO_GRADIENT, cpu_only_inputs=True)
+@register_op("Save", gradient=NO_GRADIENT, cpu_only_inputs=True, side_effects=True)
 def save(ctx, inputs):
     """Write the input blobs to a new database ``db`` (keys ``<name>#%<chunk>``)."""
     db_type = ctx.require("db_type")
@@ -252,7 +252,7 @@ class _LoadState:
             self.done[name] = (chunks.value(), device)
 
 
-@register_op("Load", gradient=NO_GRADIENT)
+@register_op("Load", gradient=NO_GRADIENT, side_effects=True)
 def load(ctx, inputs):
     """Load blobs from databases (or DBReader inputs); chunks are assembled by segment."""
     load_all = ctx.arg("load_all", 0)

@@ -15,9 +15,11 @@ _REGISTRY = {}
 class OpSchema:
     """What the registry knows about one op type."""
 
-    __slots__ = ("type", "forward", "gradient", "setup", "family", "doc", "cpu_only_inputs")
+    __slots__ = ("type", "forward", "gradient", "setup", "family", "doc", "cpu_only_inputs",
+                 "data_dependent", "side_effects")
 
-    def __init__(self, op_type, forward, gradient, setup, family, doc, cpu_only_inputs):
+    def __init__(self, op_type, forward, gradient, setup, family, doc, cpu_only_inputs,
+                 data_dependent=False, side_effects=False):
         self.type = op_type
         self.forward = forward
         self.gradient = gradient
@@ -25,6 +27,10 @@ class OpSchema:
         self.family = family
         self.doc = doc
         self.cpu_only_inputs = cpu_only_inputs
+        # Output sizes that depend on input values (not only on input shapes), e.g. NMS.
+        self.data_dependent = data_dependent
+        # The op reads or writes something outside its blobs: files, DBs, queues, counters.
+        self.side_effects = side_effects
 
     @property
     def differentiable(self):
@@ -32,12 +38,15 @@ class OpSchema:
         return self.gradient is not None and self.gradient != NO_GRADIENT
 
 
-def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False):
+def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False, data_dependent=False,
+                side_effects=False):
     """Decorator: register ``fn`` as the forward of Caffe2 op ``op_type``.
 
     ``gradient``: a gradient maker, ``NO_GRADIENT``, or None (the op has no gradient yet; asking
     for one raises). ``setup(ctx)`` runs once when a net is prepared (open files, parse args).
     ``cpu_only_inputs``: inputs stay where they are (e.g. the CPU iteration counter).
+    ``data_dependent``: output sizes depend on input values, not only shapes (export needs this).
+    ``side_effects``: the op touches state outside its blobs (files, DBs, queues, counters).
     """
 
     def deco(fn):
@@ -46,7 +55,8 @@ def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False):
         doc = (fn.__doc__ or "").strip().splitlines()
         family = fn.__module__.rsplit(".", 1)[-1]
         _REGISTRY[op_type] = OpSchema(op_type, fn, gradient, setup, family,
-                                      doc[0] if doc else "", cpu_only_inputs)
+                                      doc[0] if doc else "", cpu_only_inputs,
+                                      data_dependent, side_effects)
         return fn
 
     return deco

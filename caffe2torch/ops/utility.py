@@ -126,7 +126,8 @@ def _iter_setup(ctx):
                          f"input {ctx.input_names[-1]!r}, e.g. Iter(['iter'], ['iter'])")
 
 
-@register_op("Iter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True)
+@register_op("Iter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True,
+             side_effects=True)
 def iter_op(ctx, inputs):
     """Add 1 to the int64 counter in place (so the first run gives 1); the counter stays on CPU."""
     if not inputs:
@@ -155,7 +156,8 @@ def create_mutex(ctx, inputs):
     return [_Mutex()]
 
 
-@register_op("AtomicIter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True)
+@register_op("AtomicIter", gradient=NO_GRADIENT, setup=_iter_setup, cpu_only_inputs=True,
+             side_effects=True)
 def atomic_iter(ctx, inputs):
     """(mutex, iter) -> iter: Iter under the mutex (build_sgd's iteration counter)."""
     mutex, counter = inputs
@@ -283,7 +285,8 @@ def format_print_line(name, value, limit=1000):
     return f"Tensor {name} of type {type_name}. Dims: ({dims}): " + ",".join(values)
 
 
-@register_op("Print", gradient=NO_GRADIENT, setup=_print_setup, cpu_only_inputs=True)
+@register_op("Print", gradient=NO_GRADIENT, setup=_print_setup, cpu_only_inputs=True,
+             side_effects=True)
 def print_op(ctx, inputs):
     """Print the blob (to_file=1: append to <root>/<blob>.log); limit values, every_n runs."""
     state = ctx.state["print"]
@@ -319,7 +322,7 @@ def summary_stats(x):
     return [float(v) for v in stats.cpu().tolist()]
 
 
-@register_op("Summarize", gradient=NO_GRADIENT, setup=_summarize_setup)
+@register_op("Summarize", gradient=NO_GRADIENT, setup=_summarize_setup, side_effects=True)
 def summarize(ctx, inputs):
     """Append 'min max mean std' (to_file=1: <root>/<blob, / → #>.summary); optional output [4]."""
     stats = summary_stats(inputs[0])
