@@ -26,11 +26,40 @@ def _acquire_readonly(path):
     with _shared_lock:
         entry = _shared.get(key)
         if entry is None:
-            env = lmdb.open(path, map_size=MAP_SIZE, readonly=True, lock=False, subdir=True,
-                            create=False)
+            env = _open_existing(path, readonly=True, lock=False, create=False)
+            try:
+                check_complete(env, path)
+            except ValueError:
+                env.close()
+                raise
             entry = _shared[key] = [env, 0]
         entry[1] += 1
         return entry[0]
+
+
+def check_complete(env, path):
+    """Raise ValueError when data.mdb is shorter than the pages its meta page says it has.
+
+    LMDB maps the file and trusts it: reading a page past the end of a cut-off file kills the
+    process with SIGBUS, which no ``except`` catches. The meta page (at the file's start) names the
+    last page in use, so the size the file must have is known before any data page is touched.
+    """
+    data = os.path.join(path, "data.mdb")
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(data)
+    if have < need:
+        raise ValueError(f"lmdb {data!r} is damaged: the file has {have} bytes but its pages need "
+                         f"{need} (cut short by a full disk or an unfinished copy?); rebuild or "
+                         "copy the database again")
+
+
+def _open_existing(path, **kwargs):
+    """lmdb.open on an existing folder, with LMDB's own refusals turned into one clear line."""
+    try:
+        return lmdb.open(path, map_size=MAP_SIZE, subdir=True, **kwargs)
+    except lmdb.Error as e:
+        raise ValueError(f"lmdb {os.path.join(path, 'data.mdb')!r} cannot be opened ({e}); "
+                         "rebuild or copy the database again") from None
 
 
 def _release_readonly(path):
@@ -127,7 +156,14 @@ class LMDB(DB):
             self._tmp = temp_path_beside(self.path)
             self._env = lmdb.open(self._tmp, map_size=MAP_SIZE, subdir=True)
         elif mode == "write":
+            existing = os.path.isfile(os.path.join(self.path, "data.mdb"))
             self._env = lmdb.open(self.path, map_size=MAP_SIZE, subdir=True)
+            if existing:
+                try:
+                    check_complete(self._env, self.path)
+                except ValueError:
+                    self._env.close()
+                    raise
         else:
             raise ValueError(f"unknown db mode {mode!r}: use 'new', 'write' or 'read'")
 
