@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from caffe2torch import limits
 from caffe2torch.proto import caffe2_pb2
 
 TP = caffe2_pb2.TensorProto
@@ -179,9 +180,12 @@ class TensorChunks:
         self.name = name
         self.dims = tuple(proto.dims)
         self.data_type = proto.data_type
-        self.total = math.prod(self.dims)
+        dtype = numpy_dtype(self.data_type)
+        # dims come from the file: check them before allocating (a forged [1e6, 1e6] would
+        # otherwise ask for terabytes).
+        self.total = limits.check_blob_size(self.dims, dtype.itemsize, f"blob {name!r}")
         self.loaded = 0
-        self.array = np.empty(self.total, dtype=numpy_dtype(self.data_type))
+        self.array = np.empty(self.total, dtype=dtype)
 
     def add(self, proto):
         """Copy one chunk's values into place."""

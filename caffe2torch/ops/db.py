@@ -9,6 +9,7 @@ import torch
 
 from caffe2torch.db import DBReader, open_db
 from caffe2torch.db import serialize
+from caffe2torch import limits
 from caffe2torch.ops.registry import NO_GRADIENT, register_op
 from caffe2torch.proto import caffe2_pb2
 
@@ -156,7 +157,8 @@ def _strip(name, prefix):
 def save(ctx, inputs):
     """Write the input blobs to a new database ``db`` (keys ``<name>#%<chunk>``)."""
     db_type = ctx.require("db_type")
-    path = _db_path(ctx, ctx.require("db"))
+    path = limits.writable_path(ctx.root_folder, _db_path(ctx, ctx.require("db")),
+                                f"operator Save (db {ctx.require('db')!r})")
     names = ctx.arg("blob_name_overrides") or [
         _strip(n, ctx.arg("strip_prefix", "")) for n in ctx.input_names]
     if len(names) != len(inputs):
@@ -227,7 +229,12 @@ class _LoadState:
             if self.wanted is None or name in self.wanted:
                 if self.db_of.setdefault(name, db_index) != db_index:
                     raise ValueError(f"Load: blob {name!r} is in more than one db")
-                self.add(name, serialize.parse_blob(cursor.value(), f"record {key!r} of {where}"))
+                record = f"record {key!r} of {where}"
+                blob = serialize.parse_blob(cursor.value(), record)
+                try:
+                    self.add(name, blob)
+                except ValueError as e:
+                    raise ValueError(f"{e} ({record})") from None
                 if self.wanted is not None and len(self.done) == len(self.wanted):
                     return  # Caffe2 stops on the last needed record, without advancing
             cursor.next()

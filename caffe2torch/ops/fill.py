@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from caffe2torch import limits
 from caffe2torch.ops.registry import NO_GRADIENT, register_op
 from caffe2torch.ops.utility import data_type, torch_dtype
 from caffe2torch.proto import caffe2_pb2
@@ -34,8 +35,15 @@ def _shape_setup(ctx):
     ctx.state["shape"] = (tuple(int(d) for d in shape), tuple(int(d) for d in extra), as_shape)
 
 
-def fill_shape(ctx, inputs):
-    """The output shape for this run."""
+def fill_shape(ctx, inputs, itemsize=4):
+    """The output shape for this run, checked against caffe2torch.limits before any allocation."""
+    shape = _shape(ctx, inputs)
+    limits.check_blob_size(shape, itemsize,
+                           f"operator {ctx.op.type} (output {ctx.output_names[0]!r})")
+    return shape
+
+
+def _shape(ctx, inputs):
     shape, extra, as_shape = ctx.state["shape"]
     if not inputs:
         return shape
@@ -76,7 +84,7 @@ def _constant_setup(ctx):
 def constant_fill(ctx, inputs):
     """Y = ``value`` everywhere; dtype from ``dtype``, else inferred (float → FLOAT, int → INT64)."""
     dtype, value = ctx.state["fill"]
-    shape = fill_shape(ctx, inputs)
+    shape = fill_shape(ctx, inputs, 8 if dtype is None else dtype.itemsize)
     if dtype is None:
         out = np.empty(shape, dtype=object)
         out.fill(value)

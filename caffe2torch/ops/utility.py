@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import torch
 
+from caffe2torch import limits
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 from caffe2torch.proto import caffe2_pb2
 
@@ -263,7 +264,9 @@ def _print_setup(ctx):
         raise ValueError(f"operator Print: every_n must be >= 1, got {every_n}")
     ctx.state["print"] = [limit or 1000, every_n, 0]  # limit, every_n, runs modulo every_n
     if ctx.arg("to_file", 0):
-        ctx.state["file"] = _LineFile(os.path.join(ctx.root_folder, ctx.input_names[0] + ".log"))
+        ctx.state["file"] = _LineFile(limits.writable_path(
+            ctx.root_folder, ctx.input_names[0] + ".log", f"operator Print (to_file=1, blob "
+            f"{ctx.input_names[0]!r})"))
 
 
 def format_print_line(name, value, limit=1000):
@@ -309,7 +312,8 @@ def print_op(ctx, inputs):
 def _summarize_setup(ctx):
     if ctx.arg("to_file", 0):
         name = ctx.input_names[0].replace("/", "#") + ".summary"
-        ctx.state["file"] = _LineFile(os.path.join(ctx.root_folder, name))
+        ctx.state["file"] = _LineFile(limits.writable_path(
+            ctx.root_folder, name, f"operator Summarize (to_file=1, blob {ctx.input_names[0]!r})"))
 
 
 def summary_stats(x):

@@ -16,7 +16,9 @@ reader) and the predict net, plus the blob lists. Files written by real Caffe2 (
     workspace.RunNet(predict_net)
 """
 import collections
+import os
 
+from caffe2torch import limits
 from caffe2torch.proto import caffe2_pb2, metanet_pb2
 from caffe2torch.python import core, scope, workspace
 from caffe2torch.python.predictor import predictor_py_utils as utils
@@ -135,7 +137,9 @@ def save_to_db(db_type, db_destination, predictor_export_meta):
     blobs_to_save = [predictor_constants.META_NET_DEF] + predictor_export_meta.parameters
     op = core.CreateOperator("Save", blobs_to_save, [], absolute_path=True,
                              db=db_destination, db_type=db_type)
-    workspace.RunOperatorOnce(op)
+    # The caller chose this destination: Save may write there even outside the workspace root.
+    with limits.allow_writes_under(os.path.dirname(os.path.abspath(db_destination))):
+        workspace.RunOperatorOnce(op)
 
 
 def load_from_db(filename, db_type, device_option=None):
@@ -180,8 +184,12 @@ def prepare_prediction_net(filename, db_type, device_option=None):
         raise ValueError(f"{filename}: its MetaNetDef has no net {missing}; it was saved with a "
                          "PredictorExportMeta name, so use load_from_db and utils.GetNet with "
                          "the suffixed keys")
-    workspace.RunNetOnce(global_init_net)
-    workspace.RunNetOnce(predict_init_net)
-    predict_net = core.Net(predict_net)
-    workspace.CreateNet(predict_net)
+    # The file is untrusted data: any failure of its nets names the file it came from.
+    try:
+        workspace.RunNetOnce(global_init_net)
+        workspace.RunNetOnce(predict_init_net)
+        predict_net = core.Net(predict_net)
+        workspace.CreateNet(predict_net)
+    except (ValueError, RuntimeError) as e:
+        raise type(e)(f"predictor {filename!r}: {e}") from e
     return predict_net
