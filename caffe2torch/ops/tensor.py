@@ -293,15 +293,17 @@ def slice_gradient(ctx, inputs):
 # --- Gather, BatchGather, SparseToDense ---------------------------------------------------------
 
 def _gather_grad(op, g_output):
-    """SparseToDense(indices, dY, data) -> d_data (axis 0); BatchGatherGradient for axis > 0."""
+    """SparseToDense(indices, dY, data) -> d_data (axis 0); else BatchGatherGradient(data, indices, dY)."""
     axis = [a.i for a in op.arg if a.name == "axis"]
     axis = axis[0] if axis else (1 if op.type == "BatchGather" else 0)
+    wrap = any(a.name == "wrap_indices" and a.i for a in op.arg)
     g = grad_name(op.input[0])
-    if axis == 0:
+    if axis == 0 and not wrap:
         return [gradient_op(op, "SparseToDense", [op.input[1], g_output[0], op.input[0]], [g],
                             copy_args=False)], [g, None]
+    # SparseToDense cannot wrap negative indices: BatchGatherGradient (with wrap_indices) can.
     return [gradient_op(op, "BatchGatherGradient", [op.input[0], op.input[1], g_output[0]], [g],
-                        copy_args=False, axis=axis)], [g, None]
+                        copy_args=wrap, axis=axis)], [g, None]
 
 
 def _gather_setup(ctx):
@@ -441,6 +443,8 @@ def _clip_setup(ctx):
 def clip(ctx, inputs):
     """Y = X limited to [min, max] (each side unbounded when its argument is not set)."""
     low, high = ctx.state["clip"]
+    if low is None and high is None:
+        return [inputs[0].clone()]
     return [torch.clamp(inputs[0], low, high)]
 
 
