@@ -124,10 +124,14 @@ def _pow_grad(op, g_output):
     gx = grad_name(x)
     if "exponent" in args:
         e = args["exponent"].f if args["exponent"].HasField("f") else float(args["exponent"].i)
+        power = e - 1.0
         if x == y:
-            raise ValueError(f"the gradient of Pow({x!r}, exponent={e}) in place is not "
-                             "supported: write Y to another blob")
-        return [gradient_op(op, "Pow", [x], [gx], copy_args=False, exponent=e - 1.0),
+            # In place, X now holds Y = X^e: Caffe2 takes Y^((e − 1)/e) (less precise).
+            if abs(e) <= 1e-12:
+                raise ValueError(f"the gradient of Pow({x!r}, exponent={e}) in place needs a "
+                                 "non-zero exponent")
+            power = (e - 1.0) / e
+        return [gradient_op(op, "Pow", [x], [gx], copy_args=False, exponent=power),
                 gradient_op(op, "Mul", [gx, dy], [gx], copy_args=False),
                 gradient_op(op, "Scale", [gx], [gx], copy_args=False, scale=e)], [gx]
     exponent = op.input[1]
@@ -519,3 +523,95 @@ def dot_product_with_padding_gradient(ctx, inputs):
     """(X, Y, dZ) -> (dX, dY) of DotProductWithPadding."""
     x, y, dz = inputs
     return vjp(lambda a, b: _dot_with_padding(ctx, a, b), [x, y], dz.reshape(-1))
+
+
+# --- More unary math (Caffe2's elementwise family) ----------------------------------------------
+
+_unary("Cube", lambda ctx, x: x * x * x, "Y = X³.", _maker("CubeGradient", "dY,X"))
+_grad_op("CubeGradient", lambda ctx, dy, x: 3 * dy * x * x, "(dY, X) -> dX = 3X²·dY.")
+_unary("Cbrt", lambda ctx, x: torch.sign(x) * torch.abs(x) ** (1 / 3), "Y = ∛X.",
+       _maker("CbrtGradient", "dY,Y"))
+_grad_op("CbrtGradient", lambda ctx, dy, y: dy / (3 * y * y), "(dY, Y) -> dX = dY / (3Y²).")
+_unary("Tan", lambda ctx, x: torch.tan(x), "Y = tan(X).", _maker("TanGradient", "X,dY"))
+_grad_op("TanGradient", lambda ctx, x, dy: dy / torch.cos(x) ** 2, "(X, dY) -> dX = dY / cos²(X).")
+_unary("Asin", lambda ctx, x: torch.asin(x), "Y = arcsin(X).", _maker("AsinGradient", "X,dY"))
+_grad_op("AsinGradient", lambda ctx, x, dy: dy * torch.rsqrt(1 - x * x),
+         "(X, dY) -> dX = dY / √(1 − X²).")
+_unary("Acos", lambda ctx, x: torch.acos(x), "Y = arccos(X).", _maker("AcosGradient", "X,dY"))
+_grad_op("AcosGradient", lambda ctx, x, dy: -dy * torch.rsqrt(1 - x * x),
+         "(X, dY) -> dX = −dY / √(1 − X²).")
+_unary("Atan", lambda ctx, x: torch.atan(x), "Y = arctan(X).", _maker("AtanGradient", "X,dY"))
+_grad_op("AtanGradient", lambda ctx, x, dy: dy / (1 + x * x), "(X, dY) -> dX = dY / (1 + X²).")
+_unary("Sinh", lambda ctx, x: torch.sinh(x), "Y = sinh(X).", _maker("SinhGradient", "dY,X"))
+_grad_op("SinhGradient", lambda ctx, dy, x: dy * torch.cosh(x), "(dY, X) -> dX = cosh(X)·dY.")
+_unary("Cosh", lambda ctx, x: torch.cosh(x), "Y = cosh(X).", _maker("CoshGradient", "dY,X"))
+_grad_op("CoshGradient", lambda ctx, dy, x: dy * torch.sinh(x), "(dY, X) -> dX = sinh(X)·dY.")
+_unary("Log1p", lambda ctx, x: torch.log1p(x), "Y = ln(1 + X).", _maker("Log1pGradient", "X,dY"))
+_grad_op("Log1pGradient", lambda ctx, x, dy: dy / (1 + x), "(X, dY) -> dX = dY / (1 + X).")
+
+
+def _eps_setup(ctx):
+    ctx.state["eps"] = float(ctx.arg("eps", 1e-6))
+
+
+def _logit_gradient(ctx, x, dy):
+    eps = ctx.state["eps"]
+    inside = (x >= eps) & (x <= 1 - eps)
+    return torch.where(inside, dy / (x * (1 - x)), torch.zeros_like(dy))
+
+
+_unary("Logit", lambda ctx, x: torch.logit(x, ctx.state["eps"]),
+       "Y = ln(X / (1 − X)) with X clamped to [eps, 1 − eps] (eps default 1e-6).",
+       _maker("LogitGradient", "X,dY"), _eps_setup)
+_grad_op("LogitGradient", _logit_gradient,
+         "(X, dY) -> dX = dY / (X(1 − X)) inside [eps, 1 − eps], else 0.", _eps_setup)
+
+
+def _relu_n_setup(ctx):
+    n = float(ctx.arg("n", 6.0))
+    if n <= 0:
+        raise ValueError(f"operator {ctx.op.type}: n must be positive, got {n}")
+    ctx.state["n"] = n
+
+
+_unary("ReluN", lambda ctx, x: torch.clamp(x, 0, ctx.state["n"]),
+       "Y = min(max(X, 0), n) (``n`` default 6).", _maker("ReluNGradient", "Y,dY"), _relu_n_setup)
+_grad_op("ReluNGradient", lambda ctx, y, dy: dy * ((y > 0) & (y < ctx.state["n"])),
+         "(Y, dY) -> dX = dY where 0 < Y < n, else 0.", _relu_n_setup)
+
+
+# --- Integer ops: Mod, bitwise ------------------------------------------------------------------
+
+def _mod_setup(ctx):
+    divisor = int(ctx.require("divisor"))
+    if divisor == 0:
+        raise ValueError("operator Mod: divisor must not be 0")
+    ctx.state["mod"] = (divisor, bool(ctx.arg("sign_follow_divisor", 0)))
+
+
+@register_op("Mod", gradient=NO_GRADIENT, setup=_mod_setup)
+def mod(ctx, inputs):
+    """Y = X mod ``divisor`` (ints); the sign follows X unless sign_follow_divisor=1."""
+    x = inputs[0]
+    if x.is_floating_point():
+        raise ValueError(f"operator Mod takes int32/int64 tensors, got {x.dtype}")
+    divisor, follow = ctx.state["mod"]
+    return [torch.remainder(x, divisor) if follow else torch.fmod(x, divisor)]
+
+
+def _bitwise(op_type, fn, symbol):
+    def forward(ctx, inputs):
+        a, b = inputs
+        if a.is_floating_point() or b.is_floating_point():
+            raise ValueError(f"operator {op_type} takes integer or bool tensors, got {a.dtype} "
+                             f"and {b.dtype}")
+        b_shape = _b_shape(ctx, a, b)
+        return [fn(a, b if b_shape == b.shape else b.reshape(b_shape))]
+    forward.__doc__ = f"C = A {symbol} B bitwise (ints or bools), broadcasting like Add."
+    forward.__name__ = op_type
+    register_op(op_type, gradient=NO_GRADIENT, setup=_broadcast_setup)(forward)
+
+
+_bitwise("BitwiseAnd", torch.bitwise_and, "&")
+_bitwise("BitwiseOr", torch.bitwise_or, "|")
+_bitwise("BitwiseXor", torch.bitwise_xor, "^")

@@ -209,3 +209,65 @@ def _arg_extreme(op_type, fn, what):
 
 _arg_extreme("ArgMax", torch.argmax, "max")
 _arg_extreme("ArgMin", torch.argmin, "min")
+
+
+# --- SumElements, RowwiseMax, ColwiseMax --------------------------------------------------------
+
+def _sum_elements_grad(op, g_output):
+    """SumElementsGradient(X, dY) -> dX."""
+    g = grad_name(op.input[0])
+    return [gradient_op(op, "SumElementsGradient", [op.input[0], g_output[0]], [g])], [g]
+
+
+@register_op("SumElements", gradient=_sum_elements_grad)
+def sum_elements(ctx, inputs):
+    """Y = Σ X as a 0-d tensor; average=1 gives the mean."""
+    x = inputs[0]
+    return [x.mean() if ctx.arg("average", 0) else x.sum()]
+
+
+@register_op("SumElementsGradient")
+def sum_elements_gradient(ctx, inputs):
+    """(X, dY) -> dX = dY (divided by the count with average=1) everywhere."""
+    x, dy = inputs
+    scale = 1.0 / x.numel() if ctx.arg("average", 0) else 1.0
+    return [(dy.reshape(()) * scale).expand(x.shape).contiguous()]
+
+
+@register_op("SumElementsInt", gradient=NO_GRADIENT)
+def sum_elements_int(ctx, inputs):
+    """Y = Σ X of an int32 tensor as a 0-d int32."""
+    x = inputs[0]
+    if x.dtype != torch.int32:
+        raise ValueError(f"operator SumElementsInt takes an int32 tensor, got {x.dtype}")
+    return [x.sum(dtype=torch.int32)]
+
+
+def _wise_max(op_type, axis):
+    def forward(ctx, inputs):
+        x = inputs[0]
+        if x.dim() != 3:
+            raise ValueError(f"operator {op_type} takes a 3-D [batch, M, N] tensor, got shape "
+                             f"{tuple(x.shape)}")
+        return [x.amax(axis)]
+    forward.__doc__ = (f"Y = max of 3-D X [batch, M, N] over {'N' if axis == 2 else 'M'}: "
+                       f"[batch, {'M' if axis == 2 else 'N'}].")
+    forward.__name__ = op_type
+
+    def backward(ctx, inputs):
+        x, y, dy = inputs
+        return [dy.unsqueeze(axis) * (x == y.unsqueeze(axis))]
+    backward.__doc__ = "(X, Y, dY) -> dX = dY where X is its row's max (every tie), else 0."
+    backward.__name__ = op_type + "Gradient"
+
+    def maker(op, g_output):
+        g = grad_name(op.input[0])
+        return [gradient_op(op, op_type + "Gradient", [op.input[0], op.output[0], g_output[0]],
+                            [g])], [g]
+    maker.__doc__ = f"{op_type}Gradient(X, Y, dY) -> dX."
+    register_op(op_type, gradient=maker)(forward)
+    register_op(op_type + "Gradient")(backward)
+
+
+_wise_max("RowwiseMax", 2)
+_wise_max("ColwiseMax", 1)

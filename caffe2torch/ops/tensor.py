@@ -637,3 +637,84 @@ def resize_nearest_gradient(ctx, inputs):
         dx.index_add_(1, rows, dy)
         return [dy.new_zeros(x.shape).index_add_(2, cols, dx)]
     return [_nearest_grad(dy, tuple(x.shape), rows, cols)]
+
+
+# --- Expand, TopK, Range ------------------------------------------------------------------------
+
+def _expand_grad(op, g_output):
+    """ExpandGradient(dY, X) -> dX."""
+    g = grad_name(op.input[0])
+    return [gradient_op(op, "ExpandGradient", [g_output[0], op.input[0]], [g])], [g, None]
+
+
+@register_op("Expand", gradient=_expand_grad, cpu_only_inputs=True)
+def expand(ctx, inputs):
+    """(X, shape) -> X broadcast against ``shape`` both ways (numpy rules; dims <= 0 count as 1)."""
+    x = inputs[0].to(ctx.device)
+    dims = [d if d > 0 else 1 for d in _ints(inputs[1])]
+    try:
+        out = torch.broadcast_shapes(tuple(x.shape), tuple(dims))
+    except RuntimeError:
+        raise ValueError(f"operator Expand: X {tuple(x.shape)} does not broadcast to shape "
+                         f"{dims}") from None
+    return [x.expand(out).contiguous() if out != x.shape else x.clone()]
+
+
+@register_op("ExpandGradient")
+def expand_gradient(ctx, inputs):
+    """(dY, X) -> dX: dY summed back to X's shape."""
+    dy, x = inputs
+    return [dy.sum_to_size(x.shape).contiguous()]
+
+
+def _top_k_grad(op, g_output):
+    """TopKGradient(dValues, Indices, X) -> dX."""
+    if len(op.output) < 2:
+        raise ValueError("the gradient of TopK needs its Indices output: give TopK two outputs")
+    g = grad_name(op.input[0])
+    return [gradient_op(op, "TopKGradient", [g_output[0], op.output[1], op.input[0]], [g])], [g]
+
+
+def _top_k_setup(ctx):
+    k = int(ctx.require("k"))
+    if k < 1:
+        raise ValueError(f"operator {ctx.op.type}: k must be >= 1, got {k}")
+    ctx.state["top_k"] = (k, int(ctx.arg("axis", -1)))
+
+
+@register_op("TopK", gradient=_top_k_grad, setup=_top_k_setup)
+def top_k(ctx, inputs):
+    """(X) -> (Values, Indices int64[, FlattenIndices]): the k largest along ``axis``, ties by index."""
+    x = inputs[0]
+    k, axis = ctx.state["top_k"]
+    axis = _canonical_axis(ctx, axis, x.dim())
+    if k > x.shape[axis]:
+        raise ValueError(f"operator TopK: k={k} exceeds dim {axis} of size {x.shape[axis]}")
+    # A stable descending sort: among equal values the smaller index comes first, as in Caffe2.
+    values, indices = torch.sort(x, dim=axis, descending=True, stable=True)
+    values, indices = values.narrow(axis, 0, k).contiguous(), indices.narrow(axis, 0, k).contiguous()
+    outputs = [values, indices]
+    if len(ctx.output_names) > 2:
+        positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+        outputs.append(positions.gather(axis, indices).reshape(-1))
+    return outputs
+
+
+@register_op("TopKGradient", setup=_top_k_setup)
+def top_k_gradient(ctx, inputs):
+    """(dValues, Indices, X) -> dX: each value's gradient back at its position, 0 elsewhere."""
+    dv, indices, x = inputs
+    axis = _canonical_axis(ctx, ctx.state["top_k"][1], x.dim())
+    return [dv.new_zeros(x.shape).scatter_(axis, indices, dv)]
+
+
+@register_op("Range", gradient=NO_GRADIENT, cpu_only_inputs=True, data_dependent=True)
+def range_op(ctx, inputs):
+    """(stop) or (start, stop[, step]) scalars -> [start, start + step, ...) of their type."""
+    if not 1 <= len(inputs) <= 3:
+        raise ValueError(f"operator Range takes 1 to 3 scalar inputs, got {len(inputs)}")
+    values = [x.reshape(()).item() for x in inputs]
+    start, stop, step = ([0] + values + [1])[:3] if len(values) == 1 else (values + [1])[:3]
+    if step == 0:
+        raise ValueError("operator Range: step must not be 0")
+    return [torch.arange(start, stop, step, dtype=inputs[0].dtype, device=ctx.device)]

@@ -47,6 +47,19 @@ UNARY = [  # op, args, torch reference, (low, high) of the inputs, differentiabl
     ("Pow", dict(exponent=3.0), lambda x: x ** 3, (-2, 2), True),
     ("Pow", dict(exponent=0.5), torch.sqrt, (0.5, 2), True),
     ("Pow", dict(exponent=-2.0), lambda x: x ** -2, (0.5, 2), True),
+    ("Cube", {}, lambda x: x ** 3, (-2, 2), True),
+    ("Cbrt", {}, lambda x: torch.sign(x) * x.abs() ** (1 / 3), (0.2, 2), True),
+    ("Tan", {}, torch.tan, (-1, 1), True),
+    ("Asin", {}, torch.asin, (-0.9, 0.9), True),
+    ("Acos", {}, torch.acos, (-0.9, 0.9), True),
+    ("Atan", {}, torch.atan, (-3, 3), True),
+    ("Sinh", {}, torch.sinh, (-2, 2), True),
+    ("Cosh", {}, torch.cosh, (-2, 2), True),
+    ("Log1p", {}, torch.log1p, (-0.5, 2), True),
+    ("Logit", {}, torch.logit, (0.05, 0.95), True),
+    ("Logit", dict(eps=0.1), lambda x: torch.logit(x, 0.1), (0.2, 0.8), True),
+    ("ReluN", {}, lambda x: torch.clamp(x, 0, 6), (-8, 8), True),
+    ("ReluN", dict(n=1.5), lambda x: torch.clamp(x, 0, 1.5), (-3, 3), True),
 ]
 
 
@@ -241,3 +254,31 @@ def test_exp_log_gradients_are_caffe2s_ops():
     workspace.RunNetOnce(net)
     np.testing.assert_allclose(workspace.FetchBlob("x_grad"), 0.5 / np.sqrt(x), rtol=1e-12)
     assert math.isclose(float(workspace.FetchBlob("s")[0]), math.sqrt(x[0]), rel_tol=1e-12)
+
+
+def test_pow_in_place_gradient_follows_caffe2():
+    """In place, Caffe2's Pow gradient takes Y^((e − 1)/e) = X^(e − 1) (positive X)."""
+    check_op("Pow", {"X": rand(3, 4, low=0.5, high=2)}, ["X"], dict(exponent=3.0),
+             lambda x: x ** 3)
+
+
+def test_logit_clamps_to_eps():
+    check_op("Logit", {"X": np.array([0.0, 0.5, 1.0])}, ["Y"], dict(eps=0.01),
+             lambda x: torch.logit(x, 0.01), grad=False)
+
+
+@pytest.mark.parametrize("follow", [0, 1])
+def test_mod(follow):
+    x = np.array([-7, -3, 0, 4, 9], np.int64)
+    expected = np.mod(x, 4) if follow else np.fmod(x, 4)
+    check_op("Mod", {"X": x}, ["Y"], dict(divisor=4, sign_follow_divisor=follow),
+             lambda t: torch.tensor(expected), grad=False)
+
+
+@pytest.mark.parametrize("op_type, fn", [("BitwiseAnd", torch.bitwise_and),
+                                         ("BitwiseOr", torch.bitwise_or),
+                                         ("BitwiseXor", torch.bitwise_xor)])
+def test_bitwise(op_type, fn):
+    a = np.arange(12, dtype=np.int32).reshape(3, 4)
+    b = np.array([1, 2, 4, 7], np.int32)
+    check_op(op_type, {"A": a, "B": b}, ["C"], {}, fn, grad=False)

@@ -109,3 +109,16 @@ def test_arg_max_takes_the_first_of_ties():
     workspace.RunOperatorOnce(core.CreateOperator("ArgMax", ["X"], ["Y"]))
     assert workspace.FetchBlob("Y").tolist() == [[1]]
     assert math.prod(workspace.FetchBlob("Y").shape) == 1
+
+
+@pytest.mark.parametrize("average", [0, 1])
+def test_sum_elements(average):
+    check_op("SumElements", {"X": rand(3, 4)}, ["Y"], dict(average=average),
+             lambda x: x.mean() if average else x.sum())
+    check_op("SumElementsInt", {"X": np.arange(6, dtype=np.int32)}, ["Y"], {},
+             lambda x: torch.tensor(15, dtype=torch.int32), grad=False)
+
+
+@pytest.mark.parametrize("op_type, axis", [("RowwiseMax", 2), ("ColwiseMax", 1)])
+def test_rowwise_and_colwise_max(op_type, axis):
+    check_op(op_type, {"X": rand(2, 3, 4)}, ["Y"], {}, lambda x: x.amax(axis))

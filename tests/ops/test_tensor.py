@@ -257,3 +257,41 @@ def test_resize_nearest(hs, ws, order):
              dict(height_scale=hs, width_scale=ws, order=order), reference)
     check_op("ResizeNearest", {"X": rand(*shape), "scales": np.array([hs, ws], np.float32)},
              ["Y"], dict(order=order), lambda x, s: reference(x), no_grad_inputs=("scales",))
+
+
+@pytest.mark.parametrize("x_shape, shape, out", [
+    ((3, 1), [3, 4], (3, 4)), ((3, 1), [2, 1, 4], (2, 3, 4)), ((1, 4), [-1, 4], (1, 4)),
+    ((2, 3), [3], (2, 3))])
+def test_expand(x_shape, shape, out):
+    check_op("Expand", {"X": rand(*x_shape), "shape": np.array(shape, np.int64)}, ["Y"], {},
+             lambda x, s: x.expand(out) * 1.0)
+
+
+@pytest.mark.parametrize("shape, k, axis", [((3, 5), 2, -1), ((4, 3), 4, 0), ((2, 3, 4), 1, 1)])
+def test_top_k(shape, k, axis):
+    def reference(x):
+        values, indices = torch.sort(x, dim=axis, descending=True, stable=True)
+        return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+    check_op("TopK", {"X": rand(*shape)}, ["V", "I", "F"], dict(k=k, axis=axis), reference)
+    x = torch.from_numpy(rand(*shape))
+    flat = workspace.FetchBlob("F")
+    np.testing.assert_array_equal(x.reshape(-1)[torch.from_numpy(flat)].numpy(),
+                                  workspace.FetchBlob("V").reshape(-1))
+
+
+def test_top_k_ties_take_the_smaller_index_first():
+    workspace.FeedBlob("X", np.array([[1.0, 3.0, 2.0, 3.0]]))
+    workspace.RunOperatorOnce(core.CreateOperator("TopK", ["X"], ["V", "I"], k=3))
+    assert workspace.FetchBlob("I").tolist() == [[1, 3, 2]]
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([np.int32(5)], [0, 1, 2, 3, 4]), ([np.int64(2), np.int64(8), np.int64(3)], [2, 5]),
+    ([np.float32(1.0), np.float32(0.0), np.float32(-0.25)], [1.0, 0.75, 0.5, 0.25])])
+def test_range(values, expected):
+    names = [f"v{i}" for i in range(len(values))]
+    for name, value in zip(names, values):
+        workspace.FeedBlob(name, np.array(value))
+    workspace.RunOperatorOnce(core.CreateOperator("Range", names, ["Y"]))
+    out = workspace.FetchBlob("Y")
+    assert out.dtype == np.asarray(values[0]).dtype and out.tolist() == expected
