@@ -615,3 +615,39 @@ def _bitwise(op_type, fn, symbol):
 _bitwise("BitwiseAnd", torch.bitwise_and, "&")
 _bitwise("BitwiseOr", torch.bitwise_or, "|")
 _bitwise("BitwiseXor", torch.bitwise_xor, "^")
+
+
+# --- ElementwiseLinear --------------------------------------------------------------------------
+
+def _elementwise_linear_grad(op, g_output):
+    """ElementwiseLinearGradient(dY, X, a) -> (dX, da, db)."""
+    outs = [grad_name(n) for n in op.input]
+    return [gradient_op(op, "ElementwiseLinearGradient", [g_output[0], op.input[0], op.input[1]],
+                        outs)], outs
+
+
+def _linear_rows(ctx, x, d):
+    axis = int(ctx.arg("axis", 1))
+    axis = axis + x.dim() if axis < 0 else axis
+    x2 = x.reshape(math.prod(x.shape[:axis]), -1)
+    if x2.shape[1] != d:
+        raise ValueError(f"operator {ctx.op.type}: X {tuple(x.shape)} flattened at axis {axis} "
+                         f"has {x2.shape[1]} columns but a has {d} values")
+    return x2
+
+
+@register_op("ElementwiseLinear", gradient=_elementwise_linear_grad)
+def elementwise_linear(ctx, inputs):
+    """Y = X·a + b per column, X viewed [N, D] at ``axis`` (default 1), a and b of size D."""
+    x, a, b = inputs
+    return [torch.addcmul(b, _linear_rows(ctx, x, a.numel()), a).reshape(x.shape)]
+
+
+@register_op("ElementwiseLinearGradient")
+def elementwise_linear_gradient(ctx, inputs):
+    """(dY, X, a) -> (dX, da, db)."""
+    dy, x, a = inputs
+    x2 = _linear_rows(ctx, x, a.numel())
+    dy2 = dy.reshape(x2.shape)
+    return [(dy2 * a).reshape(x.shape), (dy2 * x2).sum(0).reshape(a.shape),
+            dy2.sum(0).reshape(a.shape)]

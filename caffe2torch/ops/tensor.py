@@ -718,3 +718,94 @@ def range_op(ctx, inputs):
     if step == 0:
         raise ValueError("operator Range: step must not be 0")
     return [torch.arange(start, stop, step, dtype=inputs[0].dtype, device=ctx.device)]
+
+
+# --- NCHW2NHWC / NHWC2NCHW ----------------------------------------------------------------------
+
+def _order_switch(op_type, back, to_nhwc):
+    def forward(ctx, inputs):
+        x = inputs[0]
+        if not 3 <= x.dim() <= 5:
+            raise ValueError(f"operator {op_type} takes 3-D to 5-D tensors (1 to 3 spatial dims), "
+                             f"got shape {tuple(x.shape)}")
+        perm = [0, *range(2, x.dim()), 1] if to_nhwc else [0, x.dim() - 1, *range(1, x.dim() - 1)]
+        return [x.permute(perm).contiguous()]
+    forward.__doc__ = ("Y = X from N C H.. to N H.. C order." if to_nhwc else
+                       "Y = X from N H.. C to N C H.. order.")
+    forward.__name__ = op_type
+
+    def maker(op, g_output):
+        g = grad_name(op.input[0])
+        return [gradient_op(op, back, [g_output[0]], [g])], [g]
+    maker.__doc__ = f"{back}(dY) -> dX."
+    register_op(op_type, gradient=maker)(forward)
+
+
+_order_switch("NCHW2NHWC", "NHWC2NCHW", True)
+_order_switch("NHWC2NCHW", "NCHW2NHWC", False)
+
+
+# --- BooleanMask, Unique, LengthsToSegmentIds, SegmentIdsToLengths (data-dependent sizes) -------
+
+def _boolean_mask_grad(op, g_output):
+    """BooleanMaskGradient(mask, dY) -> d_data."""
+    g = grad_name(op.input[0])
+    return [gradient_op(op, "BooleanMaskGradient", [op.input[1], g_output[0]], [g])], [g, None]
+
+
+def _check_mask(ctx, mask, rows):
+    if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != rows:
+        raise ValueError(f"operator {ctx.op.type}: mask must be a 1-D bool tensor of the data's "
+                         f"first dim {rows}, got {mask.dtype} {tuple(mask.shape)}")
+
+
+@register_op("BooleanMask", gradient=_boolean_mask_grad, data_dependent=True)
+def boolean_mask(ctx, inputs):
+    """(data, mask) -> (masked_data[, masked_indices int64]): the rows of data where mask is true."""
+    data, mask = inputs
+    _check_mask(ctx, mask, data.shape[0] if data.dim() else 0)
+    outputs = [data[mask]]
+    if len(ctx.output_names) > 1:
+        outputs.append(torch.nonzero(mask).reshape(-1))
+    return outputs
+
+
+@register_op("BooleanMaskGradient")
+def boolean_mask_gradient(ctx, inputs):
+    """(mask, dY) -> d_data: dY at the kept rows, 0 at the others."""
+    mask, dy = inputs
+    dx = dy.new_zeros((mask.shape[0],) + dy.shape[1:])
+    dx[mask] = dy
+    return [dx]
+
+
+@register_op("Unique", gradient=NO_GRADIENT, data_dependent=True)
+def unique(ctx, inputs):
+    """(indices 1-D int) -> (unique values, sorted[, remapping: each input's position in them])."""
+    x = inputs[0]
+    if x.dim() != 1 or x.is_floating_point():
+        raise ValueError(f"operator Unique takes a 1-D int32/int64 tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    values, inverse = torch.unique(x, sorted=True, return_inverse=True)
+    return [values, inverse.to(torch.int32)][:max(1, len(ctx.output_names))]
+
+
+@register_op("LengthsToSegmentIds", gradient=NO_GRADIENT, data_dependent=True)
+def lengths_to_segment_ids(ctx, inputs):
+    """(lengths [N] int32) -> segment ids: i repeated lengths[i] times."""
+    lengths = inputs[0]
+    if lengths.dim() != 1:
+        raise ValueError(f"operator LengthsToSegmentIds: lengths must be 1-D, got shape "
+                         f"{tuple(lengths.shape)}")
+    ids = torch.arange(lengths.shape[0], dtype=lengths.dtype, device=lengths.device)
+    return [torch.repeat_interleave(ids, lengths.long())]
+
+
+@register_op("SegmentIdsToLengths", gradient=NO_GRADIENT, data_dependent=True)
+def segment_ids_to_lengths(ctx, inputs):
+    """(sorted segment ids[, data_to_infer_dim]) -> lengths of segments 0 .. last (or dim 0 - 1)."""
+    ids = inputs[0].reshape(-1).long()
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
+        raise ValueError("operator SegmentIdsToLengths: segment ids must be sorted")
+    n = inputs[1].shape[0] if len(inputs) > 1 else (int(ids[-1]) + 1 if ids.numel() else 0)
+    return [torch.bincount(ids, minlength=n).to(inputs[0].dtype)[:n]]

@@ -282,3 +282,12 @@ def test_bitwise(op_type, fn):
     a = np.arange(12, dtype=np.int32).reshape(3, 4)
     b = np.array([1, 2, 4, 7], np.int32)
     check_op(op_type, {"A": a, "B": b}, ["C"], {}, fn, grad=False)
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3), 1), ((2, 3, 4), 2), ((2, 3, 2), 1)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_elementwise_linear(shape, axis, device):
+    d = int(np.prod(shape[axis:]))
+    check_op("ElementwiseLinear", {"X": rand(*shape), "a": rand(d, seed=1), "b": rand(d, seed=2)},
+             ["Y"], dict(axis=axis),
+             lambda x, a, b: (x.reshape(-1, d) * a + b).reshape(shape), device=device)

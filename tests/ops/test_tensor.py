@@ -295,3 +295,38 @@ def test_range(values, expected):
     workspace.RunOperatorOnce(core.CreateOperator("Range", names, ["Y"]))
     out = workspace.FetchBlob("Y")
     assert out.dtype == np.asarray(values[0]).dtype and out.tolist() == expected
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 4, 5), (1, 2, 3, 4, 2)])
+def test_order_switch(shape):
+    nd = len(shape)
+    check_op("NCHW2NHWC", {"X": rand(*shape)}, ["Y"], {},
+             lambda x: x.permute(0, *range(2, nd), 1))
+    check_op("NHWC2NCHW", {"X": rand(*shape)}, ["Y"], {},
+             lambda x: x.permute(0, nd - 1, *range(1, nd - 1)))
+
+
+@pytest.mark.parametrize("shape", [(5,), (5, 3)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_boolean_mask(shape, device):
+    mask = np.array([True, False, True, True, False])
+    check_op("BooleanMask", {"X": rand(*shape), "M": mask}, ["Y", "I"], {},
+             lambda x, m: (x[m], torch.tensor([0, 2, 3])), device=device)
+    assert workspace.FetchBlob("I").dtype == np.int64
+
+
+def test_unique_and_segment_lengths():
+    workspace.FeedBlob("X", np.array([5, 2, 5, 7, 2], np.int64))
+    workspace.FeedBlob("L", np.array([2, 0, 3], np.int32))
+    workspace.FeedBlob("S", np.array([0, 0, 2, 2, 2], np.int32))
+    workspace.FeedBlob("D", np.zeros((4, 2)))
+    workspace.RunOperatorsOnce([
+        core.CreateOperator("Unique", ["X"], ["U", "R"]),
+        core.CreateOperator("LengthsToSegmentIds", ["L"], ["ids"]),
+        core.CreateOperator("SegmentIdsToLengths", ["S"], ["lens"]),
+        core.CreateOperator("SegmentIdsToLengths", ["S", "D"], ["lens4"])])
+    unique, remap = workspace.FetchBlob("U"), workspace.FetchBlob("R")
+    assert unique.tolist() == [2, 5, 7] and (unique[remap] == [5, 2, 5, 7, 2]).all()
+    assert workspace.FetchBlob("ids").tolist() == [0, 0, 2, 2, 2]
+    assert workspace.FetchBlob("lens").tolist() == [2, 0, 3]
+    assert workspace.FetchBlob("lens4").tolist() == [2, 0, 3, 0]
