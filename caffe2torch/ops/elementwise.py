@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from caffe2torch.ops._autograd import vjp
+from caffe2torch.ops._helpers import vjp
 from caffe2torch.ops.math import _b_shape, _broadcast_setup
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 

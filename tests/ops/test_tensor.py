@@ -1,8 +1,7 @@
-"""Shape and tensor ops (Reshape, Flatten, Transpose, Slice, Gather, Tile, PadImage, ...) vs PyTorch."""
+"""Shape and tensor ops (Reshape, Flatten, Transpose, Slice, Tile, Expand, ...) vs PyTorch."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from caffe2torch.python import core, workspace
 
@@ -139,39 +138,6 @@ def test_slice(shape, starts, ends, as_inputs):
     check_op("Slice", inputs, ["Y"], args, lambda x, *_: x[tuple(index)])
 
 
-@pytest.mark.parametrize("data_shape, indices, axis", [
-    ((5, 3), [[0, 2], [4, 2]], 0),       # repeated indices: gradients add up
-    ((5,), [3, 3, 1], 0),
-    ((2, 5, 3), [4, 0], 1),
-    ((2, 3, 4), [[3], [1]], 2),
-])
-@pytest.mark.parametrize("device", DEVICES)
-def test_gather(data_shape, indices, axis, device):
-    idx = np.array(indices, np.int64)
-    args = {} if axis == 0 else dict(axis=axis)
-    check_op("Gather", {"DATA": rand(*data_shape), "INDICES": idx}, ["Y"], args,
-             lambda d, i: d.index_select(axis, i.reshape(-1)).reshape(
-                 d.shape[:axis] + i.shape + d.shape[axis + 1:]), device=device)
-
-
-def test_batch_gather_and_sparse_to_dense():
-    idx = np.array([2, 0, 2], np.int32)
-    check_op("BatchGather", {"DATA": rand(3, 4, 2), "INDICES": idx}, ["Y"], {},
-             lambda d, i: d[:, i.long()])
-    check_op("SparseToDense", {"I": idx, "V": rand(3, 2), "D": rand(4, 2, seed=1)}, ["Y"], {},
-             lambda i, v, d: torch.zeros(4, 2, dtype=v.dtype).index_add(0, i.long(), v),
-             no_grad_inputs=("D",))
-
-
-def test_gather_out_of_range_and_wrap_indices():
-    check_op("Gather", {"D": rand(4, 2), "I": np.array([-1, 0], np.int64)}, ["Y"],
-             dict(wrap_indices=1), lambda d, i: d[[3, 0]])
-    workspace.FeedBlob("D", rand(4, 2))
-    workspace.FeedBlob("I", np.array([4], np.int64))
-    with pytest.raises(RuntimeError, match=r"out of range \[0, 4\)"):
-        workspace.RunOperatorOnce(core.CreateOperator("Gather", ["D", "I"], ["Y"]))
-
-
 @pytest.mark.parametrize("shape, tiles, axis", [((2, 3), 3, 0), ((2, 3), 2, 1), ((2, 3, 2), 2, -1)])
 @pytest.mark.parametrize("as_inputs", [False, True])
 def test_tile(shape, tiles, axis, as_inputs):
@@ -206,95 +172,12 @@ def test_clip(args, device):
              device=device)
 
 
-@pytest.mark.parametrize("args, pads, mode", [
-    (dict(pad=1), [1, 1, 1, 1], "constant"),
-    (dict(pad_t=1, pad_l=2, pad_b=0, pad_r=1, value=0.5), [2, 1, 1, 0], "constant"),
-    (dict(pads=[1, 2, 2, 1], mode="reflect"), [2, 1, 1, 2], "reflect"),
-    (dict(pad=2, mode="edge"), [2, 2, 2, 2], "replicate"),
-])
-@pytest.mark.parametrize("order", ["NCHW", "NHWC"])
-def test_pad_image(args, pads, mode, order):
-    value = args.get("value", 0.0)
-
-    def reference(x):
-        x = x.permute(0, 3, 1, 2) if order == "NHWC" else x
-        y = F.pad(x, pads, mode=mode, value=value) if mode == "constant" else F.pad(x, pads, mode=mode)
-        return y.permute(0, 2, 3, 1) if order == "NHWC" else y
-    shape = (2, 4, 5, 3) if order == "NHWC" else (2, 3, 4, 5)
-    check_op("PadImage", {"X": rand(*shape)}, ["Y"], dict(args, order=order), reference)
-
-
-@pytest.mark.parametrize("shape, group, order", [((2, 6, 3, 2), 2, "NCHW"), ((2, 6, 3, 2), 3, "NCHW"),
-                                                 ((2, 3, 2, 6), 3, "NHWC"), ((1, 4, 5), 4, "NCHW")])
-def test_channel_shuffle(shape, group, order):
-    def reference(x):
-        axis = x.dim() - 1 if order == "NHWC" else 1
-        c = x.shape[axis]
-        split = x.shape[:axis] + (group, c // group) + x.shape[axis + 1:]
-        return x.reshape(split).transpose(axis, axis + 1).reshape(x.shape)
-    check_op("ChannelShuffle", {"X": rand(*shape)}, ["Y"], dict(group=group, order=order), reference)
-
-
-@pytest.mark.parametrize("scale", [1, 2, 3])
-@pytest.mark.parametrize("device", DEVICES)
-def test_upsample_nearest(scale, device):
-    check_op("UpsampleNearest", {"X": rand(2, 3, 4, 5)}, ["Y"], dict(scale=scale),
-             lambda x: F.interpolate(x, scale_factor=scale, mode="nearest"), device=device)
-
-
-@pytest.mark.parametrize("hs, ws", [(2.0, 2.0), (0.5, 1.0), (1.5, 3.0), (2.0, 0.75)])
-@pytest.mark.parametrize("order", ["NCHW", "NHWC"])
-def test_resize_nearest(hs, ws, order):
-    def reference(x):
-        x = x.permute(0, 3, 1, 2) if order == "NHWC" else x
-        h, w = x.shape[2:]
-        rows = [min(int(np.float32(y) / np.float32(hs)), h - 1) for y in range(int(h * hs))]
-        cols = [min(int(np.float32(c) / np.float32(ws)), w - 1) for c in range(int(w * ws))]
-        y = x[:, :, rows][:, :, :, cols]
-        return y.permute(0, 2, 3, 1) if order == "NHWC" else y
-    shape = (2, 4, 6, 3) if order == "NHWC" else (2, 3, 4, 6)
-    check_op("ResizeNearest", {"X": rand(*shape)}, ["Y"],
-             dict(height_scale=hs, width_scale=ws, order=order), reference)
-    check_op("ResizeNearest", {"X": rand(*shape), "scales": np.array([hs, ws], np.float32)},
-             ["Y"], dict(order=order), lambda x, s: reference(x), no_grad_inputs=("scales",))
-
-
 @pytest.mark.parametrize("x_shape, shape, out", [
     ((3, 1), [3, 4], (3, 4)), ((3, 1), [2, 1, 4], (2, 3, 4)), ((1, 4), [-1, 4], (1, 4)),
     ((2, 3), [3], (2, 3))])
 def test_expand(x_shape, shape, out):
     check_op("Expand", {"X": rand(*x_shape), "shape": np.array(shape, np.int64)}, ["Y"], {},
              lambda x, s: x.expand(out) * 1.0)
-
-
-@pytest.mark.parametrize("shape, k, axis", [((3, 5), 2, -1), ((4, 3), 4, 0), ((2, 3, 4), 1, 1)])
-def test_top_k(shape, k, axis):
-    def reference(x):
-        values, indices = torch.sort(x, dim=axis, descending=True, stable=True)
-        return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
-    check_op("TopK", {"X": rand(*shape)}, ["V", "I", "F"], dict(k=k, axis=axis), reference)
-    x = torch.from_numpy(rand(*shape))
-    flat = workspace.FetchBlob("F")
-    np.testing.assert_array_equal(x.reshape(-1)[torch.from_numpy(flat)].numpy(),
-                                  workspace.FetchBlob("V").reshape(-1))
-
-
-def test_top_k_ties_take_the_smaller_index_first():
-    workspace.FeedBlob("X", np.array([[1.0, 3.0, 2.0, 3.0]]))
-    workspace.RunOperatorOnce(core.CreateOperator("TopK", ["X"], ["V", "I"], k=3))
-    assert workspace.FetchBlob("I").tolist() == [[1, 3, 2]]
-
-
-@pytest.mark.parametrize("values, expected", [
-    ([np.int32(5)], [0, 1, 2, 3, 4]), ([np.int64(2), np.int64(8), np.int64(3)], [2, 5]),
-    ([np.float32(1.0), np.float32(0.0), np.float32(-0.25)], [1.0, 0.75, 0.5, 0.25])])
-def test_range(values, expected):
-    names = [f"v{i}" for i in range(len(values))]
-    for name, value in zip(names, values):
-        workspace.FeedBlob(name, np.array(value))
-    workspace.RunOperatorOnce(core.CreateOperator("Range", names, ["Y"]))
-    out = workspace.FetchBlob("Y")
-    assert out.dtype == np.asarray(values[0]).dtype and out.tolist() == expected
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 4, 5), (1, 2, 3, 4, 2)])
@@ -304,29 +187,3 @@ def test_order_switch(shape):
              lambda x: x.permute(0, *range(2, nd), 1))
     check_op("NHWC2NCHW", {"X": rand(*shape)}, ["Y"], {},
              lambda x: x.permute(0, nd - 1, *range(1, nd - 1)))
-
-
-@pytest.mark.parametrize("shape", [(5,), (5, 3)])
-@pytest.mark.parametrize("device", DEVICES)
-def test_boolean_mask(shape, device):
-    mask = np.array([True, False, True, True, False])
-    check_op("BooleanMask", {"X": rand(*shape), "M": mask}, ["Y", "I"], {},
-             lambda x, m: (x[m], torch.tensor([0, 2, 3])), device=device)
-    assert workspace.FetchBlob("I").dtype == np.int64
-
-
-def test_unique_and_segment_lengths():
-    workspace.FeedBlob("X", np.array([5, 2, 5, 7, 2], np.int64))
-    workspace.FeedBlob("L", np.array([2, 0, 3], np.int32))
-    workspace.FeedBlob("S", np.array([0, 0, 2, 2, 2], np.int32))
-    workspace.FeedBlob("D", np.zeros((4, 2)))
-    workspace.RunOperatorsOnce([
-        core.CreateOperator("Unique", ["X"], ["U", "R"]),
-        core.CreateOperator("LengthsToSegmentIds", ["L"], ["ids"]),
-        core.CreateOperator("SegmentIdsToLengths", ["S"], ["lens"]),
-        core.CreateOperator("SegmentIdsToLengths", ["S", "D"], ["lens4"])])
-    unique, remap = workspace.FetchBlob("U"), workspace.FetchBlob("R")
-    assert unique.tolist() == [2, 5, 7] and (unique[remap] == [5, 2, 5, 7, 2]).all()
-    assert workspace.FetchBlob("ids").tolist() == [0, 0, 2, 2, 2]
-    assert workspace.FetchBlob("lens").tolist() == [2, 0, 3]
-    assert workspace.FetchBlob("lens4").tolist() == [2, 0, 3, 0]
