@@ -271,3 +271,40 @@ def _wise_max(op_type, axis):
 
 _wise_max("RowwiseMax", 2)
 _wise_max("ColwiseMax", 1)
+
+
+# --- Moments ------------------------------------------------------------------------------------
+
+def _moments_grad(op, g_output):
+    """MomentsGradient(dmean, dvariance, X, mean) -> dX (a missing output gradient counts as 0)."""
+    ops, grads = [], []
+    for k, g in enumerate(g_output[:2]):
+        if g is None:
+            g = f"_{op.output[k]}_zero_grad"
+            ops.append(gradient_op(op, "ConstantFill", [op.output[k]], [g], copy_args=False,
+                                   value=0.0))
+        grads.append(g)
+    gx = grad_name(op.input[0])
+    ops.append(gradient_op(op, "MomentsGradient", grads + [op.input[0], op.output[0]], [gx]))
+    return ops, [gx]
+
+
+@register_op("Moments", gradient=_moments_grad, setup=_axes_setup)
+def moments(ctx, inputs):
+    """(X) -> (mean, variance) over ``axes`` (default all; variance divides by the count)."""
+    x = inputs[0]
+    axes = _axes(ctx, x)
+    keep = ctx.state["reduce"][1]
+    var, mean = torch.var_mean(x, axes, correction=0, keepdim=keep)
+    return [mean, var]
+
+
+@register_op("MomentsGradient", setup=_axes_setup)
+def moments_gradient(ctx, inputs):
+    """(dmean, dvariance, X, mean) -> dX = dmean/n + 2·dvariance·(X − mean)/n."""
+    dmean, dvar, x, mean = inputs
+    axes = _axes(ctx, x)
+    shape = [1 if i in axes else d for i, d in enumerate(x.shape)]
+    n = _count(x, axes)
+    dx = dmean.reshape(shape) / n + 2 * dvar.reshape(shape) * (x - mean.reshape(shape)) / n
+    return [dx.expand(x.shape).contiguous()]

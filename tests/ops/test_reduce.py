@@ -122,3 +122,19 @@ def test_sum_elements(average):
 @pytest.mark.parametrize("op_type, axis", [("RowwiseMax", 2), ("ColwiseMax", 1)])
 def test_rowwise_and_colwise_max(op_type, axis):
     check_op(op_type, {"X": rand(2, 3, 4)}, ["Y"], {}, lambda x: x.amax(axis))
+
+
+@pytest.mark.parametrize("axes, keepdims", [(None, 1), ([0, 2], 0), ([1], 1)])
+@pytest.mark.parametrize("outputs", [["mean", "var"], ["var"]])
+def test_moments(axes, keepdims, outputs):
+    args = dict(keepdims=keepdims)
+    if axes is not None:
+        args["axes"] = axes
+    dims = tuple(range(3)) if axes is None else tuple(axes)
+
+    def reference(x):
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=bool(keepdims))
+        return mean, var
+    # With grad_outputs ["var"] only, the mean's gradient input is a zero fill.
+    check_op("Moments", {"X": rand(2, 3, 4)}, ["mean", "var"], args, reference,
+             grad_outputs=outputs)
