@@ -1,8 +1,8 @@
-"""Indexing ops: Gather, BatchGather, SparseToDense, BooleanMask, TopK, Unique, Range, lengths.
+"""Indexing ops: Gather, BatchGather, BooleanMask, TopK, Unique, Range, lengths and segments.
 
 Indices are int32 or int64; out-of-range indices are errors (Gather's ``wrap_indices=1`` wraps
-negative ones). Gradients are dense: Gather's is ``SparseToDense`` (Caffe2's ``dense_gradient``
-form; caffe2torch has no sparse gradient slices) or ``BatchGatherGradient``. The ops whose output
+negative ones). Gradients are dense (caffe2torch has no sparse gradient slices): Gather's is
+``BatchGatherGradient`` (SparseToDense and LengthsToSegmentIds live in the sparse family). The ops whose output
 sizes depend on tensor values are flagged ``data_dependent``.
 """
 import torch
@@ -12,17 +12,14 @@ from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, regist
 
 
 def _gather_grad(op, g_output):
-    """SparseToDense(indices, dY, data) -> d_data (axis 0); else BatchGatherGradient(data, indices, dY)."""
+    """BatchGatherGradient(DATA, INDICES, dY) -> dDATA, with Gather's ``axis``."""
     axis = [a.i for a in op.arg if a.name == "axis"]
     axis = axis[0] if axis else (1 if op.type == "BatchGather" else 0)
-    wrap = any(a.name == "wrap_indices" and a.i for a in op.arg)
     g = grad_name(op.input[0])
-    if axis == 0 and not wrap:
-        return [gradient_op(op, "SparseToDense", [op.input[1], g_output[0], op.input[0]], [g],
-                            copy_args=False)], [g, None]
-    # SparseToDense cannot wrap negative indices: BatchGatherGradient (with wrap_indices) can.
+    # Caffe2 emits SparseToDense for axis 0, which takes 1-D indices only; BatchGatherGradient
+    # gives the same dense gradient for indices of any shape (and honours wrap_indices).
     return [gradient_op(op, "BatchGatherGradient", [op.input[0], op.input[1], g_output[0]], [g],
-                        copy_args=wrap, axis=axis)], [g, None]
+                        axis=axis)], [g, None]
 
 
 def _gather_setup(ctx):
@@ -68,31 +65,6 @@ def batch_gather_gradient(ctx, inputs):
     idx = _gather_indices(ctx, indices, data.shape[axis]).reshape(-1)
     flat = dy.reshape(data.shape[:axis] + (idx.numel(),) + data.shape[axis + 1:])
     return [dy.new_zeros(data.shape).index_add_(axis, idx, flat)]
-
-
-def _sparse_to_dense_grad(op, g_output):
-    """Gather(dY, indices) -> dvalues."""
-    g = grad_name(op.input[1])
-    return [gradient_op(op, "Gather", [g_output[0], op.input[0]], [g], copy_args=False)], \
-        [None, g] + [None] * (len(op.input) - 2)
-
-
-@register_op("SparseToDense", gradient=_sparse_to_dense_grad, data_dependent=True)
-def sparse_to_dense(ctx, inputs):
-    """(indices, values[, data_to_infer_dim]) -> dense: values summed into rows at indices."""
-    indices, values = inputs[0], inputs[1]
-    if values.shape[:indices.dim()] != indices.shape:
-        raise ValueError(f"operator SparseToDense: values {tuple(values.shape)} must start with "
-                         f"the shape of indices {tuple(indices.shape)}")
-    idx = indices.long().reshape(-1)
-    if len(inputs) > 2:
-        rows = inputs[2].shape[0]
-    else:
-        rows = int(idx.max()) + 1 if idx.numel() else 0
-    flat = values.reshape((idx.numel(),) + values.shape[indices.dim():])
-    if idx.numel() and (bool((idx < 0).any()) or bool((idx >= rows).any())):
-        raise ValueError(f"operator SparseToDense: indices out of range [0, {rows})")
-    return [flat.new_zeros((rows,) + flat.shape[1:]).index_add_(0, idx, flat)]
 
 
 # --- TopK, Range, LengthsToRanges ---------------------------------------------------------------
@@ -161,7 +133,7 @@ def lengths_to_ranges(ctx, inputs):
     return [torch.stack([offsets, lengths], 1).to(lengths.dtype)]
 
 
-# --- BooleanMask, Unique, LengthsToSegmentIds, SegmentIdsToLengths (data-dependent sizes) -------
+# --- BooleanMask, Unique, SegmentIdsToLengths (data-dependent sizes) ----------------------------
 
 def _boolean_mask_grad(op, g_output):
     """BooleanMaskGradient(mask, dY) -> d_data."""
@@ -204,17 +176,6 @@ def unique(ctx, inputs):
                          f"{tuple(x.shape)}")
     values, inverse = torch.unique(x, sorted=True, return_inverse=True)
     return [values, inverse.to(torch.int32)][:max(1, len(ctx.output_names))]
-
-
-@register_op("LengthsToSegmentIds", gradient=NO_GRADIENT, data_dependent=True)
-def lengths_to_segment_ids(ctx, inputs):
-    """(lengths [N] int32) -> segment ids: i repeated lengths[i] times."""
-    lengths = inputs[0]
-    if lengths.dim() != 1:
-        raise ValueError(f"operator LengthsToSegmentIds: lengths must be 1-D, got shape "
-                         f"{tuple(lengths.shape)}")
-    ids = torch.arange(lengths.shape[0], dtype=lengths.dtype, device=lengths.device)
-    return [torch.repeat_interleave(ids, lengths.long())]
 
 
 @register_op("SegmentIdsToLengths", gradient=NO_GRADIENT, data_dependent=True)

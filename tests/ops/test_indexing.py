@@ -1,4 +1,4 @@
-"""Indexing ops (Gather, SparseToDense, BooleanMask, TopK, Unique, Range, ...) vs PyTorch."""
+"""Indexing ops (Gather, BatchGather, BooleanMask, TopK, Unique, Range, ...) vs PyTorch."""
 import numpy as np
 import pytest
 import torch
@@ -25,13 +25,20 @@ def test_gather(data_shape, indices, axis, device):
                  d.shape[:axis] + i.shape + d.shape[axis + 1:]), device=device)
 
 
-def test_batch_gather_and_sparse_to_dense():
+def test_batch_gather():
     idx = np.array([2, 0, 2], np.int32)
     check_op("BatchGather", {"DATA": rand(3, 4, 2), "INDICES": idx}, ["Y"], {},
              lambda d, i: d[:, i.long()])
-    check_op("SparseToDense", {"I": idx, "V": rand(3, 2), "D": rand(4, 2, seed=1)}, ["Y"], {},
-             lambda i, v, d: torch.zeros(4, 2, dtype=v.dtype).index_add(0, i.long(), v),
-             no_grad_inputs=("D",))
+
+
+def test_gather_gradient_is_batch_gather_gradient():
+    net = core.Net("gather")
+    net.Gather(["D", "I"], "Y")
+    net.AddGradientOperators({"Y": "dY"})
+    grad = net.Proto().op[-1]
+    assert (grad.type, list(grad.input), list(grad.output)) == (
+        "BatchGatherGradient", ["D", "I", "dY"], ["D_grad"])
+    assert [(a.name, a.i) for a in grad.arg] == [("axis", 0)]
 
 
 def test_gather_out_of_range_and_wrap_indices():
@@ -82,18 +89,15 @@ def test_boolean_mask(shape, device):
     assert workspace.FetchBlob("I").dtype == np.int64
 
 
-def test_unique_and_segment_lengths():
+def test_unique_and_segment_ids_to_lengths():
     workspace.FeedBlob("X", np.array([5, 2, 5, 7, 2], np.int64))
-    workspace.FeedBlob("L", np.array([2, 0, 3], np.int32))
     workspace.FeedBlob("S", np.array([0, 0, 2, 2, 2], np.int32))
     workspace.FeedBlob("D", np.zeros((4, 2)))
     workspace.RunOperatorsOnce([
         core.CreateOperator("Unique", ["X"], ["U", "R"]),
-        core.CreateOperator("LengthsToSegmentIds", ["L"], ["ids"]),
         core.CreateOperator("SegmentIdsToLengths", ["S"], ["lens"]),
         core.CreateOperator("SegmentIdsToLengths", ["S", "D"], ["lens4"])])
     unique, remap = workspace.FetchBlob("U"), workspace.FetchBlob("R")
     assert unique.tolist() == [2, 5, 7] and (unique[remap] == [5, 2, 5, 7, 2]).all()
-    assert workspace.FetchBlob("ids").tolist() == [0, 0, 2, 2, 2]
     assert workspace.FetchBlob("lens").tolist() == [2, 0, 3]
     assert workspace.FetchBlob("lens4").tolist() == [2, 0, 3, 0]
