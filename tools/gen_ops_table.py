@@ -50,6 +50,18 @@ Where Caffe2's behaviour was unclear or depended on the device, caffe2torch deci
 - **GivenTensorStringFill** and `ConstantFill(dtype=STRING)` give numpy object arrays of bytes.
 - **Cast** takes `to` as a DataType number or a case-insensitive name (`"float"`, `"INT32"`); its
   gradient needs `from_type`.
+- **Shape and tensor ops** never share storage with a differently named input (Caffe2 copies too),
+  except **Alias**. **Slice** may slice several dims at once (Caffe2: one); negative starts and ends
+  count from dim + 1. **Gather**'s gradient is dense: `BatchGatherGradient` with its axis (Caffe2
+  emits `SparseToDense` at axis 0, which takes 1-D indices only). **ResizeLike** has a gradient.
+  Reshape, Slice, Tile, Expand and ResizeNearest read shape-like *inputs* on the host; only ops
+  whose output sizes depend on tensor *values* in every use (BooleanMask, Unique, Range,
+  SegmentIdsToLengths, ...) are flagged data-dependent.
+- **Floor**, **Ceil**, **Sign**, comparisons, logic and bitwise ops have no gradient (Caffe2 leaves
+  Floor's unimplemented). **Max/Min/ReduceMax/ReduceMin** gradients go to every tied input, as in
+  Caffe2; **ArgMax/ArgMin** and **TopK** take the first (smallest-index) of ties.
+- **Pow** with a one-value exponent tensor needs no `broadcast=1`; its exponent gradient is always
+  reduced with `SumReduceLike` (Caffe2 reduces only under `broadcast=1`).
 """
 
 
