@@ -144,6 +144,33 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
         raise DataError("no MNIST source worked: " + "; ".join(errors))
 
 
+def prepare_databases(data_dir, source="auto", url="", db_type="lmdb"):
+    """The download step: ready databases in ``data_dir`` and a record of them for data.json.
+
+    ``source="existing"`` takes the databases already there (e.g. a mounted volume) as they are,
+    any size; the other sources go through prepare_mnist.
+    """
+    train_db, test_db = db_path(data_dir, "train", db_type), db_path(data_dir, "test", db_type)
+    if source == "existing":
+        if url:
+            raise DataError("data_url is used with data_source caffe2-zip, idx or auto, not "
+                            "existing; drop data_url or change data_source")
+        for path in (train_db, test_db):
+            if not path.exists():
+                raise DataError(f"data_source=existing but {path} does not exist; prepare the "
+                                "databases or use data_source=auto")
+    else:
+        if url and source == "package":
+            raise DataError("data_url is used with data_source caffe2-zip, idx or auto, not "
+                            "package; drop data_url or change data_source")
+        prepare_mnist(data_dir, source=source, db_type=db_type, url=url or None)
+    info = {"db_type": db_type, "source": source}
+    for split, path in (("train", train_db), ("test", test_db)):
+        info[f"{split}_db"] = str(path)
+        info[f"{split}_records"] = scan_db(path, db_type)["records"]
+    return info
+
+
 def verify_mnist(data_dir, db_type="lmdb", expected_counts=None):
     """Check the databases in ``data_dir`` against their manifest; return it or raise DataError."""
     counts = dict(expected_counts or MNIST_COUNTS)
