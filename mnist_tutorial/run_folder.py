@@ -114,8 +114,9 @@ def _display_png(path):
     """Show a PNG file in Jupyter; in plain Python (tests, scripts) the file is enough."""
     try:
         from IPython import get_ipython
-        from IPython.display import Image, display
+        from IPython.display import display
     except ImportError:
         return
     if get_ipython() is not None:
-        display(Image(filename=str(path)))
+        # the text is what a log of the run shows (papermill's log_output)
+        display({"image/png": path.read_bytes(), "text/plain": f"[figure {path.name}]"}, raw=True)
