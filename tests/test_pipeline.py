@@ -11,24 +11,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from tutorial import NET_FILES, write_small_mnist
 
-from caffe2torch.db import open_db
 from mnist_tutorial import runner
+from tutorial import NET_FILES, write_small_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["train_curves.png", "sample_batch.png", "first_prediction.png", "test_accuracy.png",
            "confusion_matrix.png", "misclassified.png", "predictions.png",
            "train_net_graph.svg", "train_net_graph_minimal.svg"]
-
-
-def _keys(path):
-    with open_db("minidb", str(path), "read") as db:
-        cursor = db.cursor()
-        keys = [key.decode() for key, _ in cursor]
-        cursor.close()
-    return keys
 
 
 @pytest.fixture(scope="module")
