@@ -32,6 +32,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+import filelock
 import lmdb
 import numpy as np
 import requests
@@ -45,11 +46,6 @@ from caffe2torch.binaries import make_mnist_db
 from caffe2torch.db import open_db
 from caffe2torch.proto import caffe2_pb2
 from mnist_tutorial.progress import progress
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, a single user is assumed
-    fcntl = None
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -667,16 +663,17 @@ def _json_bytes(manifest):
 @contextlib.contextmanager
 def _exclusive(data_dir):
     """Create data_dir and hold data_dir/.mnist.lock: two runs (two pods) never build at once."""
+    lock = filelock.FileLock(data_dir / ".mnist.lock")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / ".mnist.lock", "a")
+        lock.acquire()
     except OSError as e:
         raise DataError(f"cannot use data_dir {data_dir}: {e.strerror or e}; "
                         "choose a writable folder") from e
-    with lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _remove_stale_builds(data_dir):
