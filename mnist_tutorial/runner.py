@@ -489,14 +489,15 @@ class KernelStarter:
     every kernel as a new process instead; so does any failure of the fork server.
     """
 
-    LIGHT = "import ipykernel.kernelapp, IPython, mnist_tutorial.steps"
+    LIGHT = ("import ipykernel.kernelapp, IPython, caffe2torch.python.workspace, "
+             "mnist_tutorial.data, mnist_tutorial.run_folder")
     # as ipykernel does before it runs user code: matplotlib reads MPLBACKEND when imported
     TORCH = ("import os; os.environ.setdefault('MPLBACKEND', "
              "'module://matplotlib_inline.backend_inline'); "
-             "import mnist_tutorial.steps, torch, caffe2torch.ops; "
+             "import mnist_tutorial.run_folder, torch, caffe2torch.ops; "
              "caffe2torch.ops.load_families(); import matplotlib.pyplot")
     STAGE = {"download": "light"}  # the others: "torch"
-    PRELOAD = {"light": "import mnist_tutorial.steps", "torch": TORCH}
+    PRELOAD = {"light": "import mnist_tutorial.data", "torch": TORCH}
 
     def __init__(self, run_dir, steps, fork=True):
         self.run_dir = run_dir

@@ -171,6 +171,21 @@ def valid_dir(tmp_path, server):
     return data_dir
 
 
+# --- the download notebook's call ---------------------------------------------------------------
+
+def test_prepare_databases_records_where_the_databases_are(valid_dir, tmp_path):
+    info = data.prepare_databases(valid_dir, source="existing")
+    assert info == {"db_type": "lmdb", "source": "existing", "train_records": 100,
+                    "test_records": 50, "train_db": str(db_path(valid_dir, "train")),
+                    "test_db": str(db_path(valid_dir, "test"))}
+    with pytest.raises(DataError, match=r"data_source=existing but .*mnist-train-nchw-lmdb does "
+                                        r"not exist; prepare the databases"):
+        data.prepare_databases(tmp_path / "empty", source="existing")
+    for source in ("existing", "package"):
+        with pytest.raises(DataError, match=f"data_url is used with .*, not {source}; drop"):
+            data.prepare_databases(valid_dir, source=source, url="http://127.0.0.1:9/x.zip")
+
+
 # --- building from each source -----------------------------------------------------------------
 
 def test_idx_source_builds_both_databases_and_reuses_them(tmp_path, server):
