@@ -68,7 +68,9 @@ def nms(boxes, thresh, max_keep=-1, plus_one=1.0):
         w = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + plus_one, 0)
         h = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + plus_one, 0)
         inter = w * h
-        suppressed[rest] |= inter / (areas[i] + areas[rest] - inter) > thresh
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # Caffe2 keeps boxes with IoU <= thresh: a NaN IoU (empty boxes) drops the box.
+            suppressed[rest] |= ~(inter / (areas[i] + areas[rest] - inter) <= thresh)
     return torch.tensor(keep, dtype=torch.long, device=boxes.device)
 
 
