@@ -1,0 +1,245 @@
+"""More losses (beside loss.py): the sigmoid cross entropies, CrossEntropy, MakeTwoClass,
+SpatialSoftmaxWithLoss and Detectron's SmoothL1Loss and SigmoidCrossEntropyLoss.
+
+Each loss is one PyTorch function of its inputs; its gradient op takes Caffe2's inputs and
+differentiates that function with autograd, so forward and gradient agree by construction.
+"""
+import torch
+import torch.nn.functional as F
+
+from caffe2torch.ops._autograd import vjp
+from caffe2torch.ops.loss import _LOG_THRESHOLD
+from caffe2torch.ops.registry import gradient_op, grad_name, register_op
+
+
+def _grad_of_first(grad_type, with_inputs):
+    """A maker emitting grad_type(dY, X, ...) or grad_type(X, ..., dY) -> dX; the rest get none."""
+    def maker(op, g_output):
+        ins = list(op.input)
+        ins = [g_output[0]] + ins if with_inputs == "dy_first" else ins + [g_output[0]]
+        return [gradient_op(op, grad_type, ins, [grad_name(op.input[0])])], \
+            [grad_name(op.input[0])] + [None] * (len(op.input) - 1)
+    maker.__doc__ = f"{grad_type}({'dY, inputs' if with_inputs == 'dy_first' else 'inputs, dY'})" \
+        " -> dX."
+    return maker
+
+
+def _same_shape(ctx, a, b, what):
+    if a.shape != b.shape:
+        raise ValueError(f"operator {ctx.op.type}: {what} {tuple(b.shape)} must have the logits' "
+                         f"shape {tuple(a.shape)}")
+
+
+# --- SigmoidCrossEntropyWithLogits --------------------------------------------------------------
+
+def _sigmoid_xent_setup(ctx):
+    log_d, unjoined = bool(ctx.arg("log_D_trick", 0)), bool(ctx.arg("unjoined_lr_loss", 0))
+    if log_d and unjoined:
+        raise ValueError(f"operator {ctx.op.type}: log_D_trick and unjoined_lr_loss exclude each "
+                         "other")
+    ctx.state["xent"] = (log_d, unjoined)
+
+
+def _sigmoid_xent(state, x, t, w=None):
+    """−mean over the last dim of the per-element log-likelihood (Caffe2's three variants)."""
+    log_d, unjoined = state
+    if unjoined:
+        value = x * t - (1 - t) * F.softplus(x)
+    elif log_d:
+        value = (2 * t - 1) * F.logsigmoid(x)
+    else:
+        value = x * t - F.softplus(x)
+    if w is not None:
+        value = value * w
+    return -value.mean(-1) if x.dim() else -value
+
+
+def _check_xent(ctx, inputs):
+    for name, t in zip(("targets", "weights"), inputs[1:]):
+        _same_shape(ctx, inputs[0], t, name)
+
+
+@register_op("SigmoidCrossEntropyWithLogits", setup=_sigmoid_xent_setup,
+             gradient=_grad_of_first("SigmoidCrossEntropyWithLogitsGradient", "dy_first"))
+def sigmoid_cross_entropy_with_logits(ctx, inputs):
+    """Y = −mean over the last dim of t·log σ(x) + (1 − t)·log(1 − σ(x)) (log_D_trick, unjoined)."""
+    _check_xent(ctx, inputs)
+    return [_sigmoid_xent(ctx.state["xent"], *inputs)]
+
+
+@register_op("SigmoidCrossEntropyWithLogitsGradient", setup=_sigmoid_xent_setup)
+def sigmoid_cross_entropy_with_logits_gradient(ctx, inputs):
+    """(dY, logits, targets) -> dlogits."""
+    dy, x, t = inputs
+    return vjp(lambda x: _sigmoid_xent(ctx.state["xent"], x, t), [x], [0], [dy])
+
+
+def _weighted_setup(ctx):
+    ctx.state["xent"] = (False, False)
+
+
+@register_op("WeightedSigmoidCrossEntropyWithLogits", setup=_weighted_setup,
+             gradient=_grad_of_first("WeightedSigmoidCrossEntropyWithLogitsGradient", "dy_first"))
+def weighted_sigmoid_cross_entropy_with_logits(ctx, inputs):
+    """(logits, targets, weights) -> Y = −mean over the last dim of weights · log-likelihood."""
+    _check_xent(ctx, inputs)
+    return [_sigmoid_xent(ctx.state["xent"], *inputs)]
+
+
+@register_op("WeightedSigmoidCrossEntropyWithLogitsGradient", setup=_weighted_setup)
+def weighted_sigmoid_cross_entropy_with_logits_gradient(ctx, inputs):
+    """(dY, logits, targets, weights) -> dlogits."""
+    dy, x, t, w = inputs
+    return vjp(lambda x: _sigmoid_xent(ctx.state["xent"], x, t, w), [x], [0], [dy])
+
+
+# --- CrossEntropy -------------------------------------------------------------------------------
+
+def _cross_entropy(x, label):
+    x2 = x.reshape(1, -1) if x.dim() == 1 else x
+    return -(label.reshape(x2.shape) * x2.clamp_min(_LOG_THRESHOLD).log()).sum(1)
+
+
+@register_op("CrossEntropy", gradient=_grad_of_first("CrossEntropyGradient", "inputs_first"))
+def cross_entropy(ctx, inputs):
+    """Y[i] = −Σⱼ label[i, j]·log(max(X[i, j], 1e-20)) for probabilities X and soft labels [N, D]."""
+    x, label = inputs
+    _same_shape(ctx, x, label, "label")
+    return [_cross_entropy(x, label.to(x.dtype))]
+
+
+@register_op("CrossEntropyGradient")
+def cross_entropy_gradient(ctx, inputs):
+    """(X, label, dY) -> dX = −dY·label / max(X, 1e-20)."""
+    x, label, dy = inputs
+    return vjp(lambda x: _cross_entropy(x, label.to(x.dtype)), [x], [0], [dy])
+
+
+# --- MakeTwoClass -------------------------------------------------------------------------------
+
+def _two_class_grad(op, g_output):
+    """MakeTwoClassGradient(dY) -> dX."""
+    return [gradient_op(op, "MakeTwoClassGradient", [g_output[0]], [grad_name(op.input[0])])], \
+        [grad_name(op.input[0])]
+
+
+@register_op("MakeTwoClass", gradient=_two_class_grad)
+def make_two_class(ctx, inputs):
+    """Y[..., :] = [1 − X, X]: one probability becomes two classes (shape X.shape + [2])."""
+    x = inputs[0]
+    return [torch.stack([1 - x, x], -1)]
+
+
+@register_op("MakeTwoClassGradient")
+def make_two_class_gradient(ctx, inputs):
+    """dX = dY[..., 1] − dY[..., 0]."""
+    dy = inputs[0]
+    return [dy[..., 1] - dy[..., 0]]
+
+
+# --- SpatialSoftmaxWithLoss ---------------------------------------------------------------------
+
+_DONT_CARE = -1  # Caffe2's label for pixels that do not count
+
+
+def _spatial_setup(ctx):
+    if ctx.arg("order", "NCHW") != "NCHW":
+        raise ValueError(f"operator {ctx.op.type} supports order NCHW only")
+    ctx.state["scale"] = float(ctx.arg("scale", 1.0))
+
+
+def _spatial_loss(ctx, x, label, weight=None):
+    """(P, loss): softmax over channels; loss = scale·Σ w·(−log p_label) / Σ w over pixels."""
+    if x.dim() != 4 or tuple(label.shape) != (x.shape[0],) + tuple(x.shape[2:]):
+        raise ValueError(f"operator {ctx.op.type}: X must be (N, D, H, W) and label (N, H, W), got "
+                         f"{tuple(x.shape)} and {tuple(label.shape)}")
+    if label.dtype.is_floating_point:
+        raise ValueError(f"operator {ctx.op.type}: label must be an integer tensor")
+    log_p = torch.log_softmax(x, 1)
+    care = label != _DONT_CARE
+    w = care.to(x.dtype) if weight is None else weight.reshape(label.shape).to(x.dtype) * care
+    index = label.long().clamp(min=0).unsqueeze(1)
+    nll = -log_p.exp().gather(1, index).squeeze(1).clamp_min(_LOG_THRESHOLD).log()
+    total = w.sum()
+    loss = torch.where(total > 0, (nll * w).sum() / total, torch.zeros((), dtype=x.dtype,
+                                                                       device=x.device))
+    return log_p.exp(), loss * ctx.state["scale"]
+
+
+def _spatial_grad(op, g_output):
+    """SpatialSoftmaxWithLossGradient(X, label[, weight], P, dLoss) -> dX."""
+    ins = list(op.input) + [op.output[0], g_output[1]]
+    return [gradient_op(op, "SpatialSoftmaxWithLossGradient", ins, [grad_name(op.input[0])])], \
+        [grad_name(op.input[0])] + [None] * (len(op.input) - 1)
+
+
+@register_op("SpatialSoftmaxWithLoss", gradient=_spatial_grad, setup=_spatial_setup)
+def spatial_softmax_with_loss(ctx, inputs):
+    """(X [N,D,H,W], label [N,H,W][, weight]) -> (P, loss); label −1 pixels do not count."""
+    return list(_spatial_loss(ctx, *inputs))
+
+
+@register_op("SpatialSoftmaxWithLossGradient", setup=_spatial_setup)
+def spatial_softmax_with_loss_gradient(ctx, inputs):
+    """(X, label[, weight], P, dLoss) -> dX = (P − onehot)·w·scale·dLoss / Σw."""
+    x, rest, d_loss = inputs[0], inputs[1:-2], inputs[-1]
+    return vjp(lambda x: _spatial_loss(ctx, x, *rest)[1], [x], [0], [d_loss])
+
+
+# --- SmoothL1Loss (Detectron) -------------------------------------------------------------------
+
+def _smooth_l1_setup(ctx):
+    ctx.state["smooth"] = (float(ctx.arg("beta", 1.0)), float(ctx.arg("scale", 1.0)))
+
+
+def _smooth_l1(state, y_hat, y, alpha_in, alpha_out):
+    beta, scale = state
+    d = (alpha_in * (y_hat - y)).abs()
+    per = torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+    return (alpha_out * per).sum() * (scale / y_hat.shape[0])
+
+
+@register_op("SmoothL1Loss", setup=_smooth_l1_setup,
+             gradient=_grad_of_first("SmoothL1LossGradient", "inputs_first"))
+def smooth_l1_loss(ctx, inputs):
+    """(Y_hat, Y, alpha_in, alpha_out) -> scale/N · Σ alpha_out·smoothL1_beta(alpha_in·(Y_hat − Y))."""
+    for name, t in zip(("Y", "alpha_in", "alpha_out"), inputs[1:]):
+        _same_shape(ctx, inputs[0], t, name)
+    return [_smooth_l1(ctx.state["smooth"], *inputs)]
+
+
+@register_op("SmoothL1LossGradient", setup=_smooth_l1_setup)
+def smooth_l1_loss_gradient(ctx, inputs):
+    """(Y_hat, Y, alpha_in, alpha_out, dLoss) -> dY_hat."""
+    y_hat, rest, d_loss = inputs[0], inputs[1:4], inputs[4]
+    return vjp(lambda t: _smooth_l1(ctx.state["smooth"], t, *rest), [y_hat], [0], [d_loss])
+
+
+# --- SigmoidCrossEntropyLoss (Detectron) --------------------------------------------------------
+
+def _sigmoid_loss_setup(ctx):
+    ctx.state["sigmoid_loss"] = (float(ctx.arg("scale", 1.0)), bool(ctx.arg("normalize", 1)))
+
+
+def _sigmoid_loss(state, x, targets):
+    scale, normalize = state
+    care = (targets != _DONT_CARE).to(x.dtype)
+    t = targets.to(x.dtype)
+    per = (F.softplus(x) - x * t) * care
+    norm = care.sum().clamp(min=1.0) if normalize else float(x.shape[0])
+    return per.sum() * scale / norm
+
+
+@register_op("SigmoidCrossEntropyLoss", setup=_sigmoid_loss_setup,
+             gradient=_grad_of_first("SigmoidCrossEntropyLossGradient", "inputs_first"))
+def sigmoid_cross_entropy_loss(ctx, inputs):
+    """(X, int targets; −1 ignored) -> scale · Σ sigmoid cross entropy / (valid count or N)."""
+    _same_shape(ctx, inputs[0], inputs[1], "targets")
+    return [_sigmoid_loss(ctx.state["sigmoid_loss"], *inputs)]
+
+
+@register_op("SigmoidCrossEntropyLossGradient", setup=_sigmoid_loss_setup)
+def sigmoid_cross_entropy_loss_gradient(ctx, inputs):
+    """(X, targets, dLoss) -> dX = scale·(σ(X) − t)·valid·dLoss / normalizer."""
+    x, targets, d_loss = inputs
+    return vjp(lambda x: _sigmoid_loss(ctx.state["sigmoid_loss"], x, targets), [x], [0], [d_loss])

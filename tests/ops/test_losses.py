@@ -1,0 +1,102 @@
+"""The losses of losses.py vs PyTorch formulas written here."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .helpers import check_op, rand
+
+
+pytestmark = pytest.mark.usefixtures("fresh_workspace")
+
+
+def bce(x, t):
+    return F.binary_cross_entropy_with_logits(x, t, reduction="none")
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 4), (6,)])
+@pytest.mark.parametrize("variant", ["plain", "log_D_trick", "unjoined_lr_loss"])
+def test_sigmoid_cross_entropy_with_logits(shape, variant):
+    x, t = rand(*shape) * 3, rand(*shape, seed=1, low=0, high=1)
+    args = {} if variant == "plain" else {variant: 1}
+
+    def reference(x, t):
+        if variant == "plain":
+            per = bce(x, t)
+        elif variant == "log_D_trick":
+            per = -(2 * t - 1) * torch.log(torch.sigmoid(x))
+        else:
+            per = (1 - t) * torch.log1p(torch.exp(x)) - x * t
+        return per.mean(-1)
+    check_op("SigmoidCrossEntropyWithLogits", {"X": x, "T": t}, ["Y"], args, reference,
+             no_grad_inputs=("T",))
+
+
+def test_weighted_sigmoid_cross_entropy_with_logits():
+    x, t, w = rand(3, 4) * 2, rand(3, 4, seed=1, low=0, high=1), rand(3, 4, seed=2, low=0, high=2)
+    check_op("WeightedSigmoidCrossEntropyWithLogits", {"X": x, "T": t, "W": w}, ["Y"], {},
+             lambda x, t, w: (bce(x, t) * w).mean(-1), no_grad_inputs=("T", "W"))
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (5,)])
+def test_cross_entropy(shape):
+    x = rand(*shape, low=0.05, high=1.0)
+    label = rand(*shape, seed=1, low=0, high=1)
+    check_op("CrossEntropy", {"X": x, "L": label}, ["Y"], {},
+             lambda x, l: -(l * x.log()).reshape(-1, shape[-1]).sum(1), no_grad_inputs=("L",))
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_make_two_class(shape):
+    check_op("MakeTwoClass", {"X": rand(*shape, low=0, high=1)}, ["Y"], {},
+             lambda x: torch.stack([1 - x, x], -1))
+
+
+def spatial_reference(scale, with_weight):
+    def forward(x, label, weight=None):
+        p = torch.softmax(x, 1)
+        nll = -torch.log_softmax(x, 1).gather(1, label.long().clamp(min=0).unsqueeze(1)).squeeze(1)
+        w = (label != -1).double()
+        if with_weight:
+            w = w * weight
+        return p, scale * (nll * w).sum() / w.sum()
+    return forward
+
+
+@pytest.mark.parametrize("with_weight, scale", [(False, 1.0), (True, 0.5)])
+def test_spatial_softmax_with_loss(with_weight, scale):
+    rng = np.random.default_rng(0)
+    label = rng.integers(-1, 4, (2, 3, 5)).astype(np.int32)
+    inputs = {"X": rand(2, 4, 3, 5) * 2, "label": label}
+    if with_weight:
+        inputs["weight"] = rand(2, 3, 5, seed=3, low=0.1, high=2)
+    check_op("SpatialSoftmaxWithLoss", inputs, ["P", "loss"], dict(scale=scale),
+             spatial_reference(scale, with_weight), grad_outputs=["loss"],
+             no_grad_inputs=("weight",))
+
+
+@pytest.mark.parametrize("beta, scale", [(1.0, 1.0), (0.11, 2.0)])
+def test_smooth_l1_loss(beta, scale):
+    inputs = {"Y_hat": rand(4, 8), "Y": rand(4, 8, seed=1), "alpha_in": rand(4, 8, seed=2, low=0,
+                                                                              high=2),
+              "alpha_out": rand(4, 8, seed=3, low=0, high=1)}
+
+    def reference(y_hat, y, a_in, a_out):
+        d = a_in * (y_hat - y)
+        per = F.smooth_l1_loss(d, torch.zeros_like(d), reduction="none", beta=beta)
+        return scale * (a_out * per).sum() / y_hat.shape[0]
+    check_op("SmoothL1Loss", inputs, ["loss"], dict(beta=beta, scale=scale), reference,
+             no_grad_inputs=("Y", "alpha_in", "alpha_out"))
+
+
+@pytest.mark.parametrize("normalize, scale", [(1, 1.0), (0, 0.5)])
+def test_sigmoid_cross_entropy_loss(normalize, scale):
+    targets = np.random.default_rng(1).integers(-1, 2, (3, 6)).astype(np.int32)
+    x = rand(3, 6) * 3
+
+    def reference(x, t):
+        care = (t != -1).double()
+        per = bce(x, t.clamp(min=0).double()) * care
+        return scale * per.sum() / (care.sum() if normalize else x.shape[0])
+    check_op("SigmoidCrossEntropyLoss", {"X": x, "T": targets}, ["loss"],
+             dict(normalize=normalize, scale=scale), reference)
