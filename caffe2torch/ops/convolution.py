@@ -111,11 +111,13 @@ def conv_transpose_gradient(ctx, inputs):
 
 # --- Conv1D / Conv2D / Conv3D -------------------------------------------------------------------
 
-def _named_conv_grad(op, g_output):
-    """<op type>Gradient(X, W, dY) -> (dW, db, dX), as Conv's gradient (Caffe2's GetConvGradient)."""
-    ops, g_input = nn._conv_grad(op, g_output)
-    ops[0].type = op.type + "Gradient"
-    return ops, g_input
+def _named_conv_grad(name):
+    def maker(op, g_output):
+        ops, g_input = nn._conv_grad(op, g_output)
+        ops[0].type = name + "Gradient"  # Caffe2's GetConvGradient names it after the op
+        return ops, g_input
+    maker.__doc__ = f"{name}Gradient(X, W, dY) -> (dW, db, dX), as Conv's gradient."
+    return maker
 
 
 def _register_conv_alias(nd):
@@ -130,7 +132,7 @@ def _register_conv_alias(nd):
 
     forward.__doc__ = f"Conv over {nd} spatial dimension(s) (Caffe2's alias of Conv)."
     forward.__name__ = name.lower()
-    register_op(name, gradient=_named_conv_grad, setup=nn._conv_setup)(forward)
+    register_op(name, gradient=_named_conv_grad(name), setup=nn._conv_setup)(forward)
 
     def backward(ctx, inputs):
         return nn.conv_gradient(ctx, inputs)

@@ -65,7 +65,7 @@ def _bmm_setup(ctx):
 
 
 def _bmm_grad(op, g_output):
-    """Two BatchMatMul ops, as Caffe2's GetBatchMatMulGradient (no gradient with broadcast=1)."""
+    """BatchMatMul(dY, B) -> dA, BatchMatMul(A, dY) -> dB, transposed per case (not broadcast=1)."""
     args = {a.name: a.i for a in op.arg if a.name in ("trans_a", "trans_b", "broadcast")}
     if args.get("broadcast", 0):
         raise ValueError("the gradient of BatchMatMul with broadcast=1 is not supported (as in "
