@@ -140,7 +140,7 @@ def inception_block(w, x, name):
 
 
 def inception_v1(w, x):
-    """GoogLeNet as the zoo's net has it: floor-mode pooling, LRN twice, FC weight (1,1,1000,1024)."""
+    """GoogLeNet as the zoo's net has it: floor-mode pools, LRN twice, FC weight (1,1,1000,1024)."""
     x = F.max_pool2d(F.relu(w.conv(x, "conv1/7x7_s2", 64, 7, stride=2, pad=3)), 3, 2)
     x = F.relu(w.conv(F.relu(w.conv(lrn(x), "conv2/3x3_reduce", 64, 1)), "conv2/3x3", 192, 3,
                       pad=1))
@@ -178,9 +178,9 @@ RESNET_STAGES = ((2, 3, 64), (3, 4, 128), (4, 6, 256), (5, 3, 512))  # stage, bl
 
 def bn(w, x, name):
     c = x.shape[1]
-    return F.batch_norm(x, w.get(name + "_rm", (c,), "bias"), w.get(name + "_riv", (c,), "positive"),
-                        w.get(name + "_s", (c,), "positive"), w.get(name + "_b", (c,), "bias"),
-                        False, 0.0, 1e-5)
+    mean, var = w.get(name + "_rm", (c,), "bias"), w.get(name + "_riv", (c,), "positive")
+    return F.batch_norm(x, mean, var, w.get(name + "_s", (c,), "positive"),
+                        w.get(name + "_b", (c,), "bias"), False, 0.0, 1e-5)
 
 
 def resnet50(w, x):
@@ -270,7 +270,7 @@ def np_clip(boxes, height, width):
 
 def np_proposals(probs, deltas, im_info, anchors, post_top):
     """Detectron's GenerateProposalsOp for one image (pre_nms_topN 6000, NMS 0.7, min_size 0)."""
-    a, h, w = probs.shape
+    _, h, w = probs.shape
     sx, sy = np.meshgrid(np.arange(w) * 16.0, np.arange(h) * 16.0)
     shifts = np.stack([sx.ravel(), sy.ravel(), sx.ravel(), sy.ravel()], 1)
     all_anchors = (anchors[None] + shifts[:, None]).reshape(-1, 4)

@@ -46,8 +46,8 @@ class _TransposeArgs:
             return list(v)
         kernel = list(w_kernel) if self.kernel is None else each(self.kernel, "kernel")
         if kernel != list(w_kernel):
-            raise ValueError(f"operator {self.op_type}: kernel {kernel} does not match the filter's "
-                             f"spatial shape {list(w_kernel)}")
+            raise ValueError(f"operator {self.op_type}: kernel {kernel} does not match the "
+                             f"filter's spatial shape {list(w_kernel)}")
         stride, adj = each(self.stride, "stride"), each(self.adj, "adj")
         if any(a >= s for a, s in zip(adj, stride)):
             raise ValueError(f"operator {self.op_type}: adj {adj} must be smaller than stride "

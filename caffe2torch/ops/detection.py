@@ -29,7 +29,7 @@ def _plus_one(ctx):
 
 
 def bbox_transform(boxes, deltas, weights, clip, offset, plus_one):
-    """Boxes (M, 4) moved by deltas (M, 4) [dx, dy, dw, dh] / weights (Detectron's bbox_transform)."""
+    """Boxes (M, 4) moved by deltas (M, 4) [dx, dy, dw, dh] / weights (Detectron's transform)."""
     widths = boxes[:, 2] - boxes[:, 0] + plus_one
     heights = boxes[:, 3] - boxes[:, 1] + plus_one
     ctr_x = boxes[:, 0] + 0.5 * widths

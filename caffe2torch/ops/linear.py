@@ -104,7 +104,8 @@ def batch_mat_mul(ctx, inputs):
     if trans_b and b.dim() >= 2:
         b = b.transpose(-1, -2)
     if a.shape[-1] != b.shape[0 if b.dim() == 1 else -2]:
-        raise ValueError(f"operator BatchMatMul: inner dimensions differ: A {tuple(inputs[0].shape)}"
-                         f" (trans_a={int(trans_a)}) and B {tuple(inputs[1].shape)} "
+        raise ValueError(f"operator BatchMatMul: inner dimensions differ: A "
+                         f"{tuple(inputs[0].shape)} (trans_a={int(trans_a)}) and B "
+                         f"{tuple(inputs[1].shape)} "
                          f"(trans_b={int(trans_b)})")
     return [torch.matmul(a, b)]

@@ -102,7 +102,7 @@ def _cross_entropy(x, label):
 
 @register_op("CrossEntropy", gradient=_grad_of_first("CrossEntropyGradient", "inputs_first"))
 def cross_entropy(ctx, inputs):
-    """Y[i] = −Σⱼ label[i, j]·log(max(X[i, j], 1e-20)) for probabilities X and soft labels [N, D]."""
+    """Y[i] = −Σⱼ label[i, j]·log(max(X[i, j], 1e-20)); probabilities X, soft labels [N, D]."""
     x, label = inputs
     _same_shape(ctx, x, label, "label")
     return [_cross_entropy(x, label.to(x.dtype))]
@@ -202,7 +202,7 @@ def _smooth_l1(state, y_hat, y, alpha_in, alpha_out):
 @register_op("SmoothL1Loss", setup=_smooth_l1_setup,
              gradient=_grad_of_first("SmoothL1LossGradient", "inputs_first"))
 def smooth_l1_loss(ctx, inputs):
-    """(Y_hat, Y, alpha_in, alpha_out) -> scale/N · Σ alpha_out·smoothL1_beta(alpha_in·(Y_hat − Y))."""
+    """(Y_hat, Y, alpha_in, alpha_out) -> scale/N · Σ alpha_out·smoothL1(alpha_in·(Y_hat − Y))."""
     for name, t in zip(("Y", "alpha_in", "alpha_out"), inputs[1:]):
         _same_shape(ctx, inputs[0], t, name)
     return [_smooth_l1(ctx.state["smooth"], *inputs)]

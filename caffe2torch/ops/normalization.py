@@ -6,7 +6,6 @@ Each forward is a small PyTorch function of its inputs; the gradient ops take Ca
 """
 import math
 
-import torch
 import torch.nn.functional as F
 
 from caffe2torch.ops._autograd import vjp
@@ -61,7 +60,7 @@ def _lrn_grad(op, g_output):
 
 @register_op("LRN", gradient=_lrn_grad, setup=_lrn_setup)
 def lrn(ctx, inputs):
-    """Y = X·(bias + alpha/size·Σ X² over ``size`` neighbouring channels)^−beta; outputs Y, scale."""
+    """Y = X·(bias + alpha/size·Σ X² over ``size`` adjacent channels)^−beta; outputs Y, scale."""
     y, scale = _lrn(ctx.state["lrn"], inputs[0])
     return [y, scale][:max(1, len(ctx.output_names))]
 

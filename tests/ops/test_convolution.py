@@ -82,8 +82,8 @@ def test_conv_transpose_bad_adj():
 ])
 def test_conv_aliases(name, x_shape, w_shape, fn):
     kernel = dict(kernels=list(w_shape[2:]))
-    check_op(name, {"X": rand(*x_shape), "W": rand(*w_shape, seed=1), "b": rand(w_shape[0], seed=2)},
-             ["Y"], dict(kernel, pad=1), lambda x, w, b: fn(x, w, b, 1, 1))
+    inputs = {"X": rand(*x_shape), "W": rand(*w_shape, seed=1), "b": rand(w_shape[0], seed=2)}
+    check_op(name, inputs, ["Y"], dict(kernel, pad=1), lambda x, w, b: fn(x, w, b, 1, 1))
     net = core.Net("alias")
     getattr(net, name)(["X", "W"], "Y", **kernel)
     net.AddGradientOperators({"Y": "dY"})

@@ -154,8 +154,8 @@ def test_fillers_have_no_gradient():
 
 # --- fills added with the operators issue -------------------------------------------------------
 
-@pytest.mark.parametrize("shape, value, dtype", [([3, 3], 2.5, np.float32), ([2, 4], 1.0, np.float32),
-                                                 ([3, 3, 3], 7, np.int64)])
+@pytest.mark.parametrize("shape, value, dtype", [
+    ([3, 3], 2.5, np.float32), ([2, 4], 1.0, np.float32), ([3, 3, 3], 7, np.int64)])
 def test_diagonal_fill(shape, value, dtype):
     out = fill("DiagonalFill", shape=shape, value=value)
     expected = np.zeros(shape, dtype)

@@ -43,7 +43,7 @@ def test_cross_entropy(shape):
     x = rand(*shape, low=0.05, high=1.0)
     label = rand(*shape, seed=1, low=0, high=1)
     check_op("CrossEntropy", {"X": x, "L": label}, ["Y"], {},
-             lambda x, l: -(l * x.log()).reshape(-1, shape[-1]).sum(1), no_grad_inputs=("L",))
+             lambda x, lab: -(lab * x.log()).reshape(-1, shape[-1]).sum(1), no_grad_inputs=("L",))
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3)])

@@ -80,8 +80,8 @@ def test_layer_norm_negative_axis_matches_torch():
 
 
 def test_layer_norm_elementwise_affine():
-    check_op("LayerNorm", {"X": rand(2, 3, 4), "gamma": rand(3, 4, seed=1), "beta": rand(12, seed=2)},
-             ["Y", "mean", "std"], dict(axis=1, elementwise_affine=1),
+    inputs = {"X": rand(2, 3, 4), "gamma": rand(3, 4, seed=1), "beta": rand(12, seed=2)}
+    check_op("LayerNorm", inputs, ["Y", "mean", "std"], dict(axis=1, elementwise_affine=1),
              layer_norm_reference(1, 1e-5, affine=True))
 
 
@@ -102,8 +102,9 @@ def group_norm_reference(group, eps, nhwc=False):
     return forward
 
 
-@pytest.mark.parametrize("shape, group, nhwc", [((2, 6, 3, 3), 3, False), ((1, 4, 5), 2, False),
-                                                ((2, 3, 2, 4), 1, True), ((2, 4, 2, 2, 2), 4, False)])
+@pytest.mark.parametrize("shape, group, nhwc", [
+    ((2, 6, 3, 3), 3, False), ((1, 4, 5), 2, False), ((2, 3, 2, 4), 1, True),
+    ((2, 4, 2, 2, 2), 4, False)])
 def test_group_norm(shape, group, nhwc):
     c = shape[-1] if nhwc else shape[1]
     args = dict(group=group, epsilon=1e-4, order="NHWC" if nhwc else "NCHW")

@@ -45,7 +45,7 @@ def test_lengths_weighted_sum():
 def test_lengths_must_cover_data():
     with pytest.raises(Exception, match="lengths add up to 3 but DATA has 4 rows"):
         check_op("LengthsSum", {"D": rand(4), "L": np.array([1, 2], np.int32)}, ["Y"], {},
-                 lambda d, l: d, grad=False)
+                 lambda d, lens: d, grad=False)
 
 
 @pytest.mark.parametrize("ids", [[0, 0, 1, 3, 3], [2, 2, 2], [0, 1, 2, 3, 4]])
