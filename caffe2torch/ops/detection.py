@@ -74,6 +74,45 @@ def nms(boxes, thresh, max_keep=-1, plus_one=1.0):
     return torch.tensor(keep, dtype=torch.long, device=boxes.device)
 
 
+_SOFT_METHODS = {"linear": 1, "gaussian": 2}
+
+
+def soft_nms(boxes, scores, indices, sigma, overlap, min_score, method, plus_one=1.0):
+    """Soft-NMS (Bodla et al., as Detectron): (kept indices, scores decayed by overlap).
+
+    ``method`` 1 (linear) scales overlapping scores by 1 − IoU above ``overlap``, 2 (gaussian) by
+    exp(−IoU²/sigma), 0 drops them; boxes whose score falls below ``min_score`` are discarded.
+    """
+    b = boxes.detach().cpu().numpy()
+    s = scores.detach().cpu().numpy().copy()
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1 + plus_one) * (y2 - y1 + plus_one)
+    pending = [int(i) for i in indices.tolist()]
+    keep = []
+    while pending:
+        pos = int(np.argmax(s[pending]))  # the first maximum, as Eigen's maxCoeff
+        i = pending[pos]
+        keep.append(i)
+        pending[0], pending[pos] = pending[pos], pending[0]
+        rest = np.array(pending[1:], dtype=np.int64)
+        if rest.size == 0:
+            break
+        w = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + plus_one, 0)
+        h = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + plus_one, 0)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[rest] - inter)
+        if method == 1:
+            weight = np.where(ovr > overlap, 1.0 - ovr, 1.0)
+        elif method == 2:
+            weight = np.exp(-ovr * ovr / sigma)
+        else:
+            weight = np.where(ovr > overlap, 0.0, 1.0)
+        s[rest] = s[rest] * weight.astype(s.dtype)
+        pending = rest[s[rest] >= min_score].tolist()
+    return (torch.tensor(keep, dtype=torch.long, device=boxes.device),
+            torch.from_numpy(s).to(scores.device))
+
+
 def _sort_desc(scores):
     """Indices of ``scores`` from highest to lowest (stable: ties keep their order)."""
     return torch.sort(scores, descending=True, stable=True)[1]
@@ -210,31 +249,45 @@ def bbox_transform_op(ctx, inputs):
 
 def _box_nms_setup(ctx):
     _no_rotated(ctx)
-    if ctx.arg("soft_nms_enabled", 0):
-        raise ValueError("operator BoxWithNMSLimit: soft NMS (soft_nms_enabled=1) is not supported "
-                         "by caffe2torch")
     if int(ctx.arg("input_scores_fg_cls_starting_id", 1)) != 1:
         raise ValueError("operator BoxWithNMSLimit: only input_scores_fg_cls_starting_id=1 is "
                          "supported")
+    soft = None
+    if ctx.arg("soft_nms_enabled", 0):
+        method = ctx.arg("soft_nms_method", "linear")
+        if method not in _SOFT_METHODS:
+            raise ValueError(f"operator BoxWithNMSLimit: soft_nms_method must be 'linear' or "
+                             f"'gaussian', not {method!r}")
+        soft = (float(ctx.arg("soft_nms_sigma", 0.5)),
+                float(ctx.arg("soft_nms_min_score_thres", 0.001)), _SOFT_METHODS[method])
     ctx.state["nms"] = (float(ctx.arg("score_thresh", 0.05)), float(ctx.arg("nms", 0.3)),
                         int(ctx.arg("detections_per_im", 100)),
                         bool(ctx.arg("cls_agnostic_bbox_reg", 0)),
                         bool(ctx.arg("input_boxes_include_bg_cls", 1)),
-                        bool(ctx.arg("output_classes_include_bg_cls", 1)), _plus_one(ctx))
+                        bool(ctx.arg("output_classes_include_bg_cls", 1)), _plus_one(ctx), soft)
 
 
 def _nms_one_image(state, scores, boxes):
-    """Per-class keeps (lists of row indices; class 0, the background, stays empty)."""
-    thresh, nms_thresh, per_im, agnostic, boxes_bg, _, plus_one = state
+    """(per-class keeps, scores): keeps are row indices (class 0, the background, stays empty);
+    with soft NMS the scores come back decayed."""
+    thresh, nms_thresh, per_im, agnostic, boxes_bg, _, plus_one, soft = state
     num_classes = scores.shape[1]
     keeps = [torch.zeros(0, dtype=torch.long, device=scores.device)]
+    if soft is not None:
+        scores = scores.clone()
     for j in range(1, num_classes):
         col = 0 if agnostic else (j if boxes_bg else j - 1)
         cur = scores[:, j]
         inds = (cur > thresh).nonzero().reshape(-1)
+        cls_boxes = boxes[:, 4 * col:4 * col + 4]
+        if soft is not None:
+            sigma, min_score, method = soft
+            kept, scores[:, j] = soft_nms(cls_boxes, cur, inds, sigma, nms_thresh, min_score,
+                                          method, plus_one)
+            keeps.append(kept)
+            continue
         inds = inds[_sort_desc(cur[inds])]
-        kept = nms(boxes[inds, 4 * col:4 * col + 4], nms_thresh, per_im if per_im > 0 else -1,
-                   plus_one)
+        kept = nms(cls_boxes[inds], nms_thresh, per_im if per_im > 0 else -1, plus_one)
         keeps.append(inds[kept])
     total = sum(k.numel() for k in keeps)
     if 0 < per_im < total:
@@ -244,7 +297,7 @@ def _nms_one_image(state, scores, boxes):
         best = _sort_desc(scores[rows, cls])[:per_im]
         cls, rows = cls[best], rows[best]
         keeps = [rows[cls == j] for j in range(num_classes)]
-    return keeps
+    return keeps, scores
 
 
 @register_op("BoxWithNMSLimit", gradient=NO_GRADIENT, setup=_box_nms_setup, data_dependent=True)
@@ -269,7 +322,7 @@ def box_with_nms_limit(ctx, inputs):
     start = 0
     for count in splits:
         s, b = scores[start:start + count], boxes[start:start + count]
-        keeps = _nms_one_image(state, s, b)
+        keeps, s = _nms_one_image(state, s, b)
         for j, rows in enumerate(keeps):
             if j == 0:
                 continue

@@ -395,3 +395,50 @@ def test_upsample_bilinear_scales_input():
              lambda x, s: torch.nn.functional.interpolate(x, size=(6, 3), mode="bilinear",
                                                           align_corners=True),
              no_grad_inputs=("scales",))
+
+
+def py_soft_nms(boxes, scores, sigma, overlap, min_score, method):
+    """Soft-NMS over Python dicts: take the best remaining box, decay the others by overlap."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+        area = lambda t: (t[2] - t[0] + 1) * (t[3] - t[1] + 1)  # noqa: E731
+        return w * h / (area(a) + area(b) - w * h)
+    remaining = dict(enumerate(scores))
+    kept = []
+    while remaining:
+        i = max(remaining, key=lambda k: (remaining[k], -k))
+        kept.append((i, remaining.pop(i)))
+        for j in list(remaining):
+            o = iou(boxes[i], boxes[j])
+            remaining[j] *= (1 - o if o > overlap else 1.0) if method == "linear" else \
+                math.exp(-o * o / sigma)
+            if remaining[j] < min_score:
+                del remaining[j]
+    return kept
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_box_with_nms_limit_soft_nms(method):
+    rng = np.random.default_rng(11)
+    n, k = 12, 3
+    scores = rng.uniform(0, 1, (n, k)).astype(np.float32)
+    xy = rng.uniform(0, 20, (n, k, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 20, (n, k, 2))], 2).reshape(n, 4 * k)
+    boxes = boxes.astype(np.float32)
+    s, b, c = run("BoxWithNMSLimit", {"scores": scores, "boxes": boxes}, ["s", "b", "c"],
+                  score_thresh=0.1, nms=0.3, detections_per_im=-1, soft_nms_enabled=1,
+                  soft_nms_method=method, soft_nms_sigma=0.5, soft_nms_min_score_thres=0.05)
+    offset, decayed = 0, 0
+    for j in range(1, k):
+        inds = [i for i in range(n) if scores[i, j] > 0.1]
+        ref = py_soft_nms([boxes[i, 4 * j:4 * j + 4].tolist() for i in inds],
+                          [float(scores[i, j]) for i in inds], 0.5, 0.3, 0.05, method)
+        got = len(ref)
+        np.testing.assert_array_equal(c[offset:offset + got], j)
+        np.testing.assert_allclose(s[offset:offset + got], [r[1] for r in ref], rtol=1e-5)
+        np.testing.assert_allclose(b[offset:offset + got],
+                                   [boxes[inds[r[0]], 4 * j:4 * j + 4] for r in ref])
+        decayed += sum(r[1] < scores[inds[r[0]], j] for r in ref)
+        offset += got
+    assert offset == len(s) and decayed > 0  # soft NMS decayed some scores rather than dropping
