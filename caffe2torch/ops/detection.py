@@ -568,3 +568,63 @@ def upsample_bilinear_gradient(ctx, inputs):
     """(dY, X[, scales]) -> dX, the adjoint of the forward's interpolation."""
     dy, x = inputs[0].to(ctx.device), inputs[1].to(ctx.device)
     return vjp(lambda t: upsample_bilinear(t, dy.shape[2], dy.shape[3]), [x], [0], [dy])
+
+
+# --- BatchPermutation, SpatialNarrowAs (Detectron's FPN and Mask R-CNN glue) ---------------------
+
+def _batch_permutation_grad(op, g_output):
+    """BatchPermutationGradient(indices, dY) -> dX."""
+    return [gradient_op(op, "BatchPermutationGradient", [op.input[1], g_output[0]],
+                        [grad_name(op.input[0])])], [grad_name(op.input[0]), None]
+
+
+def _permutation(ctx, indices, n):
+    indices = indices.reshape(-1).long()
+    if indices.numel() != n:
+        raise ValueError(f"operator {ctx.op.type}: {indices.numel()} indices for a batch of {n}")
+    return indices
+
+
+@register_op("BatchPermutation", gradient=_batch_permutation_grad)
+def batch_permutation(ctx, inputs):
+    """Y[i] = X[indices[i]]: reorder the batch (first) dimension."""
+    x, indices = inputs
+    return [x[_permutation(ctx, indices, x.shape[0]).to(x.device)]]
+
+
+@register_op("BatchPermutationGradient")
+def batch_permutation_gradient(ctx, inputs):
+    """(indices, dY) -> dX with dX[indices[i]] = dY[i]."""
+    indices, dy = inputs
+    index = _permutation(ctx, indices, dy.shape[0]).to(dy.device)
+    return [torch.zeros_like(dy).index_add_(0, index, dy)]
+
+
+def _narrow_grad(op, g_output):
+    """SpatialNarrowAsGradient(A, B, dC) -> dA."""
+    return [gradient_op(op, "SpatialNarrowAsGradient", [op.input[0], op.input[1], g_output[0]],
+                        [grad_name(op.input[0])])], [grad_name(op.input[0]), None]
+
+
+def _narrow_check(ctx, a, b):
+    if a.dim() != 4 or b.dim() != 4 or b.shape[2] > a.shape[2] or b.shape[3] > a.shape[3]:
+        raise ValueError(f"operator {ctx.op.type}: A {tuple(a.shape)} must be NCHW and at least "
+                         f"as large as B {tuple(b.shape)} in H and W")
+
+
+@register_op("SpatialNarrowAs", gradient=_narrow_grad)
+def spatial_narrow_as(ctx, inputs):
+    """C = A[:, :, :H_B, :W_B]: cut A to B's spatial size (NCHW)."""
+    a, b = inputs
+    _narrow_check(ctx, a, b)
+    return [a[:, :, :b.shape[2], :b.shape[3]].contiguous()]
+
+
+@register_op("SpatialNarrowAsGradient")
+def spatial_narrow_as_gradient(ctx, inputs):
+    """(A, B, dC) -> dA: dC in the top-left corner, zeros elsewhere."""
+    a, b, dc = inputs
+    _narrow_check(ctx, a, b)
+    da = torch.zeros_like(a)
+    da[:, :, :dc.shape[2], :dc.shape[3]] = dc
+    return [da]

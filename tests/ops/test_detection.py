@@ -442,3 +442,14 @@ def test_box_with_nms_limit_soft_nms(method):
         decayed += sum(r[1] < scores[inds[r[0]], j] for r in ref)
         offset += got
     assert offset == len(s) and decayed > 0  # soft NMS decayed some scores rather than dropping
+
+
+def test_batch_permutation():
+    perm = np.array([2, 0, 3, 1], np.int32)
+    check_op("BatchPermutation", {"X": rand(4, 3, 2), "I": perm}, ["Y"], {},
+             lambda x, i: x[torch.tensor(perm, dtype=torch.long)])
+
+
+def test_spatial_narrow_as():
+    check_op("SpatialNarrowAs", {"A": rand(2, 3, 5, 6), "B": rand(1, 1, 3, 4)}, ["C"], {},
+             lambda a, b: a[:, :, :3, :4], no_grad_inputs=("B",))
