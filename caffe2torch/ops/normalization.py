@@ -71,6 +71,12 @@ def lrn_gradient(ctx, inputs):
     return vjp(lambda x: _lrn(ctx.state["lrn"], x)[0], [inputs[0]], [0], [inputs[-1]])
 
 
+def _need_moments(op, names):
+    if len(op.output) < 3:
+        raise ValueError(f"the gradient of {op.type} needs its moments: give {op.type} three "
+                         f"outputs (Y, {names})")
+
+
 # --- LayerNorm ----------------------------------------------------------------------------------
 
 def _layer_norm_setup(ctx):
@@ -100,6 +106,7 @@ def _layer_norm(state, x, gamma=None, beta=None):
 
 def _layer_norm_grad(op, g_output):
     """LayerNormGradient(dY, Y, mean, std, X[, gamma, beta]) -> (dX[, dgamma, dbeta])."""
+    _need_moments(op, "mean, std")
     affine = len(op.input) == 3
     ins = [g_output[0], op.output[0], op.output[1], op.output[2], op.input[0]]
     outs = [grad_name(op.input[0])]
@@ -149,6 +156,7 @@ def _group_norm(state, x, gamma, beta):
 
 def _group_norm_grad(op, g_output):
     """GroupNormGradient(dY, X, gamma, beta, mean, inv_std) -> (dX, dgamma, dbeta)."""
+    _need_moments(op, "mean, inv_std")
     outs = [grad_name(n) for n in op.input]
     return [gradient_op(op, "GroupNormGradient", [g_output[0]] + list(op.input) +
                         list(op.output[1:3]), outs)], outs

@@ -147,3 +147,11 @@ def test_affine_channel(learnable, nhwc):
              dict(is_learnable=learnable, order="NHWC" if nhwc else "NCHW"),
              lambda x, s, b: x * s.reshape(shape) + b.reshape(shape),
              no_grad_inputs=() if learnable else ("scale", "bias"))
+
+
+@pytest.mark.parametrize("op, inputs", [("LayerNorm", ["X"]), ("GroupNorm", ["X", "g", "b"])])
+def test_norm_gradient_needs_the_moments(op, inputs):
+    net = core.Net("norm")
+    getattr(net, op)(inputs, ["Y"])
+    with pytest.raises(ValueError, match="needs its moments"):
+        net.AddGradientOperators({"Y": "dY"})
