@@ -415,9 +415,10 @@ def roi_align(state, x, rois):
                 for xi, wx in ((x_lo, x_wlo), (x_hi, x_whi)):
                     idx = base + yi[:, :, None] * w + xi[:, None, :]
                     weight = wy[:, :, None] * wx[:, None, :] * ok
-                    out = out + table[idx] * weight[..., None]
-    out = out / count.reshape(r, 1, 1, 1)
-    return out if nhwc else out.permute(0, 3, 1, 2)
+                    # In place: the (R, ph, pw, C) accumulator is the op's largest tensor.
+                    out.addcmul_(table[idx], weight[..., None])
+    out.div_(count.reshape(r, 1, 1, 1))
+    return out if nhwc else out.permute(0, 3, 1, 2).contiguous()
 
 
 def _roi_align_grad(op, g_output):
