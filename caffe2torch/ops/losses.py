@@ -149,7 +149,7 @@ def _spatial_setup(ctx):
 
 
 def _spatial_loss(ctx, x, label, weight=None):
-    """(P, loss): softmax over channels; loss = scale·Σ w·(−log p_label) / Σ w over pixels."""
+    """(P, loss): softmax over channels; loss = Σ w·(−log p_label) / Σ w over counted pixels."""
     if x.dim() != 4 or tuple(label.shape) != (x.shape[0],) + tuple(x.shape[2:]):
         raise ValueError(f"operator {ctx.op.type}: X must be (N, D, H, W) and label (N, H, W), got "
                          f"{tuple(x.shape)} and {tuple(label.shape)}")
@@ -157,13 +157,17 @@ def _spatial_loss(ctx, x, label, weight=None):
         raise ValueError(f"operator {ctx.op.type}: label must be an integer tensor")
     log_p = torch.log_softmax(x, 1)
     care = label != _DONT_CARE
+    bad = ((label < 0) & care) | (label >= x.shape[1])
+    if label.device.type == "cpu" and bool(bad.any()):
+        raise ValueError(f"operator {ctx.op.type}: labels must lie in [0, {x.shape[1]}) or be −1 "
+                         "(not counted)")
     w = care.to(x.dtype) if weight is None else weight.reshape(label.shape).to(x.dtype) * care
     index = label.long().clamp(min=0).unsqueeze(1)
     nll = -log_p.exp().gather(1, index).squeeze(1).clamp_min(_LOG_THRESHOLD).log()
     total = w.sum()
     loss = torch.where(total > 0, (nll * w).sum() / total, torch.zeros((), dtype=x.dtype,
                                                                        device=x.device))
-    return log_p.exp(), loss * ctx.state["scale"]
+    return log_p.exp(), loss
 
 
 def _spatial_grad(op, g_output):
@@ -175,7 +179,8 @@ def _spatial_grad(op, g_output):
 
 @register_op("SpatialSoftmaxWithLoss", gradient=_spatial_grad, setup=_spatial_setup)
 def spatial_softmax_with_loss(ctx, inputs):
-    """(X [N,D,H,W], label [N,H,W][, weight]) -> (P, loss); label −1 pixels do not count."""
+    """(X [N,D,H,W], label [N,H,W][, weight]) -> (P, loss); label −1 pixels do not count;
+    ``scale`` multiplies the gradient only, as in Caffe2."""
     return list(_spatial_loss(ctx, *inputs))
 
 
@@ -183,7 +188,9 @@ def spatial_softmax_with_loss(ctx, inputs):
 def spatial_softmax_with_loss_gradient(ctx, inputs):
     """(X, label[, weight], P, dLoss) -> dX = (P − onehot)·w·scale·dLoss / Σw."""
     x, rest, d_loss = inputs[0], inputs[1:-2], inputs[-1]
-    return vjp(lambda x: _spatial_loss(ctx, x, *rest)[1], [x], [0], [d_loss])
+    # Caffe2 applies ``scale`` in the gradient only: its forward loss is unscaled.
+    (dx,) = vjp(lambda x: _spatial_loss(ctx, x, *rest)[1], [x], [0], [d_loss])
+    return [dx.mul_(ctx.state["scale"])]
 
 
 # --- SmoothL1Loss (Detectron) -------------------------------------------------------------------

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from caffe2torch.python import core, workspace
+
 from .helpers import check_op, rand
 
 
@@ -63,16 +65,32 @@ def spatial_reference(scale, with_weight):
     return forward
 
 
-@pytest.mark.parametrize("with_weight, scale", [(False, 1.0), (True, 0.5)])
-def test_spatial_softmax_with_loss(with_weight, scale):
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_spatial_softmax_with_loss(with_weight):
     rng = np.random.default_rng(0)
     label = rng.integers(-1, 4, (2, 3, 5)).astype(np.int32)
     inputs = {"X": rand(2, 4, 3, 5) * 2, "label": label}
     if with_weight:
         inputs["weight"] = rand(2, 3, 5, seed=3, low=0.1, high=2)
-    check_op("SpatialSoftmaxWithLoss", inputs, ["P", "loss"], dict(scale=scale),
-             spatial_reference(scale, with_weight), grad_outputs=["loss"],
+    check_op("SpatialSoftmaxWithLoss", inputs, ["P", "loss"], {},
+             spatial_reference(1.0, with_weight), grad_outputs=["loss"],
              no_grad_inputs=("weight",))
+
+
+def test_spatial_softmax_with_loss_scale_multiplies_the_gradient_only():
+    """Caffe2's forward ignores ``scale``; its gradient op applies it."""
+    workspace.FeedBlob("X", rand(1, 3, 2, 2))
+    workspace.FeedBlob("label", np.array([[[0, 1], [2, -1]]], np.int32))
+    results = []
+    for scale in (1.0, 0.25):
+        net = core.Net(f"scaled_{scale}")
+        net.SpatialSoftmaxWithLoss(["X", "label"], ["P", "loss"], scale=scale)
+        net.AddGradientOperators(["loss"])
+        workspace.RunNetOnce(net)
+        results.append((workspace.FetchBlob("loss"), workspace.FetchBlob("X_grad")))
+    (loss, dx), (scaled_loss, scaled_dx) = results
+    assert loss == scaled_loss and np.abs(dx).max() > 0
+    np.testing.assert_allclose(scaled_dx, 0.25 * dx, rtol=1e-12)
 
 
 @pytest.mark.parametrize("beta, scale", [(1.0, 1.0), (0.11, 2.0)])
