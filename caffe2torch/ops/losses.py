@@ -193,6 +193,16 @@ def spatial_softmax_with_loss_gradient(ctx, inputs):
     return [dx.mul_(ctx.state["scale"])]
 
 
+def _like_first(ctx, inputs, names):
+    """The inputs, each later one viewed in the first one's shape (Detectron compares sizes)."""
+    first = inputs[0]
+    for name, t in zip(names, inputs[1:]):
+        if t.numel() != first.numel():
+            raise ValueError(f"operator {ctx.op.type}: {name} has {t.numel()} elements but "
+                             f"{ctx.input_names[0]!r} has {first.numel()}")
+    return [first] + [t.reshape(first.shape) for t in inputs[1:]]
+
+
 # --- SmoothL1Loss (Detectron) -------------------------------------------------------------------
 
 def _smooth_l1_setup(ctx):
@@ -210,15 +220,14 @@ def _smooth_l1(state, y_hat, y, alpha_in, alpha_out):
              gradient=_grad_of_first("SmoothL1LossGradient", "inputs_first"))
 def smooth_l1_loss(ctx, inputs):
     """(Y_hat, Y, alpha_in, alpha_out) -> scale/N · Σ alpha_out·smoothL1(alpha_in·(Y_hat − Y))."""
-    for name, t in zip(("Y", "alpha_in", "alpha_out"), inputs[1:]):
-        _same_shape(ctx, inputs[0], t, name)
-    return [_smooth_l1(ctx.state["smooth"], *inputs)]
+    return [_smooth_l1(ctx.state["smooth"], *_like_first(ctx, inputs,
+                                                         ("Y", "alpha_in", "alpha_out")))]
 
 
 @register_op("SmoothL1LossGradient", setup=_smooth_l1_setup)
 def smooth_l1_loss_gradient(ctx, inputs):
     """(Y_hat, Y, alpha_in, alpha_out, dLoss) -> dY_hat."""
-    y_hat, rest, d_loss = inputs[0], inputs[1:4], inputs[4]
+    y_hat, rest, d_loss = inputs[0], _like_first(ctx, inputs[:4], ("Y", "a", "b"))[1:], inputs[4]
     return vjp(lambda t: _smooth_l1(ctx.state["smooth"], t, *rest), [y_hat], [0], [d_loss])
 
 
@@ -233,20 +242,21 @@ def _sigmoid_loss(state, x, targets):
     care = (targets != _DONT_CARE).to(x.dtype)
     t = targets.to(x.dtype)
     per = (F.softplus(x) - x * t) * care
-    norm = care.sum().clamp(min=1.0) if normalize else float(x.shape[0])
+    # Detectron divides by the count of counted targets (at least 1e-5), else not at all.
+    norm = care.sum().clamp(min=1e-5) if normalize else 1.0
     return per.sum() * scale / norm
 
 
 @register_op("SigmoidCrossEntropyLoss", setup=_sigmoid_loss_setup,
              gradient=_grad_of_first("SigmoidCrossEntropyLossGradient", "inputs_first"))
 def sigmoid_cross_entropy_loss(ctx, inputs):
-    """(X, int targets; −1 ignored) -> scale · Σ sigmoid cross entropy / (valid count or N)."""
-    _same_shape(ctx, inputs[0], inputs[1], "targets")
-    return [_sigmoid_loss(ctx.state["sigmoid_loss"], *inputs)]
+    """(X, int targets; −1 ignored) -> scale · Σ sigmoid cross entropy (/ count if normalize)."""
+    return [_sigmoid_loss(ctx.state["sigmoid_loss"], *_like_first(ctx, inputs, ("targets",)))]
 
 
 @register_op("SigmoidCrossEntropyLossGradient", setup=_sigmoid_loss_setup)
 def sigmoid_cross_entropy_loss_gradient(ctx, inputs):
     """(X, targets, dLoss) -> dX = scale·(σ(X) − t)·valid·dLoss / normalizer."""
-    x, targets, d_loss = inputs
+    x, targets = _like_first(ctx, inputs[:2], ("targets",))
+    d_loss = inputs[2]
     return vjp(lambda x: _sigmoid_loss(ctx.state["sigmoid_loss"], x, targets), [x], [0], [d_loss])
