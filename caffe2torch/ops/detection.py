@@ -249,9 +249,6 @@ def bbox_transform_op(ctx, inputs):
 
 def _box_nms_setup(ctx):
     _no_rotated(ctx)
-    if int(ctx.arg("input_scores_fg_cls_starting_id", 1)) != 1:
-        raise ValueError("operator BoxWithNMSLimit: only input_scores_fg_cls_starting_id=1 is "
-                         "supported")
     soft = None
     if ctx.arg("soft_nms_enabled", 0):
         method = ctx.arg("soft_nms_method", "linear")
@@ -267,6 +264,18 @@ def _box_nms_setup(ctx):
                         bool(ctx.arg("output_classes_include_bg_cls", 1)), _plus_one(ctx), soft)
 
 
+def _box_col(state, j):
+    """The box column of class j (0 = background): Caffe2's get_box_cls_index."""
+    agnostic, boxes_bg = state[3], state[4]
+    return 0 if agnostic else (j if boxes_bg else j - 1)
+
+
+def _score_col(state, j):
+    """The score column of class j. Without a background box column the scores hold the
+    foreground classes first (background last): Caffe2's get_score_cls_index."""
+    return j - 1 + int(state[4])
+
+
 def _nms_one_image(state, scores, boxes):
     """(per-class keeps, scores): keeps are row indices (class 0, the background, stays empty);
     with soft NMS the scores come back decayed."""
@@ -276,14 +285,14 @@ def _nms_one_image(state, scores, boxes):
     if soft is not None:
         scores = scores.clone()
     for j in range(1, num_classes):
-        col = 0 if agnostic else (j if boxes_bg else j - 1)
-        cur = scores[:, j]
+        col = _box_col(state, j)
+        cur = scores[:, _score_col(state, j)]
         inds = (cur > thresh).nonzero().reshape(-1)
         cls_boxes = boxes[:, 4 * col:4 * col + 4]
         if soft is not None:
             sigma, min_score, method = soft
-            kept, scores[:, j] = soft_nms(cls_boxes, cur, inds, sigma, nms_thresh, min_score,
-                                          method, plus_one)
+            kept, scores[:, _score_col(state, j)] = soft_nms(
+                cls_boxes, cur, inds, sigma, nms_thresh, min_score, method, plus_one)
             keeps.append(kept)
             continue
         inds = inds[_sort_desc(cur[inds])]
@@ -294,7 +303,7 @@ def _nms_one_image(state, scores, boxes):
         # Keep the detections_per_im best over all classes.
         cls = torch.cat([torch.full_like(k, j) for j, k in enumerate(keeps)])
         rows = torch.cat(keeps)
-        best = _sort_desc(scores[rows, cls])[:per_im]
+        best = _sort_desc(scores[rows, cls - 1 + int(boxes_bg)])[:per_im]
         cls, rows = cls[best], rows[best]
         keeps = [rows[cls == j] for j in range(num_classes)]
     return keeps, scores
@@ -326,8 +335,8 @@ def box_with_nms_limit(ctx, inputs):
         for j, rows in enumerate(keeps):
             if j == 0:
                 continue
-            col = 0 if agnostic else (j if boxes_bg else j - 1)
-            out_scores.append(s[rows, j])
+            col = _box_col(state, j)
+            out_scores.append(s[rows, _score_col(state, j)])
             out_boxes.append(b[rows, 4 * col:4 * col + 4])
             out_classes.append(torch.full((rows.numel(),), float(j - (not out_bg)),
                                           device=scores.device))

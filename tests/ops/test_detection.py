@@ -453,3 +453,27 @@ def test_batch_permutation():
 def test_spatial_narrow_as():
     check_op("SpatialNarrowAs", {"A": rand(2, 3, 5, 6), "B": rand(1, 1, 3, 4)}, ["C"], {},
              lambda a, b: a[:, :, :3, :4], no_grad_inputs=("B",))
+
+
+def test_box_with_nms_limit_without_background_boxes():
+    """input_boxes_include_bg_cls=0: scores hold the foreground classes first, background last."""
+    rng = np.random.default_rng(8)
+    n, k = 10, 3
+    scores = rng.uniform(0, 1, (n, k)).astype(np.float32)
+    xy = rng.uniform(0, 30, (n, k - 1, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 20, (n, k - 1, 2))], 2).reshape(n, -1)
+    boxes = boxes.astype(np.float32)
+    s, b, c = run("BoxWithNMSLimit", {"scores": scores, "boxes": boxes}, ["s", "b", "c"],
+                  input_boxes_include_bg_cls=0, output_classes_include_bg_cls=0, nms=0.4,
+                  score_thresh=0.3)
+    offset = 0
+    for fg in range(k - 1):
+        inds = [i for i in range(n) if scores[i, fg] > 0.3]
+        keep = py_nms([boxes[i, 4 * fg:4 * fg + 4].tolist() for i in inds],
+                      [float(scores[i, fg]) for i in inds], 0.4)
+        rows = [inds[j] for j in keep]
+        np.testing.assert_array_equal(s[offset:offset + len(rows)], scores[rows, fg])
+        np.testing.assert_array_equal(b[offset:offset + len(rows)], boxes[rows, 4 * fg:4 * fg + 4])
+        np.testing.assert_array_equal(c[offset:offset + len(rows)], fg)
+        offset += len(rows)
+    assert offset == len(s) > 0
