@@ -638,3 +638,82 @@ def spatial_narrow_as_gradient(ctx, inputs):
     da = torch.zeros_like(a)
     da[:, :, :dc.shape[2], :dc.shape[3]] = dc
     return [da]
+
+
+# --- FPN: CollectAndDistributeFpnRpnProposals, CollectRpnProposals, DistributeFpnProposals -------
+
+def _collect_setup(ctx):
+    lo, hi = int(ctx.arg("rpn_min_level", 2)), int(ctx.arg("rpn_max_level", 6))
+    levels = hi - lo + 1
+    distribute = ctx.op.type == "CollectAndDistributeFpnRpnProposals"
+    if len(ctx.input_names) != 2 * levels:
+        raise ValueError(f"operator {ctx.op.type}: RPN levels {lo}..{hi} need {2 * levels} inputs "
+                         f"(the rois of each level, then their probs), got "
+                         f"{len(ctx.input_names)}")
+    ctx.state["collect"] = (levels, int(ctx.arg("rpn_post_nms_topN", 2000)))
+    if distribute:
+        _distribute_setup(ctx, extra=1)
+
+
+def _distribute_setup(ctx, extra=0):
+    lo, hi = int(ctx.arg("roi_min_level", 2)), int(ctx.arg("roi_max_level", 5))
+    if len(ctx.output_names) != hi - lo + 2 + extra:
+        raise ValueError(f"operator {ctx.op.type}: RoI levels {lo}..{hi} need "
+                         f"{hi - lo + 2 + extra} outputs, got {len(ctx.output_names)}")
+    ctx.state["distribute"] = (lo, hi, float(ctx.arg("roi_canonical_scale", 224)),
+                               float(ctx.arg("roi_canonical_level", 4)))
+
+
+def _collect(ctx, inputs):
+    """The rois of all levels, best rpn_post_nms_topN first (stable sort by score)."""
+    levels, top = ctx.state["collect"]
+    rois = torch.cat([r.reshape(-1, 5) for r in inputs[:levels]])
+    scores = torch.cat([s.reshape(-1) for s in inputs[levels:]])
+    if rois.shape[0] != scores.shape[0]:
+        raise ValueError(f"operator {ctx.op.type}: {rois.shape[0]} rois but {scores.shape[0]} "
+                         "probabilities")
+    order = _sort_desc(scores)
+    if 0 < top < order.numel():
+        order = order[:top]
+    return rois[order]
+
+
+def _distribute(ctx, rois):
+    """(rois of each level, rois_idx_restore): the FPN paper's level of each RoI by its size."""
+    lo, hi, scale, level = ctx.state["distribute"]
+    boxes = rois[:, 1:5].float()
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    if bool((area < 0).any()):
+        raise ValueError(f"operator {ctx.op.type}: negative RoI areas")
+    target = torch.floor(level + torch.log2(area.sqrt() / scale + 1e-6)).clamp(lo, hi)
+    per_level, order = [], []
+    for lvl in range(lo, hi + 1):
+        idx = (target == lvl).nonzero().reshape(-1)
+        per_level.append(rois[idx])
+        order.append(idx)
+    restore = torch.argsort(torch.cat(order)).int()
+    return per_level, restore
+
+
+@register_op("CollectAndDistributeFpnRpnProposals", gradient=NO_GRADIENT, setup=_collect_setup,
+             data_dependent=True)
+def collect_and_distribute_fpn_rpn_proposals(ctx, inputs):
+    """(rpn_rois_fpnK..., rpn_roi_probs_fpnK...) -> (rois, rois_fpnL..., rois_idx_restore)."""
+    rois = _collect(ctx, inputs)
+    per_level, restore = _distribute(ctx, rois)
+    return [rois] + per_level + [restore]
+
+
+@register_op("CollectRpnProposals", gradient=NO_GRADIENT, setup=_collect_setup,
+             data_dependent=True)
+def collect_rpn_proposals(ctx, inputs):
+    """(rpn_rois_fpnK..., rpn_roi_probs_fpnK...) -> rois: the best rpn_post_nms_topN of all."""
+    return [_collect(ctx, inputs)]
+
+
+@register_op("DistributeFpnProposals", gradient=NO_GRADIENT, setup=_distribute_setup,
+             data_dependent=True)
+def distribute_fpn_proposals(ctx, inputs):
+    """rois -> (rois_fpnL..., rois_idx_restore): each RoI to the FPN level of its size."""
+    per_level, restore = _distribute(ctx, inputs[0].reshape(-1, 5))
+    return per_level + [restore]

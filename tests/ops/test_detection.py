@@ -477,3 +477,43 @@ def test_box_with_nms_limit_without_background_boxes():
         np.testing.assert_array_equal(c[offset:offset + len(rows)], fg)
         offset += len(rows)
     assert offset == len(s) > 0
+
+
+def fpn_reference(rois_per_level, probs_per_level, top, lo=2, hi=5):
+    """Detectron's collect_and_distribute_fpn_rpn_proposals in numpy."""
+    rois = np.concatenate(rois_per_level)
+    scores = np.concatenate(probs_per_level)
+    rois = rois[np.argsort(-scores, kind="stable")[:top]]
+    w = rois[:, 3] - rois[:, 1] + 1
+    h = rois[:, 4] - rois[:, 2] + 1
+    lvls = np.clip(np.floor(4 + np.log2(np.sqrt(w * h) / 224 + 1e-6)), lo, hi)
+    per_level = [rois[lvls == k] for k in range(lo, hi + 1)]
+    order = np.concatenate([np.where(lvls == k)[0] for k in range(lo, hi + 1)])
+    return rois, per_level, np.argsort(order).astype(np.int32)
+
+
+def test_collect_and_distribute_fpn_rpn_proposals():
+    rng = np.random.default_rng(12)
+    rois, probs = [], []
+    for n in (6, 4, 3, 2, 1):  # RPN levels 2..6
+        xy = rng.uniform(0, 300, (n, 2))
+        size = rng.uniform(4, 600, (n, 2))
+        rois.append(np.concatenate([rng.integers(0, 2, (n, 1)), xy, xy + size], 1)
+                    .astype(np.float32))
+        probs.append(rng.uniform(0, 1, n).astype(np.float32))
+    inputs = {f"rois{i}": r for i, r in enumerate(rois)}
+    inputs.update({f"probs{i}": p for i, p in enumerate(probs)})
+    outputs = ["rois"] + [f"rois_fpn{k}" for k in range(2, 6)] + ["restore"]
+    got = run("CollectAndDistributeFpnRpnProposals", inputs, outputs, rpn_post_nms_topN=12)
+    ref_rois, ref_levels, ref_restore = fpn_reference(rois, probs, 12)
+    np.testing.assert_array_equal(got[0], ref_rois)
+    for level, expected in zip(got[1:5], ref_levels):
+        np.testing.assert_array_equal(level.reshape(-1, 5), expected)
+    np.testing.assert_array_equal(got[5], ref_restore)
+    assert sum(len(level) for level in got[1:5]) == 12
+    # The two halves give the same as the whole.
+    (collected,) = run("CollectRpnProposals", inputs, ["collected"], rpn_post_nms_topN=12)
+    np.testing.assert_array_equal(collected, ref_rois)
+    parts = run("DistributeFpnProposals", {"collected": collected},
+                [f"d_fpn{k}" for k in range(2, 6)] + ["d_restore"])
+    np.testing.assert_array_equal(parts[-1], ref_restore)
