@@ -260,3 +260,98 @@ def sigmoid_cross_entropy_loss_gradient(ctx, inputs):
     x, targets = _like_first(ctx, inputs[:2], ("targets",))
     d_loss = inputs[2]
     return vjp(lambda x: _sigmoid_loss(ctx.state["sigmoid_loss"], x, targets), [x], [0], [d_loss])
+
+
+# --- SigmoidFocalLoss, SoftmaxFocalLoss (Detectron's RetinaNet) ---------------------------------
+
+_FLT_MIN = 1.1754943508222875e-38  # Detectron clamps probabilities to FLT_MIN before the log
+
+
+def _focal_setup(ctx):
+    default_classes = 80 if ctx.op.type.startswith("Sigmoid") else 81
+    ctx.state["focal"] = (float(ctx.arg("scale", 1.0)), float(ctx.arg("gamma", 1.0)),
+                          float(ctx.arg("alpha", 0.25)),
+                          int(ctx.arg("num_classes", default_classes)))
+
+
+def _focal_shapes(ctx, x, targets):
+    num_classes = ctx.state["focal"][3]
+    if x.dim() != 4 or x.shape[1] % num_classes:
+        raise ValueError(f"operator {ctx.op.type}: logits must be (N, A·{num_classes}, H, W), got "
+                         f"{tuple(x.shape)}")
+    n, d, h, w = x.shape
+    a = d // num_classes
+    if tuple(targets.shape) != (n, a, h, w):
+        raise ValueError(f"operator {ctx.op.type}: targets must be (N, A, H, W) = "
+                         f"{(n, a, h, w)}, got {tuple(targets.shape)}")
+    return x.reshape(n, a, num_classes, h, w), targets.long()
+
+
+def _sigmoid_focal(ctx, x, targets, fg_num):
+    scale, gamma, alpha, num_classes = ctx.state["focal"]
+    x5, t = _focal_shapes(ctx, x, targets)
+    classes = torch.arange(1, num_classes + 1, device=x.device).reshape(1, 1, -1, 1, 1)
+    t = t.unsqueeze(2)
+    pos = (t == classes).to(x.dtype)
+    neg = ((t != -1) & (t != classes)).to(x.dtype)
+    norm = fg_num.reshape(-1)[0].to(x.dtype).clamp(min=1.0)
+    p = torch.sigmoid(x5)
+    term1 = (1 - p).pow(gamma) * p.clamp(min=_FLT_MIN).log()
+    term2 = p.pow(gamma) * -F.softplus(x5)  # p^γ·log(1 − p)
+    losses = -pos * term1 * (alpha / norm) - neg * term2 * ((1 - alpha) / norm)
+    return losses.sum() * scale
+
+
+def _focal_grad(grad_type, with_p):
+    def maker(op, g_output):
+        ins = list(op.input[:3]) + ([op.output[1]] if with_p else []) + [g_output[0]]
+        return [gradient_op(op, grad_type, ins, [grad_name(op.input[0])])], \
+            [grad_name(op.input[0]), None, None]
+    maker.__doc__ = f"{grad_type}(logits, targets, fg_num{', P' if with_p else ''}, dLoss) -> " \
+        "dlogits."
+    return maker
+
+
+@register_op("SigmoidFocalLoss", gradient=_focal_grad("SigmoidFocalLossGradient", False),
+             setup=_focal_setup)
+def sigmoid_focal_loss(ctx, inputs):
+    """(logits [N, A·C, H, W], targets [N, A, H, W] in 1..C, 0 bg, −1 ignored, fg_num) -> loss."""
+    return [_sigmoid_focal(ctx, *inputs)]
+
+
+@register_op("SigmoidFocalLossGradient", setup=_focal_setup)
+def sigmoid_focal_loss_gradient(ctx, inputs):
+    """(logits, targets, fg_num, dLoss) -> dlogits."""
+    x, targets, fg_num, d_loss = inputs
+    return vjp(lambda x: _sigmoid_focal(ctx, x, targets, fg_num), [x], [0], [d_loss])
+
+
+def _softmax_focal(ctx, x, targets, fg_num):
+    """(loss, P): softmax over each anchor's C classes; −(1 − p_t)^γ·log p_t weighted by α."""
+    scale, gamma, alpha, _ = ctx.state["focal"]
+    x5, t = _focal_shapes(ctx, x, targets)
+    if t.device.type == "cpu" and t.numel() and int(t.max()) >= x5.shape[2]:
+        raise ValueError(f"operator {ctx.op.type}: labels must lie in [-1, {x5.shape[2]}), got "
+                         f"{int(t.max())}")
+    p = torch.softmax(x5, 2)
+    care = t >= 0
+    p_t = p.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
+    norm = fg_num.reshape(-1)[0].to(x.dtype).clamp(min=1.0)
+    z = torch.where(t == 0, (1 - alpha) / norm, alpha / norm) * care
+    losses = -(1 - p_t).pow(gamma) * p_t.clamp(min=_FLT_MIN).log() * z
+    return losses.sum() * scale, p.reshape(x.shape)
+
+
+@register_op("SoftmaxFocalLoss", gradient=_focal_grad("SoftmaxFocalLossGradient", True),
+             setup=_focal_setup)
+def softmax_focal_loss(ctx, inputs):
+    """(logits [N, A·C, H, W], targets [N, A, H, W] in 0..C−1, −1 ignored, fg_num) -> (loss, P)."""
+    loss, p = _softmax_focal(ctx, *inputs)
+    return [loss, p]
+
+
+@register_op("SoftmaxFocalLossGradient", setup=_focal_setup)
+def softmax_focal_loss_gradient(ctx, inputs):
+    """(logits, targets, fg_num, P, dLoss) -> dlogits."""
+    x, targets, fg_num, _, d_loss = inputs
+    return vjp(lambda x: _softmax_focal(ctx, x, targets, fg_num)[0], [x], [0], [d_loss])

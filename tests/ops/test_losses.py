@@ -118,3 +118,45 @@ def test_sigmoid_cross_entropy_loss(normalize, scale):
         return scale * per.sum() / (care.sum() if normalize else 1.0)
     check_op("SigmoidCrossEntropyLoss", {"X": x, "T": targets}, ["loss"],
              dict(normalize=normalize, scale=scale), reference)
+
+
+def focal_inputs(num_classes, highest_label):
+    """Logits for 2 anchors of ``num_classes``; labels −1 (ignored) .. highest_label."""
+    rng = np.random.default_rng(9)
+    n, a, h, w = 2, 2, 3, 2
+    return {"X": rand(n, a * num_classes, h, w) * 2,
+            "T": rng.integers(-1, highest_label + 1, (n, a, h, w)).astype(np.int32),
+            "fg": np.array([3.0])}
+
+
+@pytest.mark.parametrize("gamma, alpha", [(2.0, 0.25), (1.0, 0.5)])
+def test_sigmoid_focal_loss(gamma, alpha):
+    inputs = focal_inputs(3, 3)  # sigmoid: classes 1..3, 0 background
+
+    def reference(x, t, fg):
+        n, d, h, w = x.shape
+        x5 = x.reshape(n, 2, 3, h, w)
+        p = torch.sigmoid(x5)
+        t5 = t.long().unsqueeze(2)
+        cls = torch.arange(1, 4).reshape(1, 1, 3, 1, 1)
+        pos, neg = (t5 == cls).double(), ((t5 != -1) & (t5 != cls)).double()
+        loss = -pos * alpha * (1 - p) ** gamma * torch.log(p) \
+            - neg * (1 - alpha) * p ** gamma * torch.log(1 - p)
+        return 0.5 * loss.sum() / fg.max().clamp(min=1)
+    check_op("SigmoidFocalLoss", inputs, ["loss"],
+             dict(num_classes=3, gamma=gamma, alpha=alpha, scale=0.5), reference,
+             no_grad_inputs=("fg",))
+
+
+def test_softmax_focal_loss():
+    inputs = focal_inputs(3, 2)  # softmax: classes 0..2, 0 background
+
+    def reference(x, t, fg):
+        n, d, h, w = x.shape
+        p = torch.softmax(x.reshape(n, 2, 3, h, w), 2)
+        t = t.long()
+        p_t = p.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
+        z = torch.where(t == 0, 0.75, 0.25) * (t >= 0) / fg.max().clamp(min=1)
+        return (-(1 - p_t) ** 2 * torch.log(p_t) * z).sum(), p.reshape(x.shape)
+    check_op("SoftmaxFocalLoss", inputs, ["loss", "P"], dict(num_classes=3, gamma=2.0),
+             reference, no_grad_inputs=("fg",))
