@@ -717,3 +717,38 @@ def distribute_fpn_proposals(ctx, inputs):
     """rois -> (rois_fpnL..., rois_idx_restore): each RoI to the FPN level of its size."""
     per_level, restore = _distribute(ctx, inputs[0].reshape(-1, 5))
     return per_level + [restore]
+
+
+# --- GroupSpatialSoftmax (RetinaNet) ------------------------------------------------------------
+
+def _group_softmax_setup(ctx):
+    ctx.state["num_classes"] = int(ctx.arg("num_classes", 81))
+
+
+def _groups(ctx, x):
+    k = ctx.state["num_classes"]
+    if x.dim() != 4 or x.shape[1] % k:
+        raise ValueError(f"operator {ctx.op.type}: scores must be (N, A·{k}, H, W), got "
+                         f"{tuple(x.shape)}")
+    n, c, h, w = x.shape
+    return x.reshape(n, c // k, k, h, w)
+
+
+def _group_softmax_grad(op, g_output):
+    """GroupSpatialSoftmaxGradient(Y, dY) -> dX."""
+    return [gradient_op(op, "GroupSpatialSoftmaxGradient", [op.output[0], g_output[0]],
+                        [grad_name(op.input[0])])], [grad_name(op.input[0])]
+
+
+@register_op("GroupSpatialSoftmax", gradient=_group_softmax_grad, setup=_group_softmax_setup)
+def group_spatial_softmax(ctx, inputs):
+    """Softmax over each group of ``num_classes`` channels (one group per anchor), per pixel."""
+    x = inputs[0]
+    return [torch.softmax(_groups(ctx, x), 2).reshape(x.shape)]
+
+
+@register_op("GroupSpatialSoftmaxGradient", setup=_group_softmax_setup)
+def group_spatial_softmax_gradient(ctx, inputs):
+    """(Y, dY) -> dX = Y·(dY − Σ_group dY·Y)."""
+    y, dy = _groups(ctx, inputs[0]), _groups(ctx, inputs[1])
+    return [(y * (dy - (dy * y).sum(2, keepdim=True))).reshape(inputs[0].shape)]

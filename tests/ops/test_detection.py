@@ -517,3 +517,10 @@ def test_collect_and_distribute_fpn_rpn_proposals():
     parts = run("DistributeFpnProposals", {"collected": collected},
                 [f"d_fpn{k}" for k in range(2, 6)] + ["d_restore"])
     np.testing.assert_array_equal(parts[-1], ref_restore)
+
+
+@pytest.mark.parametrize("num_classes", [3, 1])
+def test_group_spatial_softmax(num_classes):
+    x = rand(2, 2 * num_classes, 3, 2)
+    check_op("GroupSpatialSoftmax", {"X": x}, ["Y"], dict(num_classes=num_classes),
+             lambda x: torch.softmax(x.reshape(2, 2, num_classes, 3, 2), 2).reshape(x.shape))
