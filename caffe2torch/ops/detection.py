@@ -752,3 +752,75 @@ def group_spatial_softmax_gradient(ctx, inputs):
     """(Y, dY) -> dX = Y·(dY − Σ_group dY·Y)."""
     y, dy = _groups(ctx, inputs[0]), _groups(ctx, inputs[1])
     return [(y * (dy - (dy * y).sum(2, keepdim=True))).reshape(inputs[0].shape)]
+
+
+# --- PSRoIPool (R-FCN) --------------------------------------------------------------------------
+
+def _ps_setup(ctx):
+    scale, group, dim = (float(ctx.arg("spatial_scale", 1.0)), int(ctx.arg("group_size", 1)),
+                         int(ctx.arg("output_dim", 1)))
+    if scale <= 0 or group < 1 or dim < 1:
+        raise ValueError(f"operator {ctx.op.type}: spatial_scale, group_size and output_dim must "
+                         f"be positive, got {scale}, {group}, {dim}")
+    ctx.state["ps"] = (scale, group, dim)
+
+
+def ps_roi_pool(state, x, rois):
+    """(Y [R, output_dim, G, G], mapping_channel): position-sensitive average RoI pooling."""
+    scale, group, dim = state
+    n, c, h, w = x.shape
+    if c != dim * group * group:
+        raise ValueError(f"operator PSRoIPool: X has {c} channels; output_dim·group_size² = "
+                         f"{dim * group * group} expected")
+    batch, boxes = _roi_boxes(rois, "PSRoIPool")
+    r = boxes.shape[0]
+    b32 = boxes.float()
+    # float32 arithmetic, as the R-FCN kernel: rounded corners, ends one pixel past x2/y2.
+    start = _round(b32[:, :2]).float() * scale
+    end = (_round(b32[:, 2:]).float() + 1.0) * scale
+    size = (end - start).clamp(min=0.1)
+    bin_w, bin_h = size[:, 0] / group, size[:, 1] / group
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    y = x.new_zeros((r, dim, group, group))
+    mapping = torch.empty((r, dim, group, group), dtype=torch.int32, device=x.device)
+    tops = torch.arange(dim, device=x.device)
+    for i in range(group):
+        h0 = torch.floor(i * bin_h + start[:, 1]).long().clamp(0, h)
+        h1 = torch.ceil((i + 1) * bin_h + start[:, 1]).long().clamp(0, h)
+        in_h = (ys >= h0[:, None]) & (ys < h1[:, None])
+        for j in range(group):
+            w0 = torch.floor(j * bin_w + start[:, 0]).long().clamp(0, w)
+            w1 = torch.ceil((j + 1) * bin_w + start[:, 0]).long().clamp(0, w)
+            in_w = (xs >= w0[:, None]) & (xs < w1[:, None])
+            mask = (in_h[:, :, None] & in_w[:, None, :]).to(x.dtype)  # (R, H, W)
+            channels = (tops * group + i) * group + j
+            feats = x[batch[:, None], channels[None, :]]  # (R, dim, H, W)
+            area = ((h1 - h0) * (w1 - w0)).clamp(min=0).to(x.dtype)
+            total = (feats * mask[:, None]).sum((2, 3))
+            y[:, :, i, j] = torch.where(area[:, None] > 0, total / area.clamp(min=1)[:, None],
+                                        torch.zeros_like(total))
+            mapping[:, :, i, j] = channels.int()
+    return y, mapping
+
+
+def _ps_grad(op, g_output):
+    """PSRoIPoolGradient(X, RoIs, mapping_channel, dY) -> dX."""
+    if len(op.output) < 2:
+        raise ValueError("the gradient of PSRoIPool needs its mapping_channel output: give "
+                         "PSRoIPool two outputs (Y, mapping_channel)")
+    return [gradient_op(op, "PSRoIPoolGradient", [op.input[0], op.input[1], op.output[1],
+                                                  g_output[0]], [grad_name(op.input[0])])], \
+        [grad_name(op.input[0]), None]
+
+
+@register_op("PSRoIPool", gradient=_ps_grad, setup=_ps_setup)
+def ps_roi_pool_op(ctx, inputs):
+    """(X [N, dim·G², H, W], RoIs [R, 5]) -> (Y [R, dim, G, G], mapping_channel) (R-FCN)."""
+    return list(ps_roi_pool(ctx.state["ps"], *inputs))[:max(1, len(ctx.output_names))]
+
+
+@register_op("PSRoIPoolGradient", setup=_ps_setup)
+def ps_roi_pool_gradient(ctx, inputs):
+    """(X, RoIs, mapping_channel, dY) -> dX: each bin's gradient spread evenly over the bin."""
+    x, rois, _, dy = inputs
+    return vjp(lambda t: ps_roi_pool(ctx.state["ps"], t, rois)[0], [x], [0], [dy])

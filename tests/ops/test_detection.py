@@ -524,3 +524,45 @@ def test_group_spatial_softmax(num_classes):
     x = rand(2, 2 * num_classes, 3, 2)
     check_op("GroupSpatialSoftmax", {"X": x}, ["Y"], dict(num_classes=num_classes),
              lambda x: torch.softmax(x.reshape(2, 2, num_classes, 3, 2), 2).reshape(x.shape))
+
+
+def ps_roi_pool_reference(scale, group, dim):
+    def c_round(v):
+        return int(math.floor(abs(v) + 0.5)) * (1 if v >= 0 else -1)
+
+    def forward(x, rois):
+        n, c, h, w = x.shape
+        out = []
+        for roi in rois.tolist():
+            b = int(roi[0])
+            sw, sh = np.float32(c_round(roi[1])) * np.float32(scale), \
+                np.float32(c_round(roi[2])) * np.float32(scale)
+            ew, eh = np.float32(c_round(roi[3]) + 1) * np.float32(scale), \
+                np.float32(c_round(roi[4]) + 1) * np.float32(scale)
+            bw = max(ew - sw, np.float32(0.1)) / np.float32(group)
+            bh = max(eh - sh, np.float32(0.1)) / np.float32(group)
+            bins = torch.zeros(dim, group, group, dtype=x.dtype)
+            for i in range(group):
+                h0 = min(max(int(math.floor(np.float32(i) * bh + sh)), 0), h)
+                h1 = min(max(int(math.ceil(np.float32(i + 1) * bh + sh)), 0), h)
+                for j in range(group):
+                    w0 = min(max(int(math.floor(np.float32(j) * bw + sw)), 0), w)
+                    w1 = min(max(int(math.ceil(np.float32(j + 1) * bw + sw)), 0), w)
+                    if h1 <= h0 or w1 <= w0:
+                        continue
+                    for top in range(dim):
+                        ch = (top * group + i) * group + j
+                        bins[top, i, j] = x[b, ch, h0:h1, w0:w1].mean()
+            out.append(bins)
+        return torch.stack(out)
+    return forward
+
+
+@pytest.mark.parametrize("scale, group, dim", [(0.5, 2, 3), (0.25, 3, 1), (1.0, 1, 2)])
+def test_ps_roi_pool(scale, group, dim):
+    rng = np.random.default_rng(13)
+    x = rand(2, dim * group * group, 6, 7)
+    rois = make_rois(rng, 5, 2, int(8 / scale))
+    check_op("PSRoIPool", {"X": x, "R": rois}, ["Y", "mapping"],
+             dict(spatial_scale=scale, group_size=group, output_dim=dim),
+             ps_roi_pool_reference(scale, group, dim), no_grad_inputs=("R",))
