@@ -130,3 +130,17 @@ def aten(ctx, inputs):
                          f"value(s) for {len(ctx.output_names)} outputs")
     return [t if isinstance(t, torch.Tensor) else torch.tensor(t, device=ctx.device)
             for t in outs[:len(ctx.output_names)]]
+
+
+# --- EnsureDense --------------------------------------------------------------------------------
+
+def _ensure_dense_grad(op, g_output):
+    """No op: the gradient passes through (dense gradients stay dense)."""
+    return [], [g_output[0]]
+
+
+@register_op("EnsureDense", gradient=_ensure_dense_grad)
+def ensure_dense(ctx, inputs):
+    """Y = X: caffe2torch tensors are always dense (in place allowed)."""
+    x = inputs[0]
+    return [x if ctx.inplace.get(0) == 0 else x.clone()]

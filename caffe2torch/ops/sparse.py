@@ -254,3 +254,38 @@ def sparse_to_dense(ctx, inputs):
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
         raise ValueError(f"operator SparseToDense: indices must lie in [0, {rows})")
     return [_segment_sum(values, indices, rows)]
+
+
+# --- LengthsTile, SegmentIdsToLengths -----------------------------------------------------------
+
+def _lengths_tile_grad(op, g_output):
+    """LengthsSum(dY, LENGTHS) -> dDATA (Caffe2's GetLengthsTileGradient)."""
+    return [gradient_op(op, "LengthsSum", [g_output[0], op.input[1]], [grad_name(op.input[0])],
+                        copy_args=False)], [grad_name(op.input[0]), None]
+
+
+@register_op("LengthsTile", gradient=_lengths_tile_grad, cpu_only_inputs=True,
+             data_dependent=True)
+def lengths_tile(ctx, inputs):
+    """(DATA, LENGTHS) -> row i of DATA repeated LENGTHS[i] times."""
+    data = inputs[0].to(ctx.device)
+    lengths = inputs[1].reshape(-1).long()
+    if lengths.numel() != data.shape[0]:
+        raise ValueError(f"operator LengthsTile: {lengths.numel()} lengths for {data.shape[0]} "
+                         "rows of DATA")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError("operator LengthsTile: lengths must not be negative")
+    return [torch.repeat_interleave(data, lengths.to(data.device), 0)]
+
+
+@register_op("SegmentIdsToLengths", gradient=NO_GRADIENT, cpu_only_inputs=True,
+             data_dependent=True)
+def segment_ids_to_lengths(ctx, inputs):
+    """Sorted segment ids [0, 0, 2] -> lengths [2, 0, 1] (int32); an optional second input's
+    first dimension gives the number of segments."""
+    ids = _ids(ctx, inputs[0], inputs[0].numel(), True)
+    segments = inputs[1].shape[0] if len(inputs) > 1 else (int(ids[-1]) + 1 if ids.numel() else 0)
+    if ids.numel() and int(ids[-1]) >= segments:
+        raise ValueError(f"operator SegmentIdsToLengths: segment id {int(ids[-1])} does not fit "
+                         f"{segments} segments")
+    return [torch.bincount(ids, minlength=segments).int().to(ctx.device)]

@@ -114,3 +114,7 @@ def test_aten_unknown_operator():
     workspace.FeedBlob("X", rand(2))
     with pytest.raises(Exception, match="no aten operator 'frobnicate'"):
         run("ATen", ["X"], ["Y"], operator="frobnicate")
+
+
+def test_ensure_dense_passes_the_gradient_through():
+    check_op("EnsureDense", {"X": rand(2, 3)}, ["Y"], {}, lambda x: x)

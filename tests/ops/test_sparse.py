@@ -116,3 +116,19 @@ def test_lengths_to_segment_ids_and_sparse_to_dense():
     np.testing.assert_array_equal(workspace.FetchBlob("Y").ravel(), [0, 2, 0, 5, 0])
     workspace.RunOperatorOnce(core.CreateOperator("SparseToDense", ["I", "V"], ["Y"]))
     assert workspace.FetchBlob("Y").shape == (4, 1)
+
+
+@pytest.mark.parametrize("lengths", [[2, 0, 3], [1, 1, 1]])
+def test_lengths_tile(lengths):
+    data = rand(3, 2)
+    check_op("LengthsTile", {"D": data, "L": np.array(lengths, np.int32)}, ["Y"], {},
+             lambda d, _l: torch.repeat_interleave(d, torch.tensor(lengths), 0))
+
+
+def test_segment_ids_to_lengths():
+    workspace.FeedBlob("S", np.array([0, 0, 2, 2, 2], np.int32))
+    workspace.RunOperatorOnce(core.CreateOperator("SegmentIdsToLengths", ["S"], ["L"]))
+    np.testing.assert_array_equal(workspace.FetchBlob("L"), [2, 0, 3])
+    workspace.FeedBlob("like", np.zeros(5))
+    workspace.RunOperatorOnce(core.CreateOperator("SegmentIdsToLengths", ["S", "like"], ["L"]))
+    np.testing.assert_array_equal(workspace.FetchBlob("L"), [2, 0, 3, 0, 0])
