@@ -241,7 +241,8 @@ def np_nms(boxes, scores, thresh):
         w = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
         h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
         inter = w * h
-        order = order[1:][inter / (areas[i] + areas[order[1:]] - inter) <= thresh]
+        with np.errstate(invalid="ignore"):  # empty boxes: a NaN IoU drops the box
+            order = order[1:][inter / (areas[i] + areas[order[1:]] - inter) <= thresh]
     return np.array(keep, dtype=np.int64)
 
 
