@@ -824,3 +824,34 @@ def ps_roi_pool_gradient(ctx, inputs):
     """(X, RoIs, mapping_channel, dY) -> dX: each bin's gradient spread evenly over the bin."""
     x, rois, _, dy = inputs
     return vjp(lambda t: ps_roi_pool(ctx.state["ps"], t, rois)[0], [x], [0], [dy])
+
+
+# --- SampleAs (Mask R-CNN) ----------------------------------------------------------------------
+
+def _sample_as_grad(op, g_output):
+    """SampleAsGradient(X, labels, dY) -> dX."""
+    return [gradient_op(op, "SampleAsGradient", [op.input[0], op.input[1], g_output[0]],
+                        [grad_name(op.input[0])])], [grad_name(op.input[0]), None]
+
+
+def _sample_rows(ctx, x, labels):
+    labels = labels.reshape(-1)
+    if labels.numel() != x.shape[0]:
+        raise ValueError(f"operator {ctx.op.type}: {labels.numel()} labels for {x.shape[0]} rows")
+    return (labels > 0).to(x.device)
+
+
+@register_op("SampleAs", gradient=_sample_as_grad, data_dependent=True)
+def sample_as(ctx, inputs):
+    """Y = the rows of X whose label is > 0."""
+    x, labels = inputs
+    return [x[_sample_rows(ctx, x, labels)]]
+
+
+@register_op("SampleAsGradient")
+def sample_as_gradient(ctx, inputs):
+    """(X, labels, dY) -> dX: dY in the selected rows, zeros elsewhere."""
+    x, labels, dy = inputs
+    dx = torch.zeros_like(x)
+    dx[_sample_rows(ctx, x, labels)] = dy.to(dx.dtype)
+    return [dx]

@@ -355,3 +355,43 @@ def softmax_focal_loss_gradient(ctx, inputs):
     """(logits, targets, fg_num, P, dLoss) -> dlogits."""
     x, targets, fg_num, _, d_loss = inputs
     return vjp(lambda x: _softmax_focal(ctx, x, targets, fg_num)[0], [x], [0], [d_loss])
+
+
+# --- SelectSmoothL1Loss (RetinaNet) -------------------------------------------------------------
+
+def _select_smooth_l1(state, y_hat, y, locations, count):
+    """scale · Σ smoothL1(Y_hat[n, c + j, y, x] − Y[i, j]) / max(count, 1) over the M locations."""
+    beta, scale = state
+    if y.numel() == 0:
+        return y_hat.sum() * 0.0
+    n, d, h, w = y_hat.shape
+    loc = locations.reshape(-1, 4).long()
+    j = torch.arange(4, device=y_hat.device)
+    flat = ((loc[:, :1] * d + loc[:, 1:2] + j) * h + loc[:, 2:3]) * w + loc[:, 3:4]  # (M, 4)
+    diff = (y_hat.reshape(-1)[flat] - y.reshape(-1, 4).to(y_hat.dtype)).abs()
+    per = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    # Written into a buffer the size of Y_hat, as the kernel does: a location listed twice
+    # counts once.
+    buff = y_hat.new_zeros(y_hat.numel()).index_put((flat.reshape(-1),), per.reshape(-1))
+    return buff.sum() * scale / count.reshape(-1)[0].to(y_hat.dtype).clamp(min=1.0)
+
+
+@register_op("SelectSmoothL1Loss", setup=_smooth_l1_setup,
+             gradient=_grad_of_first("SelectSmoothL1LossGradient", "inputs_first"))
+def select_smooth_l1_loss(ctx, inputs):
+    """(Y_hat [N, D, H, W], Y [M, 4], locations [M, 4] = (n, c, y, x), count) -> smooth L1 of the
+    four box values at each location, / max(count, 1)."""
+    y_hat = inputs[0]
+    if y_hat.dim() != 4 or inputs[1].numel() != inputs[2].numel():
+        raise ValueError(f"operator SelectSmoothL1Loss: Y_hat must be 4-D and Y, locations "
+                         f"(M, 4); got {tuple(y_hat.shape)}, {tuple(inputs[1].shape)}, "
+                         f"{tuple(inputs[2].shape)}")
+    return [_select_smooth_l1(ctx.state["smooth"], *inputs)]
+
+
+@register_op("SelectSmoothL1LossGradient", setup=_smooth_l1_setup)
+def select_smooth_l1_loss_gradient(ctx, inputs):
+    """(Y_hat, Y, locations, count, dLoss) -> dY_hat (zero off the listed locations)."""
+    y_hat, y, loc, count, d_loss = inputs
+    return vjp(lambda t: _select_smooth_l1(ctx.state["smooth"], t, y, loc, count), [y_hat], [0],
+               [d_loss])

@@ -566,3 +566,9 @@ def test_ps_roi_pool(scale, group, dim):
     check_op("PSRoIPool", {"X": x, "R": rois}, ["Y", "mapping"],
              dict(spatial_scale=scale, group_size=group, output_dim=dim),
              ps_roi_pool_reference(scale, group, dim), no_grad_inputs=("R",))
+
+
+def test_sample_as():
+    labels = np.array([0, 2, -1, 1], np.int32)
+    check_op("SampleAs", {"X": rand(4, 3), "labels": labels}, ["Y"], {},
+             lambda x, _l: x[torch.tensor(labels) > 0])

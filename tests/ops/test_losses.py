@@ -160,3 +160,19 @@ def test_softmax_focal_loss():
         return (-(1 - p_t) ** 2 * torch.log(p_t) * z).sum(), p.reshape(x.shape)
     check_op("SoftmaxFocalLoss", inputs, ["loss", "P"], dict(num_classes=3, gamma=2.0),
              reference, no_grad_inputs=("fg",))
+
+
+@pytest.mark.parametrize("beta, count", [(1.0, 3.0), (0.11, 0.0)])
+def test_select_smooth_l1_loss(beta, count):
+    locations = np.array([[0, 0, 1, 2], [1, 4, 0, 0], [1, 0, 2, 1]], np.float32)
+    inputs = {"Y_hat": rand(2, 8, 3, 3), "Y": rand(3, 4, seed=1), "L": locations,
+              "S": np.array([count], np.float32)}
+
+    def reference(y_hat, y, loc, s):
+        total = 0.0
+        for i, (n, c, yy, xx) in enumerate(loc.long().tolist()):
+            d = (y_hat[n, c:c + 4, yy, xx] - y[i]).abs()
+            total = total + torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).sum()
+        return 2.0 * total / max(float(s.detach()[0]), 1.0)
+    check_op("SelectSmoothL1Loss", inputs, ["loss"], dict(beta=beta, scale=2.0), reference,
+             no_grad_inputs=("Y", "L", "S"))
