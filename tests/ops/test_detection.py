@@ -572,3 +572,20 @@ def test_sample_as():
     labels = np.array([0, 2, -1, 1], np.int32)
     check_op("SampleAs", {"X": rand(4, 3), "labels": labels}, ["Y"], {},
              lambda x, _l: x[torch.tensor(labels) > 0])
+
+
+def test_empty_inputs_give_empty_detections():
+    s, b, c = run("BoxWithNMSLimit", {"scores": np.zeros((0, 3), np.float32),
+                                      "boxes": np.zeros((0, 12), np.float32)}, ["s", "b", "c"])
+    assert s.shape == (0,) and b.shape == (0, 4) and c.shape == (0,)
+    # Every score under the threshold: nothing survives.
+    s, b, c = run("BoxWithNMSLimit", {"scores": np.full((4, 3), 0.01, np.float32),
+                                      "boxes": rand(4, 12).astype(np.float32)}, ["s", "b", "c"])
+    assert s.shape == (0,) and b.shape == (0, 4)
+    # min_size larger than the image: no proposal is left.
+    rois, probs = run("GenerateProposals", {
+        "scores": np.ones((1, 2, 2, 2), np.float32), "deltas": np.zeros((1, 8, 2, 2), np.float32),
+        "im_info": np.array([[32, 32, 1.0]], np.float32),
+        "anchors": np.array([[0, 0, 15, 15], [0, 0, 7, 7]], np.float32)}, ["rois", "probs"],
+        min_size=100.0)
+    assert rois.shape == (0, 5) and probs.shape == (0,)
