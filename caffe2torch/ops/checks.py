@@ -1,5 +1,7 @@
-"""Checks and utilities: NanCheck, AtomicFetchAdd, Checkpoint, CopyFromCPUInput,
-CopyOnDeviceLike and ATen (one named ``torch.ops.aten`` call)."""
+"""Checks and utilities: NanCheck, EnforceFinite, Assert, AtomicFetchAdd, the counters, Checkpoint,
+CopyFromCPUInput, CopyOnDeviceLike, EnsureDense and ATen (one named ``torch.ops.aten`` call)."""
+import threading
+
 import torch
 
 from caffe2torch.ops import db, utility
@@ -144,3 +146,103 @@ def ensure_dense(ctx, inputs):
     """Y = X: caffe2torch tensors are always dense (in place allowed)."""
     x = inputs[0]
     return [x if ctx.inplace.get(0) == 0 else x.clone()]
+
+
+# --- EnforceFinite, Assert ----------------------------------------------------------------------
+
+@register_op("EnforceFinite", gradient=NO_GRADIENT)
+def enforce_finite(ctx, inputs):
+    """Raise when the input holds NaN or ±Inf; no output."""
+    x = inputs[0]
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"EnforceFinite: blob {ctx.input_names[0]!r} holds NaN or Inf")
+    return []
+
+
+@register_op("Assert", gradient=NO_GRADIENT)
+def assert_op(ctx, inputs):
+    """Raise (with ``error_msg``) unless every element of the input is true (non-zero)."""
+    x = inputs[0]
+    if x.dtype.is_floating_point:
+        raise ValueError(f"operator Assert: blob {ctx.input_names[0]!r} must be bool or integer, "
+                         f"not {x.dtype}")
+    if not bool(x.all()):
+        message = ctx.arg("error_msg", "")
+        raise ValueError(f"Assert failed for blob {ctx.input_names[0]!r}"
+                         + (f": {message}" if message else ""))
+    return []
+
+
+# --- Counters: CreateCounter, ResetCounter, CountUp, CountDown, CheckCounterDone, RetrieveCount -
+
+class Counter:
+    """What CreateCounter stores: an int64 count behind a lock (Caffe2's atomic Counter)."""
+
+    def __init__(self, count):
+        self.count = count
+        self.lock = threading.Lock()
+
+    def __repr__(self):
+        return f"<Caffe2 counter {self.count}>"
+
+
+def _counter(ctx, value):
+    if not isinstance(value, Counter):
+        raise ValueError(f"operator {ctx.op.type}: blob {ctx.input_names[0]!r} is not a counter; "
+                         "create it with CreateCounter")
+    return value
+
+
+def _int64(ctx, value):
+    return torch.tensor(value, dtype=torch.int64)
+
+
+@register_op("CreateCounter", gradient=NO_GRADIENT, side_effects=True)
+def create_counter(ctx, inputs):
+    """Y = a new counter starting at ``init_count`` (default 0)."""
+    return [Counter(int(ctx.arg("init_count", 0)))]
+
+
+@register_op("ResetCounter", gradient=NO_GRADIENT, side_effects=True)
+def reset_counter(ctx, inputs):
+    """Set the counter to ``init_count`` (default 0); the optional output is the old count."""
+    counter = _counter(ctx, inputs[0])
+    with counter.lock:
+        old, counter.count = counter.count, int(ctx.arg("init_count", 0))
+    return [_int64(ctx, old)] if ctx.output_names else []
+
+
+@register_op("CountUp", gradient=NO_GRADIENT, side_effects=True)
+def count_up(ctx, inputs):
+    """Add 1 to the counter; the output is the count before (int64)."""
+    counter = _counter(ctx, inputs[0])
+    with counter.lock:
+        old = counter.count
+        counter.count += 1
+    return [_int64(ctx, old)]
+
+
+@register_op("CountDown", gradient=NO_GRADIENT, side_effects=True)
+def count_down(ctx, inputs):
+    """Subtract 1 from the counter; the output (bool) is true when it was already <= 0."""
+    counter = _counter(ctx, inputs[0])
+    with counter.lock:
+        done = counter.count <= 0
+        counter.count -= 1
+    return [torch.tensor(done)]
+
+
+@register_op("CheckCounterDone", gradient=NO_GRADIENT, side_effects=True)
+def check_counter_done(ctx, inputs):
+    """Y (bool) = the counter is <= 0."""
+    counter = _counter(ctx, inputs[0])
+    with counter.lock:
+        return [torch.tensor(counter.count <= 0)]
+
+
+@register_op("RetrieveCount", gradient=NO_GRADIENT, side_effects=True)
+def retrieve_count(ctx, inputs):
+    """Y (int64) = the counter's count."""
+    counter = _counter(ctx, inputs[0])
+    with counter.lock:
+        return [_int64(ctx, counter.count)]

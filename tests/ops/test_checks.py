@@ -118,3 +118,36 @@ def test_aten_unknown_operator():
 
 def test_ensure_dense_passes_the_gradient_through():
     check_op("EnsureDense", {"X": rand(2, 3)}, ["Y"], {}, lambda x: x)
+
+
+def test_enforce_finite_and_assert():
+    workspace.FeedBlob("X", rand(3))
+    run("EnforceFinite", ["X"], [])
+    workspace.FeedBlob("X", np.array([1.0, np.nan]))
+    with pytest.raises(Exception, match="EnforceFinite: blob 'X' holds NaN or Inf"):
+        run("EnforceFinite", ["X"], [])
+    workspace.FeedBlob("ok", np.array([True, True]))
+    run("Assert", ["ok"], [])
+    workspace.FeedBlob("bad", np.array([1, 0], np.int32))
+    with pytest.raises(Exception, match="Assert failed for blob 'bad': not all positive"):
+        run("Assert", ["bad"], [], error_msg="not all positive")
+
+
+def test_counters():
+    run("CreateCounter", [], ["c"], init_count=2)
+    run("CountDown", ["c"], ["done"])
+    assert not workspace.FetchBlob("done")
+    run("CountDown", ["c"], ["done"])
+    assert not workspace.FetchBlob("done")
+    run("CheckCounterDone", ["c"], ["is_done"])
+    assert workspace.FetchBlob("is_done")
+    run("CountDown", ["c"], ["done"])
+    assert workspace.FetchBlob("done")
+    run("ResetCounter", ["c"], ["previous"], init_count=5)
+    assert workspace.FetchBlob("previous") == -1
+    run("CountUp", ["c"], ["before"])
+    run("RetrieveCount", ["c"], ["now"])
+    assert workspace.FetchBlob("before") == 5 and workspace.FetchBlob("now") == 6
+    assert workspace.FetchBlob("now").dtype == np.int64
+    with pytest.raises(Exception, match="is not a counter"):
+        run("CountUp", ["now"], ["x"])
