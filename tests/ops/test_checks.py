@@ -151,3 +151,19 @@ def test_counters():
     assert workspace.FetchBlob("now").dtype == np.int64
     with pytest.raises(Exception, match="is not a counter"):
         run("CountUp", ["now"], ["x"])
+
+
+def test_sum_broadcasts_and_sum_gradient_reduces_to_each_shape():
+    a, b, c = rand(2, 3), rand(3, seed=1), rand(1, 3, seed=2)
+    for name, value in (("A", a), ("B", b), ("C", c)):
+        workspace.FeedBlob(name, value)
+    run("Sum", ["A", "B", "C"], ["Y"])
+    np.testing.assert_allclose(workspace.FetchBlob("Y"), a + b + c)
+    run("Sum", ["B", "A"], ["Z"])  # a later input wider than the first
+    np.testing.assert_allclose(workspace.FetchBlob("Z"), a + b)
+    dy = rand(2, 3, seed=3)
+    workspace.FeedBlob("dY", dy)
+    run("SumGradient", ["dY", "A", "B", "C"], ["dA", "dB", "dC"])
+    np.testing.assert_allclose(workspace.FetchBlob("dA"), dy)
+    np.testing.assert_allclose(workspace.FetchBlob("dB"), dy.sum(0))
+    np.testing.assert_allclose(workspace.FetchBlob("dC"), dy.sum(0, keepdims=True))
