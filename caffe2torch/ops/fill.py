@@ -18,6 +18,18 @@ from caffe2torch.proto import caffe2_pb2
 _TP = caffe2_pb2.TensorProto
 
 
+def alloc(ctx, shape, dtype=torch.float32):
+    """The output tensor of a fill op: every filler allocates here, within caffe2torch.limits."""
+    _check_size(ctx, shape, dtype.itemsize)
+    return torch.empty(tuple(shape), dtype=dtype, device=ctx.device)
+
+
+def _check_size(ctx, shape, itemsize):
+    # A fill's shape comes from the model file: bound it before allocating (untrusted files).
+    limits.check_blob_size(shape, itemsize,
+                           f"operator {ctx.op.type} (output {ctx.output_names[0]!r})")
+
+
 def _shape_setup(ctx):
     """Check the shape arguments once; keep the static shape when there is no input."""
     shape = ctx.arg("shape", [])
@@ -35,15 +47,8 @@ def _shape_setup(ctx):
     ctx.state["shape"] = (tuple(int(d) for d in shape), tuple(int(d) for d in extra), as_shape)
 
 
-def fill_shape(ctx, inputs, itemsize=4):
-    """The output shape for this run, checked against caffe2torch.limits before any allocation."""
-    shape = _shape(ctx, inputs)
-    limits.check_blob_size(shape, itemsize,
-                           f"operator {ctx.op.type} (output {ctx.output_names[0]!r})")
-    return shape
-
-
-def _shape(ctx, inputs):
+def fill_shape(ctx, inputs):
+    """The output shape for this run."""
     shape, extra, as_shape = ctx.state["shape"]
     if not inputs:
         return shape
@@ -84,12 +89,13 @@ def _constant_setup(ctx):
 def constant_fill(ctx, inputs):
     """Y = ``value`` everywhere; dtype from ``dtype``, else inferred (float → FLOAT, int → INT64)."""
     dtype, value = ctx.state["fill"]
-    shape = fill_shape(ctx, inputs, 8 if dtype is None else dtype.itemsize)
+    shape = fill_shape(ctx, inputs)
     if dtype is None:
+        _check_size(ctx, shape, 8)
         out = np.empty(shape, dtype=object)
         out.fill(value)
         return [out]
-    return [torch.full(shape, value, dtype=dtype, device=ctx.device)]
+    return [alloc(ctx, shape, dtype).fill_(value)]
 
 
 # --- Random fills -------------------------------------------------------------------------------
@@ -99,7 +105,7 @@ def _random_setup(ctx):
 
 
 def _empty(ctx, inputs):
-    return torch.empty(fill_shape(ctx, inputs), dtype=torch.float32, device=ctx.device)
+    return alloc(ctx, fill_shape(ctx, inputs))
 
 
 @register_op("XavierFill", gradient=NO_GRADIENT, setup=_random_setup, cpu_only_inputs=True)
@@ -132,13 +138,85 @@ def gaussian_fill(ctx, inputs):
                         generator=ctx.generator)]
 
 
-@register_op("UniformFill", gradient=NO_GRADIENT, setup=_random_setup, cpu_only_inputs=True)
-def uniform_fill(ctx, inputs):
-    """Uniform(``min``, ``max``), defaults 0 and 1."""
-    low, high = float(ctx.arg("min", 0.0)), float(ctx.arg("max", 1.0))
+def _bounds(ctx, inputs, cast):
+    """(min, max): from inputs 2 and 3 when the op has three inputs (shape, min, max)."""
+    if len(inputs) == 3:
+        low, high = (cast(t.reshape(-1)[0].item()) for t in inputs[1:])
+    else:
+        low, high = cast(ctx.arg("min", 0)), cast(ctx.arg("max", 1))
     if low > high:
-        raise ValueError(f"operator UniformFill: min {low} is greater than max {high}")
-    return [_empty(ctx, inputs).uniform_(low, high, generator=ctx.generator)]
+        raise ValueError(f"operator {ctx.op.type}: min {low} is greater than max {high}")
+    return low, high
+
+
+def _bounded_setup(ctx):
+    if len(ctx.input_names) not in (0, 1, 3):
+        raise ValueError(f"operator {ctx.op.type} takes no input, a shape input, or three inputs "
+                         f"(shape, min, max); got {len(ctx.input_names)}")
+    _shape_setup(ctx)
+
+
+@register_op("UniformFill", gradient=NO_GRADIENT, setup=_bounded_setup, cpu_only_inputs=True)
+def uniform_fill(ctx, inputs):
+    """Uniform(``min``, ``max``), defaults 0 and 1; inputs (shape, min, max) override them."""
+    low, high = _bounds(ctx, inputs, float)
+    return [_empty(ctx, inputs[:1]).uniform_(low, high, generator=ctx.generator)]
+
+
+@register_op("UniformIntFill", gradient=NO_GRADIENT, setup=_bounded_setup, cpu_only_inputs=True)
+def uniform_int_fill(ctx, inputs):
+    """int32 uniform in [``min``, ``max``] (both included), defaults 0 and 1."""
+    low, high = _bounds(ctx, inputs, int)
+    out = alloc(ctx, fill_shape(ctx, inputs[:1]), torch.int32)
+    return [out.random_(low, high + 1, generator=ctx.generator)]
+
+
+# --- RangeFill, DiagonalFill, LengthsRangeFill --------------------------------------------------
+
+@register_op("RangeFill", gradient=NO_GRADIENT, setup=_random_setup, cpu_only_inputs=True)
+def range_fill(ctx, inputs):
+    """Y.flat[i] = i (float32)."""
+    out = alloc(ctx, fill_shape(ctx, inputs))
+    out.view(-1).copy_(torch.arange(out.numel(), dtype=out.dtype, device=out.device))
+    return [out]
+
+
+def _diagonal_setup(ctx):
+    _shape_setup(ctx)
+    value = ctx.arg("value", 0.0)
+    if "dtype" in ctx.args:
+        dtype = torch_dtype(ctx.args["dtype"])
+    else:
+        dtype = torch.int64 if isinstance(value, int) else torch.float32
+    ctx.state["diagonal"] = (value, dtype)
+
+
+@register_op("DiagonalFill", gradient=NO_GRADIENT, setup=_diagonal_setup, cpu_only_inputs=True)
+def diagonal_fill(ctx, inputs):
+    """Zeros with ``value`` on the diagonal Y[i, i, ..., i]; ≥ 2-D, all dims equal above 2-D."""
+    value, dtype = ctx.state["diagonal"]
+    shape = fill_shape(ctx, inputs)
+    if len(shape) < 2 or (len(shape) > 2 and len(set(shape)) != 1):
+        raise ValueError(f"operator DiagonalFill needs a 2-D shape, or an N-D one with all "
+                         f"dimensions equal; got {list(shape)}")
+    out = alloc(ctx, shape, dtype).zero_()
+    n = min(shape)
+    index = torch.arange(n, device=out.device)
+    out[(index,) * len(shape)] = value
+    return [out]
+
+
+@register_op("LengthsRangeFill", gradient=NO_GRADIENT, cpu_only_inputs=True, data_dependent=True)
+def lengths_range_fill(ctx, inputs):
+    """lengths [a, b, ...] -> [0..a−1, 0..b−1, ...] (int32)."""
+    lengths = inputs[0].reshape(-1).long()
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError("operator LengthsRangeFill: lengths must not be negative")
+    total = int(lengths.sum()) if lengths.numel() else 0
+    out = alloc(ctx, (total,), torch.int32)
+    starts = torch.cumsum(lengths, 0) - lengths
+    flat = torch.arange(total, device=lengths.device) - torch.repeat_interleave(starts, lengths)
+    return [out.copy_(flat)]
 
 
 # --- GivenTensor*Fill ---------------------------------------------------------------------------
@@ -168,7 +246,8 @@ def _given_fill(ctx, inputs):
                          f"values but argument 'values' has {len(values)}")
     if isinstance(values, np.ndarray):
         return [values.reshape(shape).copy()]
-    return [values.reshape(shape).clone()]  # a fresh tensor per run: blobs never share storage
+    # A fresh tensor per run: blobs never share storage.
+    return [alloc(ctx, shape, values.dtype).copy_(values.reshape(shape))]
 
 
 def _register_given(op_type, dtype, what):
@@ -184,6 +263,22 @@ def _register_given(op_type, dtype, what):
 _register_given("GivenTensorFill", torch.float32, "float32")
 _register_given("GivenTensorDoubleFill", torch.float64, "float64")
 _register_given("GivenTensorIntFill", torch.int32, "int32")
+_register_given("GivenTensorInt16Fill", torch.int16, "int16")
 _register_given("GivenTensorInt64Fill", torch.int64, "int64")
 _register_given("GivenTensorBoolFill", torch.bool, "bool")
 _register_given("GivenTensorStringFill", None, "bytes in a numpy object array")
+
+
+def _byte_string_setup(ctx):
+    _shape_setup(ctx)
+    # The raw bytes of the argument (its strings need not be text).
+    arg = next((a for a in ctx.op.arg if a.name == "values"), None)
+    data = b"" if arg is None else (b"".join(arg.strings) if arg.strings else arg.s)
+    ctx.state["values"] = torch.tensor(list(data), dtype=torch.uint8).to(ctx.device)
+
+
+@register_op("GivenTensorByteStringToUInt8Fill", gradient=NO_GRADIENT, setup=_byte_string_setup,
+             cpu_only_inputs=True)
+def given_tensor_byte_string_to_uint8_fill(ctx, inputs):
+    """Y = the bytes of argument ``values`` (one string) as uint8, reshaped to ``shape``."""
+    return _given_fill(ctx, inputs)

@@ -133,7 +133,7 @@ def lengths_to_ranges(ctx, inputs):
     return [torch.stack([offsets, lengths], 1).to(lengths.dtype)]
 
 
-# --- BooleanMask, Unique, SegmentIdsToLengths (data-dependent sizes) ----------------------------
+# --- BooleanMask, Unique (data-dependent sizes) ----------------------------
 
 def _boolean_mask_grad(op, g_output):
     """BooleanMaskGradient(mask, dY) -> d_data."""
@@ -176,13 +176,3 @@ def unique(ctx, inputs):
                          f"{tuple(x.shape)}")
     values, inverse = torch.unique(x, sorted=True, return_inverse=True)
     return [values, inverse.to(torch.int32)][:max(1, len(ctx.output_names))]
-
-
-@register_op("SegmentIdsToLengths", gradient=NO_GRADIENT, data_dependent=True)
-def segment_ids_to_lengths(ctx, inputs):
-    """(sorted segment ids[, data_to_infer_dim]) -> lengths of segments 0 .. last (or dim 0 - 1)."""
-    ids = inputs[0].reshape(-1).long()
-    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
-        raise ValueError("operator SegmentIdsToLengths: segment ids must be sorted")
-    n = inputs[1].shape[0] if len(inputs) > 1 else (int(ids[-1]) + 1 if ids.numel() else 0)
-    return [torch.bincount(ids, minlength=n).to(inputs[0].dtype)[:n]]

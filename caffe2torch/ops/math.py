@@ -35,13 +35,20 @@ def _sum_grad(op, g_output):
 
 @register_op("Sum", gradient=_sum_grad)
 def sum_op(ctx, inputs):
-    """Y = X0 + X1 + ... (same shapes); one input gives a copy."""
+    """Y = X0 + X1 + ... (numpy broadcasting); one input gives a copy."""
     if len(inputs) == 1:
         return [inputs[0].clone()]
     out = torch.add(inputs[0], inputs[1])
     for x in inputs[2:]:
-        out.add_(x)
+        out = out.add_(x) if torch.broadcast_shapes(out.shape, x.shape) == out.shape else out + x
     return [out]
+
+
+@register_op("SumGradient")
+def sum_gradient(ctx, inputs):
+    """(dY, X0, X1, ...) -> (dX0, dX1, ...): dY summed to each input's shape (broadcast Sum)."""
+    dy = inputs[0]
+    return [_reduce(dy, x.shape).clone() for x in inputs[1:]]
 
 
 # --- WeightedSum --------------------------------------------------------------------------------

@@ -150,3 +150,71 @@ def test_fillers_have_no_gradient():
     net.AveragedLoss("Y", "loss")
     grads = net.AddGradientOperators(["loss"])
     assert "X" not in grads
+
+
+# --- fills added with the operators issue -------------------------------------------------------
+
+@pytest.mark.parametrize("shape, value, dtype", [
+    ([3, 3], 2.5, np.float32), ([2, 4], 1.0, np.float32), ([3, 3, 3], 7, np.int64)])
+def test_diagonal_fill(shape, value, dtype):
+    out = fill("DiagonalFill", shape=shape, value=value)
+    expected = np.zeros(shape, dtype)
+    for i in range(min(shape)):
+        expected[(i,) * len(shape)] = value
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_diagonal_fill_bad_shape():
+    with pytest.raises(Exception, match="all dimensions equal"):
+        fill("DiagonalFill", shape=[2, 3, 3], value=1.0)
+
+
+def test_diagonal_fill_dtype_and_shape_from_input():
+    workspace.FeedBlob("X", rand(4, 4))
+    out = fill("DiagonalFill", ["X"], value=1, dtype=core.DataType.INT32)
+    np.testing.assert_array_equal(out, np.eye(4, dtype=np.int32))
+
+
+@pytest.mark.parametrize("lengths", [[2, 0, 3], [1], []])
+def test_lengths_range_fill(lengths):
+    workspace.FeedBlob("L", np.array(lengths, np.int32))
+    out = fill("LengthsRangeFill", ["L"])
+    expected = np.concatenate([np.arange(n) for n in lengths] or [np.zeros(0)]).astype(np.int32)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_uniform_int_fill():
+    out = fill("UniformIntFill", shape=[2000], min=-2, max=3, seed=5)
+    assert out.dtype == np.int32 and set(np.unique(out)) == set(range(-2, 4))
+    np.testing.assert_array_equal(out, fill("UniformIntFill", shape=[2000], min=-2, max=3, seed=5))
+
+
+@pytest.mark.parametrize("op", ["UniformFill", "UniformIntFill"])
+def test_uniform_fills_take_shape_min_max_inputs(op):
+    workspace.FeedBlob("shape", np.array([3, 500], np.int64))
+    workspace.FeedBlob("lo", np.array([10], np.float32 if op == "UniformFill" else np.int32))
+    workspace.FeedBlob("hi", np.array([12], np.float32 if op == "UniformFill" else np.int32))
+    out = fill(op, ["shape", "lo", "hi"], input_as_shape=1)
+    assert out.shape == (3, 500) and out.min() >= 10 and out.max() <= 12 and out.max() > 11
+
+
+def test_gaussian_fill_input_as_shape():
+    workspace.FeedBlob("shape", np.array([4, 1000], np.int64))
+    out = fill("GaussianFill", ["shape"], input_as_shape=1, mean=3.0, std=0.5)
+    assert out.shape == (4, 1000) and abs(out.mean() - 3.0) < 0.05 and abs(out.std() - 0.5) < 0.05
+
+
+def test_range_fill():
+    np.testing.assert_array_equal(fill("RangeFill", shape=[2, 3]),
+                                  np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_given_tensor_int16_and_byte_string_fills():
+    out = fill("GivenTensorInt16Fill", shape=[2, 2], values=[1, -2, 300, 4])
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, [[1, -2], [300, 4]])
+    out = fill("GivenTensorByteStringToUInt8Fill", shape=[4], values=[b"\x00\xff\x10a"])
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [0, 255, 16, 97])
