@@ -1,0 +1,192 @@
+"""Export a :class:`NetModule` to ``torch.export`` (``.pt2``), ONNX and TorchScript.
+
+Example::
+
+    module = convert.from_netdefs("init_net.pb", "predict_net.pb")
+    x = torch.randn(1, 3, 32, 32)
+    program = convert.export_program(module, (x,), dynamic_batch=True)
+    convert.save_pt2(program, "model.pt2")
+    report = convert.export_onnx(module, (x,), "model.onnx", dynamic_batch=True)
+    report.max_abs_diff        # onnxruntime vs caffe2torch on ``x`` (None without onnxruntime)
+"""
+import dataclasses
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from caffe2torch.convert.module import ExportError, describe
+from caffe2torch.ops import registry
+from caffe2torch.python import utils
+
+FORMATS = ("pt2", "onnx", "torchscript")
+
+
+def untraceable_reason(op):
+    """Why torch.export cannot trace this OperatorDef (its schema, or its arguments), or None."""
+    reason = registry.get_schema(op.type).untraceable_reason
+    if reason is not None:
+        return reason
+    args = utils.ArgsToDict(op.arg)
+    if args.get("input_as_shape"):
+        return "input_as_shape=1 makes its output sizes depend on the input values (data-dependent)"
+    if op.type == "ConstantFill" and args.get("dtype") == 8:  # TensorProto.STRING
+        return "it makes a string tensor, which torch cannot hold"
+    return None
+
+
+def check_exportable(module):
+    """Raise ExportError naming the first op of ``module``'s net that torch.export cannot trace."""
+    for i, op in enumerate(module.net.op):
+        reason = untraceable_reason(op)
+        if reason is not None:
+            raise ExportError(f"cannot export {describe(i, op)}: {reason}")
+
+
+def _batched(example_inputs):
+    """Example inputs with a batch of at least 2 (torch.export specializes a size-1 batch)."""
+    return tuple(torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x for x in example_inputs)
+
+
+def _dynamic_shapes(example_inputs):
+    batch = torch.export.Dim("batch")
+    return (tuple({0: batch} if x.dim() else None for x in example_inputs),)
+
+
+def export_program(module, example_inputs, dynamic_batch=False):
+    """The ``torch.export.ExportedProgram`` of ``module``; dim 0 of every input is dynamic on request."""
+    check_exportable(module)
+    example_inputs = tuple(example_inputs)
+    if dynamic_batch:
+        shapes = {x.shape[0] for x in example_inputs if x.dim()}
+        if len(shapes) > 1:
+            raise ExportError(f"--dynamic-batch needs one batch size for all inputs, got "
+                              f"{sorted(shapes)} for {module.input_names}")
+        return torch.export.export(module, _batched(example_inputs),
+                                   dynamic_shapes=_dynamic_shapes(example_inputs))
+    return torch.export.export(module, example_inputs)
+
+
+def _replace(path, write, suffix):
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pt2(program, path):
+    """Write ``program`` to ``path`` (``torch.export.save``); load it with ``torch.export.load``."""
+    _replace(path, lambda tmp: torch.export.save(program, tmp), ".pt2")
+
+
+def _outputs_list(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    """What export_onnx wrote and checked."""
+
+    path: str
+    input_names: list
+    output_names: list
+    checked: bool  # onnx.checker passed
+    max_abs_diff: float = None  # onnxruntime vs the module on the example; None without onnxruntime
+
+
+def _rename_initializers(model, names):
+    """Give ONNX initializers their Caffe2 blob names (``names``: torch name -> blob name)."""
+    graph = model.graph
+    taken = {v for node in graph.node for v in list(node.input) + list(node.output)}
+    taken |= {v.name for v in graph.input} | {v.name for v in graph.output}
+    rename = {}
+    for init in graph.initializer:
+        blob = names.get(init.name)
+        if blob and blob != init.name and blob not in taken:
+            rename[init.name] = blob
+            taken.add(blob)
+    for init in graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for value in list(graph.input) + list(graph.value_info):
+        value.name = rename.get(value.name, value.name)
+
+
+def run_onnxruntime(path, input_names, example_inputs):
+    """The outputs of onnxruntime's CPU session for ``example_inputs``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {n: x.detach().cpu().numpy() for n, x in zip(input_names, example_inputs)}
+    return session.run(None, feeds)
+
+
+def export_onnx(module, example_inputs, path, dynamic_batch=False, program=None, verify=True,
+                rtol=1e-4, atol=1e-5):
+    """Write ``module`` as ONNX to ``path`` (inputs, outputs and initializers keep Caffe2 names).
+
+    The model passes ``onnx.checker``; with ``verify`` and onnxruntime installed it runs once on
+    ``example_inputs`` and must match the module within ``rtol``/``atol`` (else ExportError).
+    ``program``: an ExportedProgram of ``module`` to reuse (saves a second trace).
+    """
+    import onnx
+
+    example_inputs = tuple(example_inputs)
+    if program is None:
+        program = export_program(module, example_inputs, dynamic_batch)
+    onnx_program = torch.onnx.export(program, _batched(example_inputs) if dynamic_batch
+                                     else example_inputs, dynamo=True, verbose=False,
+                                     input_names=module.input_names,
+                                     output_names=module.output_names)
+    model = onnx_program.model_proto
+    _rename_initializers(model, module.blob_names)
+    model.producer_name = "caffe2torch"
+
+    def write(tmp):
+        onnx.save(model, tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+
+    _replace(path, write, ".onnx")
+    report = OnnxReport(str(path), [i.name for i in model.graph.input],
+                        [o.name for o in model.graph.output], True)
+    if verify:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return report
+        got = run_onnxruntime(str(path), report.input_names, example_inputs)
+        with torch.no_grad():
+            want = [t.numpy() for t in _outputs_list(module(*example_inputs))]
+        report.max_abs_diff = max(float(np.abs(g - w).max()) if g.size else 0.0
+                                  for g, w in zip(got, want))
+        for name, g, w in zip(report.output_names, got, want):
+            if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
+                raise ExportError(f"{path}: onnxruntime's output {name!r} differs from "
+                                  f"caffe2torch's (max abs diff {report.max_abs_diff:.3g}, "
+                                  f"shapes {g.shape} vs {w.shape})")
+    return report
+
+
+def export_torchscript(module, example_inputs, path):
+    """Write a traced TorchScript module to ``path`` (fixed input shapes; load with torch.jit.load)."""
+    import warnings
+
+    check_exportable(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        with torch.no_grad():
+            traced = torch.jit.trace(module, tuple(example_inputs), check_trace=False)
+        _replace(path, lambda tmp: torch.jit.save(traced, tmp), ".pt")
+    return traced
