@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import torch
 
-from caffe2torch.convert.module import ExportError, describe
+from caffe2torch.convert.module import ExportError, OpError, describe
 from caffe2torch.ops import registry
 from caffe2torch.python import utils
 
@@ -57,7 +57,18 @@ def _dynamic_shapes(example_inputs):
 def export_program(module, example_inputs, dynamic_batch=False):
     """The ``torch.export.ExportedProgram`` of ``module``; dim 0 of every input is dynamic on request."""
     check_exportable(module)
-    example_inputs = tuple(example_inputs)
+    try:
+        return _export(module, tuple(example_inputs), dynamic_batch)
+    except OpError as exc:
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+        if isinstance(exc.__cause__, GuardOnDataDependentSymNode):
+            raise ExportError(f"cannot export {exc.op_text}: it reads input values in Python "
+                              "(data-dependent), which torch.export cannot trace; add it to "
+                              "caffe2torch.ops.registry.NOT_TRACEABLE") from exc
+        raise
+
+
+def _export(module, example_inputs, dynamic_batch):
     if dynamic_batch:
         shapes = {x.shape[0] for x in example_inputs if x.dim()}
         if len(shapes) > 1:

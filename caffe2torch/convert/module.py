@@ -182,8 +182,10 @@ class NetModule(torch.nn.Module):
                 shapes = [list(blobs[n].shape) if hasattr(blobs[n], "shape") else None
                           for n in step.inputs]
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise OpError(f"{describe(step.index, step.ctx.op)} failed on input shapes "
-                              f"{shapes}: {type(exc).__name__}: {first}") from exc
+                error = OpError(f"{describe(step.index, step.ctx.op)} failed on input shapes "
+                                f"{shapes}: {type(exc).__name__}: {first}")
+                error.op_text = describe(step.index, step.ctx.op)
+                raise error from exc
             blobs.update(zip(step.outputs, outputs))
         result = tuple(blobs[n] for n in self.output_names)
         return result[0] if len(result) == 1 else result
