@@ -55,7 +55,7 @@ def _dynamic_shapes(example_inputs):
 
 
 def export_program(module, example_inputs, dynamic_batch=False):
-    """The ``torch.export.ExportedProgram`` of ``module``; dim 0 of every input is dynamic on request."""
+    """The ``torch.export.ExportedProgram`` of ``module`` (dim 0 of each input dynamic on request)."""
     check_exportable(module)
     try:
         return _export(module, tuple(example_inputs), dynamic_batch)
@@ -191,7 +191,7 @@ def export_onnx(module, example_inputs, path, dynamic_batch=False, program=None,
 
 
 def export_torchscript(module, example_inputs, path):
-    """Write a traced TorchScript module to ``path`` (fixed input shapes; load with torch.jit.load)."""
+    """Write ``module`` traced as TorchScript to ``path`` (load it with ``torch.jit.load``)."""
     import warnings
 
     check_exportable(module)

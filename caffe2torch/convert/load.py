@@ -76,7 +76,7 @@ def from_netdefs(init_net, predict_net, inputs=None, outputs=None):
 
 
 def from_db(predict_net, db, db_type="minidb", inputs=None, outputs=None):
-    """A NetModule whose parameters are every blob of the minidb/LMDB ``db`` (as Save wrote them)."""
+    """A NetModule whose parameters are the blobs of the minidb/LMDB ``db`` (as Save wrote them)."""
     net = caffe2_pb2.NetDef(name="load_parameters")
     net.op.append(_load_all_op(os.path.abspath(db), db_type))
     params = _tensors(_run(net))
@@ -84,7 +84,7 @@ def from_db(predict_net, db, db_type="minidb", inputs=None, outputs=None):
 
 
 def read_predictor(path, db_type="minidb"):
-    """(MetaNetDef, {blob: tensor}) of a predictor DB written by ``predictor_exporter.save_to_db``."""
+    """(MetaNetDef, {blob: tensor}) of a predictor DB (``predictor_exporter.save_to_db``)."""
     net = caffe2_pb2.NetDef(name="load_predictor")
     net.op.append(_load_all_op(os.path.abspath(path), db_type))
     blobs = _tensors(_run(net))

@@ -42,7 +42,7 @@ def describe(index, op):
 
 
 def training_reason(netdef, parameters=()):
-    """Why ``netdef`` looks like a training net (gradient ops, is_test=0, parameter updates), or None."""
+    """Why ``netdef`` is a training net (gradient ops, is_test=0, parameter updates), or None."""
     params = set(parameters)
     for i, op in enumerate(netdef.op):
         args = utils.ArgsToDict(op.arg)
