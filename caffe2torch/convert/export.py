@@ -55,7 +55,7 @@ def _dynamic_shapes(example_inputs):
 
 
 def export_program(module, example_inputs, dynamic_batch=False):
-    """The ``torch.export.ExportedProgram`` of ``module`` (dim 0 of each input dynamic on request)."""
+    """The ``torch.export.ExportedProgram`` of ``module``; a dynamic dim 0 on request."""
     check_exportable(module)
     try:
         return _export(module, tuple(example_inputs), dynamic_batch)
@@ -201,3 +201,41 @@ def export_torchscript(module, example_inputs, path):
             traced = torch.jit.trace(module, tuple(example_inputs), check_trace=False)
         _replace(path, lambda tmp: torch.jit.save(traced, tmp), ".pt")
     return traced
+
+
+def export_predictor(path, example_inputs=None, formats=("onnx", "pt2"), db_type="minidb",
+                     dynamic_batch=True):
+    """Write ``<name>.onnx`` / ``<name>.pt2`` beside the predictor DB ``path``; returns a dict.
+
+    ``example_inputs`` default to zeros of the shapes the predictor was saved with. The dict
+    holds ``module`` (the NetModule), ``example_inputs``, and per format the path written
+    (``"onnx"`` gives the :class:`OnnxReport`).
+    """
+    from caffe2torch.convert.load import from_predictor_db
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ExportError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
+    module = from_predictor_db(str(path), db_type)
+    if example_inputs is None:
+        missing = [n for n in module.input_names if n not in module.input_examples]
+        if missing:
+            raise ExportError(f"{path}: the shape of input {missing[0]!r} is not recorded; pass "
+                              "example_inputs")
+        example_inputs = tuple(module.input_examples[n] for n in module.input_names)
+    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    stem = os.path.splitext(str(path))[0]
+    result = {"module": module, "example_inputs": example_inputs}
+    program = None
+    if "pt2" in formats or "onnx" in formats:
+        program = export_program(module, example_inputs, dynamic_batch)
+    if "pt2" in formats:
+        save_pt2(program, stem + ".pt2")
+        result["pt2"] = stem + ".pt2"
+    if "onnx" in formats:
+        result["onnx"] = export_onnx(module, example_inputs, stem + ".onnx", dynamic_batch,
+                                     program=program)
+    if "torchscript" in formats:
+        export_torchscript(module, example_inputs, stem + ".pt")
+        result["torchscript"] = stem + ".pt"
+    return result

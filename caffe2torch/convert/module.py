@@ -114,8 +114,6 @@ class NetModule(torch.nn.Module):
             outputs = list(net.external_output) or (list(net.op[-1].output) if net.op else [])
         self.input_names = [str(n) for n in inputs]
         self.output_names = [str(n) for n in outputs]
-        if not self.output_names:
-            raise ExportError(f"net {net.name!r} has no ops and no external outputs")
         self.blob_names = {}
         # {input name: example tensor} where the files say an input's shape (loaders fill it).
         self.input_examples = {}
@@ -144,6 +142,9 @@ class NetModule(torch.nn.Module):
             if schema.setup is not None:
                 schema.setup(ctx)
             self.steps.append(_Step(i, schema.forward, ctx))
+        if not self.output_names:
+            raise ExportError(f"net {net.name!r} has no outputs: its last op writes no blob and "
+                              "it lists no external outputs (name them with outputs=/--output)")
         missing = [n for n in self.output_names if n not in available]
         if missing:
             raise ExportError(f"net {net.name!r}: output blob {missing[0]!r} is written by no op")
