@@ -109,9 +109,12 @@ def test_parameter_db_to_torchscript(tmp_path, capsys):
     code, _, err = run_cli(capsys, "--predict", predict, "--init-db", tmp_path / "params.minidb",
                            "--input", "data:4,6", "-o", tmp_path / "m.pt")
     assert code == 0, err
-    module = convert.from_db(predict, tmp_path / "params.minidb")
-    assert module.blob_names["fc1_out_w"] == "fc1/out_w"
-    np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), expected, atol=1e-6)
+    workspace.RunOperatorOnce(core.CreateOperator(
+        "Save", params, [], db=str(tmp_path / "params.lmdb"), db_type="lmdb", absolute_path=1))
+    for db, db_type in (("params.minidb", "minidb"), ("params.lmdb", "lmdb")):
+        module = convert.from_db(predict, tmp_path / db, db_type)
+        assert module.blob_names["fc1_out_w"] == "fc1/out_w"
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), expected, atol=1e-6)
 
 
 def test_blob_names_are_sanitised_and_mapped():

@@ -9,9 +9,12 @@ Example::
     report = convert.export_onnx(module, (x,), "model.onnx", dynamic_batch=True)
     report.max_abs_diff        # onnxruntime vs caffe2torch on ``x`` (None without onnxruntime)
 """
+import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -36,6 +39,21 @@ def untraceable_reason(op):
     return None
 
 
+@contextlib.contextmanager
+def _quiet_torch():
+    """Hide torch's own notices that say nothing about the user's net (torchvision, pytree)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_exportable(module):
     """Raise ExportError naming the first op of ``module``'s net that torch.export cannot trace."""
     for i, op in enumerate(module.net.op):
@@ -58,7 +76,8 @@ def export_program(module, example_inputs, dynamic_batch=False):
     """The ``torch.export.ExportedProgram`` of ``module``; a dynamic dim 0 on request."""
     check_exportable(module)
     try:
-        return _export(module, tuple(example_inputs), dynamic_batch)
+        with _quiet_torch():
+            return _export(module, tuple(example_inputs), dynamic_batch)
     except OpError as exc:
         from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
         if isinstance(exc.__cause__, GuardOnDataDependentSymNode):
@@ -136,11 +155,12 @@ def _rename_initializers(model, names):
 
 
 def run_onnxruntime(path, input_names, example_inputs):
-    """The outputs of onnxruntime's CPU session for ``example_inputs``."""
+    """onnxruntime's outputs (numpy) for ``example_inputs`` (tensors or arrays) on the CPU."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {n: x.detach().cpu().numpy() for n, x in zip(input_names, example_inputs)}
+    feeds = {n: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+             for n, x in zip(input_names, example_inputs)}
     return session.run(None, feeds)
 
 
@@ -157,10 +177,11 @@ def export_onnx(module, example_inputs, path, dynamic_batch=False, program=None,
     example_inputs = tuple(example_inputs)
     if program is None:
         program = export_program(module, example_inputs, dynamic_batch)
-    onnx_program = torch.onnx.export(program, _batched(example_inputs) if dynamic_batch
-                                     else example_inputs, dynamo=True, verbose=False,
-                                     input_names=module.input_names,
-                                     output_names=module.output_names)
+    with _quiet_torch():
+        onnx_program = torch.onnx.export(program, _batched(example_inputs) if dynamic_batch
+                                         else example_inputs, dynamo=True, verbose=False,
+                                         input_names=module.input_names,
+                                         output_names=module.output_names)
     model = onnx_program.model_proto
     _rename_initializers(model, module.blob_names)
     model.producer_name = "caffe2torch"
@@ -192,8 +213,6 @@ def export_onnx(module, example_inputs, path, dynamic_batch=False, program=None,
 
 def export_torchscript(module, example_inputs, path):
     """Write ``module`` traced as TorchScript to ``path`` (load it with ``torch.jit.load``)."""
-    import warnings
-
     check_exportable(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
