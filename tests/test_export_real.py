@@ -250,3 +250,14 @@ def test_cuda_nets_need_the_cpu_override():
     workspace.RunNet(predict.name)
     assert workspace.FetchBlob("softmax").shape == (1, 10)
     assert predict.op[0].device_option.device_type == caffe2_pb2.CUDA  # the caller's net is kept
+
+
+def test_device_override_keeps_random_seeds():
+    net = core.Net("seeded")
+    net.GaussianFill([], "y", shape=[4],
+                     device_option=core.DeviceOption(caffe2_pb2.CUDA, 0, random_seed=5))
+    runs = []
+    for _ in range(2):
+        workspace.RunNetOnce(net, device_option=CPU)
+        runs.append(workspace.FetchBlob("y"))
+    np.testing.assert_array_equal(runs[0], runs[1])

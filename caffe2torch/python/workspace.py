@@ -150,9 +150,11 @@ def _with_device_option(proto, device_option):
         return proto
     out = caffe2_pb2.NetDef()
     out.CopyFrom(proto)
-    out.device_option.CopyFrom(device_option)
-    for op in out.op:
-        op.device_option.CopyFrom(device_option)
+    for option in [out.device_option] + [op.device_option for op in out.op]:
+        seed = option.random_seed if option.HasField("random_seed") else None
+        option.CopyFrom(device_option)
+        if seed is not None and not device_option.HasField("random_seed"):
+            option.random_seed = seed  # a seeded op keeps its seed on the new device
     return out
 
 
