@@ -184,3 +184,18 @@ def test_ops_that_cannot_be_exported_are_named(tmp_path, capsys, monkeypatch):
                            *args[4:])
     assert code == 2
     assert "cannot convert op #4 Print (['softmax'] -> []): it has side effects" in err
+
+
+def test_in_place_ops_on_inputs_and_prefilled_outputs_are_not_training():
+    net = core.Net("prefilled")
+    net.Scale("data", "data", scale=2.0)  # preprocessing in place on the input
+    net.Relu("data", "out")
+    params = {"data": torch.zeros(1), "out": torch.zeros(1)}  # an init net filled both
+    module = convert.NetModule(net.Proto(), params, inputs=["data"], outputs=["out"])
+    assert list(module.blob_names) == []
+    assert module(torch.tensor([-1.0, 3.0])).tolist() == [0.0, 6.0]
+    update = core.Net("update")
+    update.Scale("w", "w", scale=0.5)
+    with pytest.raises(convert.ExportError, match=r"training net: op #0 Scale .* overwrites "
+                       r"parameter 'w'"):
+        convert.NetModule(update.Proto(), {"w": torch.ones(1)}, inputs=[], outputs=["w"])

@@ -44,16 +44,22 @@ def describe(index, op):
 def training_reason(netdef, parameters=()):
     """Why ``netdef`` is a training net (gradient ops, is_test=0, parameter updates), or None."""
     params = set(parameters)
+    read = set()  # parameters that ops read before any op writes them
+    produced = set()
     for i, op in enumerate(netdef.op):
+        read.update(n for n in op.input if n in params and n not in produced)
         args = utils.ArgsToDict(op.arg)
         schema = registry.get_schema(op.type) if registry.is_registered(op.type) else None
         if op.is_gradient_op or (schema is not None and schema.is_gradient_op):
             return f"{describe(i, op)} computes gradients"
         if op.type in ("SpatialBN", "Dropout") and not args.get("is_test", 0):
             return f"{describe(i, op)} runs in training mode (is_test=0)"
-        written = [n for n in op.output if n in params]
+        # Writing a parameter that the net reads is an update (an SGD step, a running mean);
+        # writing a blob that an init net merely pre-filled (an output) is not.
+        written = [n for n in op.output if n in read]
         if written:
             return f"{describe(i, op)} overwrites parameter {written[0]!r}"
+        produced.update(op.output)
     return None
 
 
@@ -99,11 +105,6 @@ class NetModule(torch.nn.Module):
         super().__init__()
         net = cpu_net(predict_net)
         self.net = net
-        reason = training_reason(net, parameters)
-        if reason is not None:
-            raise ExportError(f"net {net.name!r} is a training net: {reason}; convert the predict "
-                              "net (e.g. the deploy model built with is_test=True, or the "
-                              "predict net of predictor_exporter)")
         if inputs is None:
             inputs = [n for n in net.external_input if n not in parameters]
             if not inputs and net.external_input:
@@ -114,6 +115,11 @@ class NetModule(torch.nn.Module):
             outputs = list(net.external_output) or (list(net.op[-1].output) if net.op else [])
         self.input_names = [str(n) for n in inputs]
         self.output_names = [str(n) for n in outputs]
+        reason = training_reason(net, [p for p in parameters if p not in self.input_names])
+        if reason is not None:
+            raise ExportError(f"net {net.name!r} is a training net: {reason}; convert the predict "
+                              "net (e.g. the deploy model built with is_test=True, or the "
+                              "predict net of predictor_exporter)")
         self.blob_names = {}
         # {input name: example tensor} where the files say an input's shape (loaders fill it).
         self.input_examples = {}
