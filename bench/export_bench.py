@@ -9,7 +9,7 @@ median of the per-round ratios RunNet / variant (above 1: the variant is faster)
 abs difference of each variant from RunNet's outputs.
 
     PYTHONPATH=. /work/venv/bin/python bench/export_bench.py [--rounds 20] [--batch 64]
-        [--nets lenet,cifar_resnet,hemt] [--compile]
+        [--nets lenet,cifar_resnet,hemt] [--threads N] [--compile]
 """
 import argparse
 import os
@@ -78,7 +78,9 @@ def bench_net(name, batch, rounds, compile_module, folder):
     program = convert.export_program(module, example, dynamic_batch=True)
     onnx_path = os.path.join(folder, f"{name}.onnx")
     convert.export_onnx(module, example, onnx_path, dynamic_batch=True, program=program)
-    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
+    session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     exported = program.module()
 
     for n, x in zip(inputs, batches[0]):
@@ -136,7 +138,11 @@ def main(argv=None):
                         ", ".join(NETS))
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(NetModule) (needs a C compiler; slow start)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of torch and onnxruntime (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.rounds} rounds")
     print(f"{'net':<13} {'variant':<26} {'ms/batch':>9} {'RunNet/variant':>15} {'max abs diff':>13}")
