@@ -11,7 +11,7 @@ import torch
 from caffe2torch import convert
 from caffe2torch.ops import registry
 from caffe2torch.proto import caffe2_pb2
-from caffe2torch.python import brew, core, workspace
+from caffe2torch.python import core, workspace
 from caffe2torch.python.executor import PreparedNet
 from caffe2torch.python.model_helper import ModelHelper
 from caffe2torch.python.predictor import predictor_exporter as pe
@@ -43,7 +43,7 @@ def squeeze_weights(net, x):
         if op.type == "Conv":
             c_in = ws.blobs[op.input[0]].shape[1]
             c_out = SQUEEZE_CHANNELS[op.input[1][:-len("_w")]]
-            k = [a.i for a in op.arg if a.name == "kernel"][0]
+            k = next(a.i for a in op.arg if a.name == "kernel")
             std = (2.0 / (c_in * k * k)) ** 0.5
             params[op.input[1]] = rng.normal(0, std, (c_out, c_in, k, k)).astype(np.float32)
             params[op.input[2]] = rng.uniform(-0.1, 0.1, c_out).astype(np.float32)

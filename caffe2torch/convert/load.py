@@ -16,7 +16,8 @@ def read_netdef(path):
     """A NetDef from a binary (``.pb``) or text (``.pbtxt``) file; a clear error for other files."""
     from google.protobuf import message, text_format
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     net = caffe2_pb2.NetDef()
     try:
         net.ParseFromString(data)
