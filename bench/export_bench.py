@@ -1,5 +1,5 @@
-"""Exported Caffe2 nets vs caffe2torch's RunNet: onnxruntime, the torch.export program and the
-NetModule (optionally torch.compile'd) on the same batches, in one process, side by side.
+"""Exported Caffe2 nets vs caffe2torch's RunNet: onnxruntime, the torch.export program, the
+NetModule (and optionally the torch.compile'd program) on the same batches, side by side.
 
 Nets: the tutorial's LeNet (random weights; the deploy net), the CIFAR ResNet with its real
 weights (CUDA options run on the CPU) and the HEMT model, from ../shared/caffe2-artifacts. Each
@@ -34,7 +34,7 @@ CPU = core.DeviceOption(caffe2_pb2.CPU)
 
 
 def lenet_nets():
-    """(init NetDef, predict NetDef, input names, input shape per sample) of the tutorial's LeNet."""
+    """(init net, predict net, input names, input shape per sample) of the tutorial's LeNet."""
     from mnist_tutorial.lenet import AddLeNetModel
 
     model = ModelHelper(name="mnist_deploy", arg_scope={"order": "NCHW"})
@@ -107,7 +107,9 @@ def bench_net(name, batch, rounds, compile_module, folder):
                 "torch.export program": torch_variant(exported),
                 "NetModule (eager)": torch_variant(module)}
     if compile_module:
-        variants["torch.compile(NetModule)"] = torch_variant(torch.compile(module, dynamic=False))
+        # The exported program's flat graph compiles in one piece (the NetModule's per-op
+        # Python caches would make dynamo recompile per op).
+        variants["torch.compile(program)"] = torch_variant(torch.compile(exported, dynamic=False))
     names = list(variants)
     diffs = {v: 0.0 for v in names}
     for xs in batches[:2]:  # warm-up (and torch.compile's compilation)
@@ -137,7 +139,8 @@ def main(argv=None):
     parser.add_argument("--nets", default=",".join(NETS), help="comma-separated: " +
                         ", ".join(NETS))
     parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile(NetModule) (needs a C compiler; slow start)")
+                        help="also time torch.compile of the exported program (needs a C compiler; "
+                        "slow start)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of torch and onnxruntime (default: torch's)")
     args = parser.parse_args(argv)
@@ -145,7 +148,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.rounds} rounds")
-    print(f"{'net':<13} {'variant':<26} {'ms/batch':>9} {'RunNet/variant':>15} {'max abs diff':>13}")
+    print(f"{'net':<13} {'variant':<26} {'ms/batch':>9} {'RunNet/variant':>15} "
+          f"{'max abs diff':>13}")
     with tempfile.TemporaryDirectory(prefix="c2t-export-bench-") as folder:
         for name in args.nets.split(","):
             for net, variant, ms, ratio, diff in bench_net(name, args.batch, args.rounds,

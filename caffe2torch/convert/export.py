@@ -172,8 +172,12 @@ def export_onnx(module, example_inputs, path, dynamic_batch=False, program=None,
     ``example_inputs`` and must match the module within ``rtol``/``atol`` (else ExportError).
     ``program``: an ExportedProgram of ``module`` to reuse (saves a second trace).
     """
-    import onnx
-
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) translates with it)
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs the packages onnx and onnxscript ({exc}); install "
+                          "them, e.g. pip install onnx onnxscript onnxruntime") from None
     example_inputs = tuple(example_inputs)
     if program is None:
         program = export_program(module, example_inputs, dynamic_batch)

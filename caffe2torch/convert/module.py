@@ -154,6 +154,16 @@ class NetModule(torch.nn.Module):
         missing = [n for n in self.output_names if n not in available]
         if missing:
             raise ExportError(f"net {net.name!r}: output blob {missing[0]!r} is written by no op")
+        # Each blob leaves forward's dict after the last op that touches it, so that memory is
+        # reused from op to op instead of holding every activation until the end.
+        last = {}
+        for k, step in enumerate(self.steps):
+            last.update((n, k) for n in list(step.inputs) + list(step.outputs))
+        keep = set(self.output_names)
+        self._drops = [[] for _ in self.steps]
+        for name, k in last.items():
+            if name not in keep:
+                self._drops[k].append(name)
 
     def _add_parameter(self, blob, value):
         if not isinstance(value, torch.Tensor):
@@ -182,7 +192,7 @@ class NetModule(torch.nn.Module):
                             f"got {len(inputs)}")
         blobs = {blob: getattr(self, name) for name, blob in self._param_blobs}
         blobs.update(zip(self.input_names, inputs))
-        for step in self.steps:
+        for step, drops in zip(self.steps, self._drops):
             try:
                 outputs = step.fn(step.ctx, [blobs[n] for n in step.inputs])
             except Exception as exc:
@@ -193,6 +203,8 @@ class NetModule(torch.nn.Module):
                                 f"{shapes}: {type(exc).__name__}: {first}")
                 error.op_text = describe(step.index, step.ctx.op)
                 raise error from exc
+            for name in drops:
+                blobs.pop(name, None)  # an op may leave an output unwritten
             blobs.update(zip(step.outputs, outputs))
         result = tuple(blobs[n] for n in self.output_names)
         return result[0] if len(result) == 1 else result
