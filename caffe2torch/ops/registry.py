@@ -11,6 +11,21 @@ NO_GRADIENT = "NO_GRADIENT"
 
 _REGISTRY = {}
 
+# Ops that torch.export cannot trace although they have neither flag, and why (one line each).
+NOT_TRACEABLE = {
+    "CreateMutex": "it makes a mutex object, not a tensor",
+    "GivenTensorStringFill": "it makes a string tensor, which torch cannot hold",
+    "XavierFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    "MSRAFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    "GaussianFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    "UniformFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    # Training and evaluation ops that read tensor values in Python (checks, counters).
+    "Accuracy": "it checks the label values in Python (data-dependent)",
+    "LabelCrossEntropy": "it checks the label values in Python (data-dependent)",
+    "SoftmaxWithLoss": "it checks the label values in Python (data-dependent)",
+    "LearningRate": "it computes the rate from the iteration counter's value (data-dependent)",
+}
+
 
 class OpSchema:
     """What the registry knows about one op type."""
@@ -36,6 +51,27 @@ class OpSchema:
     def differentiable(self):
         """True when AddGradientOperators can backpropagate through this op."""
         return self.gradient is not None and self.gradient != NO_GRADIENT
+
+    @property
+    def is_gradient_op(self):
+        """True for the gradient op of another op (``ReluGradient``), not for ``StopGradient``."""
+        return self.type.endswith("Gradient") and self.type[:-len("Gradient")] in _REGISTRY
+
+    @property
+    def untraceable_reason(self):
+        """Why torch.export cannot trace this op (flags, gradient op, NOT_TRACEABLE), or None."""
+        if self.side_effects:
+            return "it has side effects (files, DBs, counters or the log)"
+        if self.data_dependent:
+            return "its output sizes depend on the input values (data-dependent)"
+        if self.is_gradient_op:
+            return "it is a gradient op (export the predict net, not the training net)"
+        return NOT_TRACEABLE.get(self.type)
+
+    @property
+    def traceable(self):
+        """True when a net with this op can be exported (torch.export, ONNX)."""
+        return self.untraceable_reason is None
 
 
 def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False, data_dependent=False,

@@ -24,7 +24,9 @@ def torch_device(option):
     if not torch.cuda.is_available():
         raise RuntimeError(
             "a CUDA DeviceOption was given but PyTorch sees no GPU (torch.cuda.is_available() is "
-            "False); run on a GPU machine with a CUDA build of torch, or use device=cpu")
+            "False); run on a GPU machine with a CUDA build of torch, or run it on the CPU: "
+            "workspace.RunNetOnce(net, device_option=core.DeviceOption(caffe2_pb2.CPU)) (also "
+            "CreateNet)")
     return torch.device("cuda", option.cuda_gpu_id)
 
 

@@ -144,19 +144,40 @@ def RunOperatorsOnce(operators):
     return RunNetOnce(net)
 
 
-def RunNetOnce(net):
-    """Run a net once without keeping it."""
+def _with_device_option(proto, device_option):
+    """A copy of ``proto`` whose net and ops all use ``device_option`` (None: ``proto`` itself)."""
+    if device_option is None:
+        return proto
+    out = caffe2_pb2.NetDef()
+    out.CopyFrom(proto)
+    for option in [out.device_option] + [op.device_option for op in out.op]:
+        seed = option.random_seed if option.HasField("random_seed") else None
+        option.CopyFrom(device_option)
+        if seed is not None and not device_option.HasField("random_seed"):
+            option.random_seed = seed  # a seeded op keeps its seed on the new device
+    return out
+
+
+def RunNetOnce(net, device_option=None):
+    """Run a net once without keeping it.
+
+    ``device_option`` (caffe2torch's addition) replaces the device of the net and of every op,
+    e.g. ``core.DeviceOption(caffe2_pb2.CPU)`` to run a net saved with CUDA options on the CPU.
+    """
     from caffe2torch.python.executor import PreparedNet
-    prepared = PreparedNet(_proto(net), C())
+    prepared = PreparedNet(_with_device_option(_proto(net), device_option), C())
     try:
         return prepared.run(1)
     finally:
         prepared.close()
 
 
-def CreateNet(net, overwrite=False, input_blobs=None):
-    """Prepare ``net`` for repeated RunNet calls; its output blobs are created empty."""
-    proto = _proto(net)
+def CreateNet(net, overwrite=False, input_blobs=None, device_option=None):
+    """Prepare ``net`` for repeated RunNet calls; its output blobs are created empty.
+
+    ``device_option`` replaces every op's device, as for :func:`RunNetOnce`.
+    """
+    proto = _with_device_option(_proto(net), device_option)
     ws = C()
     for name in input_blobs or ():
         ws.blobs.setdefault(str(name), None)
