@@ -369,3 +369,16 @@ class Net:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(registry.registered_ops()))
+
+
+# Plans and execution steps live in their own module; core re-exports them as Caffe2 does.
+from caffe2torch.python.plan import (  # noqa: E402,F401
+    ExecutionStep, Plan, add_nets_in_order, execution_step, to_execution_step)
+
+
+def __getattr__(name):
+    # core.C is workspace.C (Caffe2's tutorials call core.C.create_db); loaded on first use.
+    if name == "C":
+        from caffe2torch.python import workspace
+        return workspace.C
+    raise AttributeError(f"module 'core' has no attribute {name!r}")
