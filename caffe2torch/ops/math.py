@@ -47,11 +47,13 @@ def sum_op(ctx, inputs):
 # --- WeightedSum --------------------------------------------------------------------------------
 
 def _weighted_sum_grad(op, g_output):
-    """WeightedSumGradient(dY, X0, w0, X1, w1, ...) -> (dX0, dX1, ...); no gradient for weights."""
+    """WeightedSumGradient(dY, X0, w0, ...) -> (dX0, dX1, ...[, dw0, dw1, ...] with grad_on_w=1)."""
     xs = op.input[0::2]
-    g_input = [grad_name(n) if i % 2 == 0 else None for i, n in enumerate(op.input)]
-    return [gradient_op(op, "WeightedSumGradient", [g_output[0]] + list(op.input),
-                        [grad_name(n) for n in xs])], g_input
+    on_w = any(a.name == "grad_on_w" and a.i for a in op.arg)
+    g_input = [grad_name(n) if i % 2 == 0 or on_w else None for i, n in enumerate(op.input)]
+    outputs = [grad_name(n) for n in xs] + ([grad_name(n) for n in op.input[1::2]] if on_w else [])
+    return [gradient_op(op, "WeightedSumGradient", [g_output[0]] + list(op.input), outputs)], \
+        g_input
 
 
 def _weighted_sum_setup(ctx):
@@ -90,9 +92,13 @@ def weighted_sum(ctx, inputs):
 
 @register_op("WeightedSumGradient")
 def weighted_sum_gradient(ctx, inputs):
-    """(dY, X0, w0, X1, w1, ...) -> (dX0, dX1, ...) with dXᵢ = wᵢ·dY."""
+    """(dY, X0, w0, ...) -> (dX0, ...) with dXᵢ = wᵢ·dY; grad_on_w=1 adds dwᵢ = Σ dY·Xᵢ."""
     dy = inputs[0]
-    return [dy * _weight(w) for w in inputs[2::2]]
+    grads = [dy * _weight(w) for w in inputs[2::2]]
+    if ctx.arg("grad_on_w", 0):
+        grads += [(dy * x).sum().reshape(w.shape).to(w.dtype)
+                  for x, w in zip(inputs[1::2], inputs[2::2])]
+    return grads
 
 
 # --- Add / Sub / Mul / Div ----------------------------------------------------------------------

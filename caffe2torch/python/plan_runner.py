@@ -159,7 +159,8 @@ def as_plan(obj):
         plan = core.Plan(proto.name or "plan")
         plan.AddStep(obj)
         return plan.Proto()
-    raise TypeError(f"RunPlan takes a PlanDef, core.Plan or ExecutionStep, not {type(obj).__name__}")
+    raise TypeError(f"RunPlan takes a PlanDef, core.Plan or ExecutionStep, not "
+                    f"{type(obj).__name__}")
 
 
 def run_plan(obj, workspace):

@@ -230,7 +230,7 @@ def FetchBlobs(names):
 
 
 class _BlobDict:
-    """``workspace.blobs``: the current workspace's blobs as a dict (read: FetchBlob, write: FeedBlob)."""
+    """``workspace.blobs``: the current workspace's blobs as a dict (FetchBlob / FeedBlob)."""
 
     def __getitem__(self, key):
         return FetchBlob(key)
@@ -390,13 +390,13 @@ def RunPlan(plan_or_step):
 
 
 def InferShapesAndTypes(nets, blob_dimensions=None, nets_proto=False, blob_types=None):
-    """({blob: shape}, {blob: DataType}) of the nets' blobs, found by running them on a scratch copy."""
+    """({blob: shape}, {blob: DataType}) of the nets' blobs, found by running them on a copy."""
     from caffe2torch.python import shape_inference
     return shape_inference.infer_shapes_and_types(nets, C(), blob_dimensions, blob_types)
 
 
 def Predictor(init_net, predict_net):
-    """Caffe2's Predictor: runs ``init_net`` once in its own workspace, then ``predict_net`` per run()."""
+    """Caffe2's Predictor: runs ``init_net`` once, then ``predict_net`` on each run()."""
     from caffe2torch.python.predictor.eager_predictor import Predictor as impl
     return impl(init_net, predict_net)
 
