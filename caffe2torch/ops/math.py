@@ -112,6 +112,8 @@ def _b_shape(ctx, a, b):
     legacy, axis = ctx.state["broadcast"]
     if not legacy or a.shape == b.shape:
         return b.shape
+    if b.numel() == 1:
+        return torch.Size([])  # Caffe2's legacy broadcast takes a one-element B as a scalar
     if b.dim() > a.dim():
         raise ValueError(f"operator {ctx.op.type} with broadcast=1: B {tuple(b.shape)} has more "
                          f"dims than A {tuple(a.shape)}")
