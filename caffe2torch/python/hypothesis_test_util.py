@@ -55,7 +55,7 @@ def elements_of_type(dtype=np.float32, filter_=None):
         elems = st.floats(min_value=-1.0, max_value=1.0, width=8 * np.dtype(dtype).itemsize)
     elif dtype in (np.int32, np.int64):
         elems = st.integers(min_value=-2 ** 30, max_value=2 ** 30)
-    elif dtype == bool or dtype == np.bool_:
+    elif dtype in (bool, np.bool_):
         elems = st.booleans()
     else:
         raise ValueError(f"elements_of_type: unsupported dtype {dtype}")

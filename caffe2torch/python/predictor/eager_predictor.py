@@ -10,8 +10,9 @@ Example (the model zoo's two files)::
     [probabilities] = p.run([image])          # or p.run({"data": image})
 
 As in Caffe2, the predictor's blobs live in a child workspace of the current one: it reads the
-current workspace's blobs, and what its nets write stays its own. Its inputs are the predict
-net's external inputs that the init net did not produce; ``run`` returns the external outputs.
+current workspace's blobs, and what its nets write stays its own. ``run([a, b])`` feeds the
+predict net's first external inputs in order (Caffe2's C++ Predictor; exported nets list the
+data input first); ``run({name: array})`` feeds by name. It returns the external outputs.
 """
 import numpy as np
 import torch
@@ -48,11 +49,11 @@ class Predictor:
         finally:
             init.close()
         blobs = self.workspace.blobs
-        self.input_names = [n for n in self.predict_net.external_input
-                            if blobs.get(n) is None]
+        self.input_names = list(self.predict_net.external_input)
         self.output_names = list(self.predict_net.external_output)
-        for name in self.input_names:
-            blobs.maps[0].setdefault(name, None)
+        for name in self.input_names:  # inputs the init net did not fill are fed by run()
+            if blobs.get(name) is None:
+                blobs.maps[0][name] = None
         self._net = PreparedNet(self.predict_net, self.workspace)
 
     def _feed(self, name, value):
