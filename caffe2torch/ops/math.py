@@ -104,7 +104,16 @@ def weighted_sum_gradient(ctx, inputs):
 # --- Add / Sub / Mul / Div ----------------------------------------------------------------------
 
 def _broadcast_setup(ctx):
-    ctx.state["broadcast"] = (bool(ctx.arg("broadcast", 0)), int(ctx.arg("axis", -1)))
+    axis = int(ctx.arg("axis", -1))
+    axis_str = ctx.arg("axis_str", "")
+    if axis_str:
+        # Caffe2: axis_str names one letter of ``order`` (e.g. "C" of "NCHW").
+        order = ctx.arg("order", "NCHW")
+        if len(axis_str) != 1 or axis_str not in order:
+            raise ValueError(f"operator {ctx.op.type}: axis_str {axis_str!r} must be one letter "
+                             f"of order {order!r}")
+        axis = order.index(axis_str)
+    ctx.state["broadcast"] = (bool(ctx.arg("broadcast", 0)), axis)
 
 
 def _b_shape(ctx, a, b):
