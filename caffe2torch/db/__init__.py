@@ -17,9 +17,17 @@ import threading
 from caffe2torch.db.lmdb_db import LMDB
 from caffe2torch.db.minidb import MiniDB
 
+
+def _leveldb(path, mode):
+    # plyvel (LevelDB) loads only when a leveldb database is opened.
+    from caffe2torch.db.leveldb_db import LevelDB
+    return LevelDB(path, mode)
+
+
 # Caffe2 registered both spellings of each type.
-_DB_CLASSES = {"minidb": MiniDB, "MiniDB": MiniDB, "lmdb": LMDB, "LMDB": LMDB}
-SUPPORTED_DB_TYPES = ("minidb", "lmdb")
+_DB_CLASSES = {"minidb": MiniDB, "MiniDB": MiniDB, "lmdb": LMDB, "LMDB": LMDB,
+               "leveldb": _leveldb, "LevelDB": _leveldb}
+SUPPORTED_DB_TYPES = ("minidb", "lmdb", "leveldb")
 MODES = ("new", "write", "read")  # Caffe2's NEW, WRITE, READ
 
 

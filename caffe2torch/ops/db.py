@@ -15,12 +15,10 @@ from caffe2torch.proto import caffe2_pb2
 
 @register_op("CreateDB", gradient=NO_GRADIENT, side_effects=True)
 def create_db(ctx, inputs):
-    """Open database ``db`` of type ``db_type`` for reading; the output is a DBReader."""
-    if "db_type" not in ctx.args:
-        raise ValueError("CreateDB needs argument 'db_type': Caffe2's default 'leveldb' is not "
-                         "supported by caffe2torch, use 'minidb' or 'lmdb'")
+    """Open database ``db`` of type ``db_type`` (default leveldb, as Caffe2) as a DBReader."""
     # ``db`` is used as given, not relative to the workspace root (Caffe2 does the same).
-    args = (ctx.arg("db_type"), ctx.require("db"), ctx.arg("num_shards", 1), ctx.arg("shard_id", 0))
+    args = (ctx.arg("db_type", "leveldb"), ctx.require("db"), ctx.arg("num_shards", 1),
+            ctx.arg("shard_id", 0))
     existing = ctx.workspace.blobs.get(ctx.output_names[0])
     if isinstance(existing, DBReader):
         # Caffe2 re-opens the DBReader already in the blob: a TensorProtosDBInput of the same
