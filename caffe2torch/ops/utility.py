@@ -137,8 +137,14 @@ def iter_op(ctx, inputs):
         if counter is None:
             counter = ctx.state["counter"] = torch.zeros(1, dtype=torch.int64)
         return [counter.add_(1)]
-    _check_counter(ctx, inputs[0])
-    return [inputs[0].add_(1)]
+    counter = inputs[0]
+    if isinstance(counter, torch.Tensor) and counter.dtype == torch.int32 and counter.numel() == 1:
+        # Caffe2 takes the counter's storage as int64 (mutable_data<int64_t>), so an INT32
+        # ConstantFill counter (the Toy_Regression tutorial's) becomes an int64 one; we keep
+        # its value rather than Caffe2's uninitialized memory.
+        return [counter.to(torch.int64) + 1]
+    _check_counter(ctx, counter)
+    return [counter.add_(1)]
 
 
 class _Mutex:

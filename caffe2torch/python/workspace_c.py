@@ -89,6 +89,13 @@ class DB:
         """Finish writing (a "new" DB replaces its target only now) and release the files."""
         self._db.close()
 
+    def __del__(self):
+        # ``del db`` closes it, as the C++ destructor does (the dataset tutorial relies on it).
+        try:
+            self._db.close()
+        except Exception:  # noqa: BLE001 (a destructor must not raise)
+            pass
+
 
 def create_db(db_type, source, mode):
     """Open DB ``source`` of ``db_type`` ("minidb", "lmdb") in ``C.Mode.read/write/new``."""
