@@ -20,6 +20,7 @@ import inspect
 
 from caffe2torch.python.helpers import algebra as _algebra
 from caffe2torch.python.helpers import array_helpers as _array_helpers
+from caffe2torch.python.helpers import control_ops as _control_ops
 from caffe2torch.python.helpers import conv as _conv
 from caffe2torch.python.helpers import db_input as _db_input
 from caffe2torch.python.helpers import dropout as _dropout
@@ -83,6 +84,8 @@ concat = _scoped(_array_helpers.concat)
 depth_concat = _scoped(_array_helpers.depth_concat)
 db_input = _scoped(_db_input.db_input)
 add_weight_decay = _scoped(_train.add_weight_decay)
+cond = _scoped(_control_ops.cond)
+loop = _scoped(_control_ops.loop)
 _registry["arg_scope"] = arg_scope
 
 
@@ -111,4 +114,4 @@ def __getattr__(name):
 __all__ = ["arg_scope", "conv", "conv_nd", "fc", "max_pool", "average_pool", "relu", "tanh",
            "softmax", "dropout", "iter", "accuracy", "spatial_bn", "lrn", "layer_norm",
            "instance_norm", "sum", "transpose", "batch_mat_mul", "concat", "depth_concat",
-           "db_input", "add_weight_decay", "Register", "has_helper"]
+           "db_input", "add_weight_decay", "cond", "loop", "Register", "has_helper"]

@@ -200,6 +200,8 @@ def to_execution_step(step_or_nets, default_name=None):
     """An ExecutionStep from a step, a net, or a list of nets or steps."""
     if isinstance(step_or_nets, ExecutionStep):
         return step_or_nets
+    if hasattr(step_or_nets, "get") and hasattr(step_or_nets, "current_net"):  # a NetBuilder
+        return execution_step(default_name or step_or_nets.name, step_or_nets.get())
     if not default_name and hasattr(step_or_nets, "Name"):
         default_name = step_or_nets.Name()
     if hasattr(step_or_nets, "Proto") or isinstance(step_or_nets, caffe2_pb2.NetDef):
