@@ -87,7 +87,7 @@ def _indices(op, name):
 
 
 def _python_grad(op, g_output):
-    """PythonGradient(inputs + outputs + output gradients) -> input gradients (chosen by indices)."""
+    """PythonGradient(inputs + outputs + output grads) -> input grads (chosen by the indices)."""
     out_idx = _indices(op, "grad_output_indices") or range(len(op.output))
     in_idx = _indices(op, "grad_input_indices") or range(len(op.input))
     g_input = [None] * len(op.input)

@@ -259,7 +259,7 @@ class Net:
         return name
 
     def NextBlob(self, prefix="unnamed"):
-        """``prefix``, or ``prefix_auto_<n>`` if taken: a name no op of this net defines (Caffe2)."""
+        """``prefix``, else ``prefix_auto_<n>``: a name no op of this net defines (Caffe2)."""
         registered = self._registered_blob_names
         name, index = str(prefix), 0
         while name in registered or self.BlobIsDefined(name):

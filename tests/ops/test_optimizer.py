@@ -61,7 +61,8 @@ POLICIES = {
         lambda it: (0.2 if it < 2 else 0.2 + 0.8 * (it - 2) / 2) if it < 4
         else _cosine(it - 4, period=5)),
     "cyclical": (dict(max_lr=0.4, stepsize=3),
-                 lambda it: 1 + (0.4 / 0.1 - 1) * max(0.0, 1 - abs(it / 3 - 2 * (it // 6 + 1) + 1))),
+                 lambda it: 1 + (0.4 / 0.1 - 1) * max(0.0,
+                                                      1 - abs(it / 3 - 2 * (it // 6 + 1) + 1))),
     "composite": (
         dict(sub_policy_num_iters=[3, 4], sub_policy_0_policy="exp", sub_policy_0_gamma=0.5,
              sub_policy_0_lr_scale=2.0, sub_policy_1_policy="step", sub_policy_1_stepsize=2,
@@ -111,7 +112,8 @@ def test_momentum_sgd_and_update(device, nesterov, shape):
     lr = np.array([0.1])
     args = dict(momentum=0.9, nesterov=nesterov)
     check_op("MomentumSGD", {"g": g, "m": m, "lr": lr}, ["g_out", "m_out"], args,
-             lambda g, m, lr: _momentum_ref(g, m, lr, f32(0.9), nesterov), grad=False, device=device)
+             lambda g, m, lr: _momentum_ref(g, m, lr, f32(0.9), nesterov), grad=False,
+             device=device)
     check_op("MomentumSGDUpdate", {"g": g, "m": m, "lr": lr, "p": p}, ["g_out", "m_out", "p_out"],
              args, lambda g, m, lr, p: (*_momentum_ref(g, m, lr, f32(0.9), nesterov),
                                         p - _momentum_ref(g, m, lr, f32(0.9), nesterov)[0]),

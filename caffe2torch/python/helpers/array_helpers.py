@@ -2,7 +2,7 @@
 
 
 def concat(model, blobs_in, blob_out, **kwargs):
-    """Concat along ``axis`` (or ``order``'s channel); the split sizes go to ``_<out>_concat_dims``."""
+    """Concat along ``axis`` (or ``order``'s channel); split sizes go to ``_<out>_concat_dims``."""
     if kwargs.get("order") and kwargs.get("axis"):
         del kwargs["order"]  # an explicit axis wins over the order's channel axis
     return model.net.Concat(blobs_in, [blob_out, "_" + str(blob_out) + "_concat_dims"],
