@@ -172,3 +172,16 @@ def test_engine_preferences_are_recorded():
     assert prefs["per_op"]["Conv"] == {caffe2_pb2.CUDA: ["CUDNN"]}
     assert prefs["per_op"]["FC"] == {caffe2_pb2.CPU: ["MKL"]}
     assert prefs["global"] == {caffe2_pb2.CUDA: ["CUDNN"]}
+
+
+def test_net_const_blobs():
+    net = core.Net("consts")
+    a = net.Const(1.5)
+    b = net.Const([1, 2, 3], "ints")
+    c = net.Const(True, "flag")
+    d = net.Const(np.arange(4, dtype=np.int32).reshape(2, 2), "i32")
+    workspace.RunNetOnce(net)
+    assert workspace.FetchBlob(a) == 1.5 and workspace.FetchBlob(a).dtype == np.float32
+    assert workspace.FetchBlob(b).tolist() == [1, 2, 3] and workspace.FetchBlob(b).dtype == np.int64
+    assert workspace.FetchBlob(c) == True  # noqa: E712 (a 0-d bool array)
+    assert workspace.FetchBlob(d).dtype == np.int32 and workspace.FetchBlob(d).shape == (2, 2)

@@ -414,6 +414,22 @@ class Net:
         self._extend_ops(ops)
         return self
 
+    def Const(self, array, blob_out=None, dtype=None):
+        """A constant blob holding ``array`` (a Given*Fill op; a bool is a BOOL ConstantFill)."""
+        import numpy as np
+        if isinstance(array, bool):
+            return self.ConstantFill([], blob_out or 1, dtype=DataType.BOOL, value=array)
+        array = np.array(array, dtype=dtype)
+        fills = {np.dtype(np.int32): "GivenTensorIntFill",
+                 np.dtype(np.int64): "GivenTensorInt64Fill",
+                 np.dtype(np.bool_): "GivenTensorBoolFill"}
+        fill = fills.get(array.dtype, "GivenTensorStringFill" if array.dtype.kind in "SUO"
+                         else "GivenTensorFill")
+        values = array.flatten().tolist()
+        if fill == "GivenTensorFill":
+            values = [float(v) for v in values]
+        return getattr(self, fill)([], blob_out or 1, shape=list(array.shape), values=values)
+
     def PopulateProtoWithFileName(self):
         """Caffe2 names ops after the source line that created them when tracebacks are on;
         caffe2torch records no tracebacks, so this leaves the ops as they are."""

@@ -21,8 +21,6 @@ execution steps, ``Loop`` as execution steps) is not part of it.
 """
 import threading
 
-import numpy as np
-
 from caffe2torch.python import core
 
 _local = threading.local()
@@ -224,19 +222,7 @@ class Operations:
         """A constant blob (a 0-d tensor for a Python number), as core.Net.Const."""
         builder = NetBuilder.current()
         net = builder.current_net()
-        blob_out = blob_out or net.NextName("const")
-        if isinstance(array, bool):
-            ref = net.ConstantFill([], blob_out, shape=[], value=array, dtype=core.DataType.BOOL)
-        else:
-            array = np.array(array, dtype=dtype)
-            fills = {np.dtype(np.int32): "GivenTensorIntFill",
-                     np.dtype(np.int64): "GivenTensorInt64Fill",
-                     np.dtype(np.bool_): "GivenTensorBoolFill"}
-            fill = fills.get(array.dtype, "GivenTensorFill")
-            values = array.flatten().tolist()
-            if fill == "GivenTensorFill":
-                values = [float(v) for v in values]
-            ref = getattr(net, fill)([], blob_out, shape=list(array.shape), values=values)
+        ref = net.Const(array, blob_out, dtype)
         builder._record(net.Proto().op[-1])
         return ref
 
