@@ -2,13 +2,16 @@
 used as Caffe2's own op tests use them, on CPU and (when present) CUDA."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
-import hypothesis.strategies as st
 
-from caffe2torch.ops import registry
-from caffe2torch.python import core, device_checker, gradient_checker, workspace
-from caffe2torch.python import hypothesis_test_util as hu
-from caffe2torch.python import test_util
+pytest.importorskip("hypothesis")  # a test requirement (pinned in the requirements)
+
+from hypothesis import given, settings  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+from caffe2torch.ops import registry  # noqa: E402
+from caffe2torch.python import core, device_checker, gradient_checker, workspace  # noqa: E402
+from caffe2torch.python import hypothesis_test_util as hu  # noqa: E402
+from caffe2torch.python import test_util  # noqa: E402
 
 
 class TestOpsWithCaffe2Helpers(hu.HypothesisTestCase):
