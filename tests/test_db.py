@@ -85,8 +85,8 @@ def test_corrupt_minidb_names_the_file(tmp_path, data, why):
 
 
 def test_unknown_db_type_and_mode(tmp_path):
-    with pytest.raises(ValueError, match="'leveldb' is not supported.*minidb, lmdb"):
-        open_db("leveldb", tmp_path / "x", "new")
+    with pytest.raises(ValueError, match="'rocksdb' is not supported.*minidb, lmdb, leveldb"):
+        open_db("rocksdb", tmp_path / "x", "new")
     with pytest.raises(ValueError, match="unknown db mode 'append'"):
         open_db("minidb", tmp_path / "x", "append")
     with pytest.raises(IsADirectoryError, match="is a folder"):

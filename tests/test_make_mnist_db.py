@@ -129,7 +129,7 @@ def test_bad_files_exit_2_with_a_one_line_error(tmp_path, idx_files):
 
 
 def test_unknown_db_type_is_a_usage_error(tmp_path, idx_files):
-    result = _cli(tmp_path, *idx_files)  # Caffe2's default --db leveldb
-    assert result.returncode == 2 and "'leveldb' is not supported" in result.stderr
+    result = _cli(tmp_path, *idx_files, "--db", "rocksdb")
+    assert result.returncode == 2 and "'rocksdb' is not supported" in result.stderr
     with pytest.raises(ValueError, match="'rocksdb' is not supported"):
         make_mnist_db.convert(*idx_files, tmp_path / "x", "rocksdb")

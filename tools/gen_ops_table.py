@@ -41,10 +41,18 @@ Where Caffe2's behaviour was unclear or depended on the device, caffe2torch deci
   Conv and both poolings. Pooling takes 2-D and 3-D inputs; Conv 1-D to 3-D.
 - **Sum**'s gradient is Caffe2's pass-through (each input's gradient is dY itself, no op).
   **Add/Sub/Mul/Div/MatMul** emit one `<Op>Gradient(dY, A, B)` op, which also sums broadcast
-  gradients back to each input's shape. **WeightedSum** has a gradient for the Xᵢ only.
+  gradients back to each input's shape. **WeightedSum** has a gradient for the Xᵢ, and with
+  `grad_on_w=1` for the weights too.
 - **Dropout** with `is_test=1` copies X and leaves its mask output unwritten, as Caffe2 does.
-- **LearningRate** supports fixed, step, exp, inv, poly, constantWarmup and linearWarmup; `poly`
-  is 0 past `max_iter`. Caffe2 never had `multistep`: unknown policies are errors.
+- **LearningRate** supports fixed, step, exp, gate, inv, poly, linearWarmup, constantWarmup,
+  pieceWarmup, alter, hill, cyclical, cosine, constantThenLinearWarmup, compositeCosine,
+  compositeCyclical and composite (sub-policies see the global iteration, the first covers
+  iterations 1..n, as in Caffe2); `poly` is 0 past `max_iter`. Caffe2 never had `multistep`:
+  unknown policies are errors.
+- **Optimizer ops** (MomentumSGD(Update), Adam, Adagrad, RmsProp, Ftrl and the sparse forms) use
+  Caffe2's formulas and sign convention (the `lr` input is negative for descent except in
+  MomentumSGDUpdate); Adam's bias correction uses t = iter + 1. Sparse forms and
+  ScatterWeightedSum/ScatterAssign apply repeated indices one after the other, as Caffe2's loops.
 - **Print** names element types as Caffe2 does (float, double, int, long, unsigned char, bool, ...)
   and prints numbers with C++'s default 6 significant digits; uint8/int8 values print as numbers
   (C++ would print them as raw characters).

@@ -138,17 +138,17 @@ def _bool_flag(text):
 def main(argv=None):
     """The command line; exits with status 2 and a one-line message on bad input."""
     parser = argparse.ArgumentParser(
-        prog="make_mnist_db", description="Convert MNIST IDX files into a Caffe2 minidb or LMDB.")
+        prog="make_mnist_db", description="Convert MNIST IDX files into a Caffe2 DB.")
     parser.add_argument("--image_file", required=True, help="IDX image file (may be gzipped)")
     parser.add_argument("--label_file", required=True, help="IDX label file (may be gzipped)")
     parser.add_argument("--output_file", required=True, help="db to create (lmdb: a folder)")
-    parser.add_argument("--db", default="leveldb", help="db type: minidb or lmdb "
-                        "(Caffe2's default, leveldb, is not supported)")
+    parser.add_argument("--db", default="leveldb", help="db type: leveldb (Caffe2's default), "
+                        "lmdb or minidb")
     parser.add_argument("--data_limit", type=int, default=-1, help="keep the first N items")
     parser.add_argument("--channel_first", nargs="?", const=True, default=False, type=_bool_flag,
                         metavar="BOOL", help="images as [1,rows,cols] (NCHW) instead of [rows,cols,1]")
     args = parser.parse_args(argv)
-    if args.db not in SUPPORTED_DB_TYPES and args.db not in ("MiniDB", "LMDB"):
+    if args.db not in SUPPORTED_DB_TYPES and args.db not in ("MiniDB", "LMDB", "LevelDB"):
         parser.error(f"--db {args.db!r} is not supported: use one of "
                      f"{', '.join(SUPPORTED_DB_TYPES)}")
     try:

@@ -17,9 +17,17 @@ import threading
 from caffe2torch.db.lmdb_db import LMDB
 from caffe2torch.db.minidb import MiniDB
 
+
+def _leveldb(path, mode):
+    # plyvel (LevelDB) loads only when a leveldb database is opened.
+    from caffe2torch.db.leveldb_db import LevelDB
+    return LevelDB(path, mode)
+
+
 # Caffe2 registered both spellings of each type.
-_DB_CLASSES = {"minidb": MiniDB, "MiniDB": MiniDB, "lmdb": LMDB, "LMDB": LMDB}
-SUPPORTED_DB_TYPES = ("minidb", "lmdb")
+_DB_CLASSES = {"minidb": MiniDB, "MiniDB": MiniDB, "lmdb": LMDB, "LMDB": LMDB,
+               "leveldb": _leveldb, "LevelDB": _leveldb}
+SUPPORTED_DB_TYPES = ("minidb", "lmdb", "leveldb")
 MODES = ("new", "write", "read")  # Caffe2's NEW, WRITE, READ
 
 
@@ -53,9 +61,28 @@ class DBReader:
         self.num_shards = num_shards
         self.shard_id = shard_id
         self.lock = threading.Lock()
+        self.inflight = None  # a prefetch read in progress (concurrent.futures.Future), or None
         self.db = open_db(db_type, path, "read")
         self.cursor = self.db.cursor()
         self._move_to_beginning()
+
+    def reopen(self, db_type, path, num_shards=1, shard_id=0):
+        """Open ``path`` again in this same reader, at its first record (Caffe2's DBReader::Open
+        on an existing blob): a read already started by a prefetcher finishes first."""
+        inflight = self.inflight
+        if inflight is not None:
+            try:
+                inflight.result()
+            except Exception:  # noqa: BLE001 (the reading op reports its own failure)
+                pass
+        with self.lock:
+            self.cursor.close()
+            self.db.close()
+            self.db_type, self.path = db_type, path
+            self.num_shards, self.shard_id = num_shards, shard_id
+            self.db = open_db(db_type, path, "read")
+            self.cursor = self.db.cursor()
+            self._move_to_beginning()
 
     def _move_to_beginning(self):
         self.cursor.seek_to_first()

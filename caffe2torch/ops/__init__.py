@@ -21,6 +21,18 @@ def _family_names():
 FAMILY_NAMES = _family_names()
 
 
+class FamilyImportError(ImportError):
+    """An op family module failed to import; the registry then answers every lookup with it."""
+
+
 def load_families():
     """Import every op family module (registering its ops); returns the modules."""
-    return [importlib.import_module(f"caffe2torch.ops.{name}") for name in FAMILY_NAMES]
+    modules = []
+    for name in FAMILY_NAMES:
+        try:
+            modules.append(importlib.import_module(f"caffe2torch.ops.{name}"))
+        except Exception as exc:
+            raise FamilyImportError(
+                f"op family caffe2torch.ops.{name} failed to import ({type(exc).__name__}: "
+                f"{exc}); no operator can be looked up until it imports") from exc
+    return modules

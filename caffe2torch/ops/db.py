@@ -16,13 +16,17 @@ from caffe2torch.proto import caffe2_pb2
 
 @register_op("CreateDB", gradient=NO_GRADIENT, side_effects=True)
 def create_db(ctx, inputs):
-    """Open database ``db`` of type ``db_type`` for reading; the output is a DBReader."""
-    if "db_type" not in ctx.args:
-        raise ValueError("CreateDB needs argument 'db_type': Caffe2's default 'leveldb' is not "
-                         "supported by caffe2torch, use 'minidb' or 'lmdb'")
+    """Open database ``db`` of type ``db_type`` (default leveldb, as Caffe2) as a DBReader."""
     # ``db`` is used as given, not relative to the workspace root (Caffe2 does the same).
-    return [DBReader(ctx.arg("db_type"), ctx.require("db"),
-                     ctx.arg("num_shards", 1), ctx.arg("shard_id", 0))]
+    args = (ctx.arg("db_type", "leveldb"), ctx.require("db"), ctx.arg("num_shards", 1),
+            ctx.arg("shard_id", 0))
+    existing = ctx.workspace.blobs.get(ctx.output_names[0])
+    if isinstance(existing, DBReader):
+        # Caffe2 re-opens the DBReader already in the blob: a TensorProtosDBInput of the same
+        # net keeps the batch it prefetched, so a second run gives the second batch.
+        existing.reopen(*args)
+        return [existing]
+    return [DBReader(*args)]
 
 
 # --- TensorProtosDBInput ------------------------------------------------------------------------
@@ -113,7 +117,9 @@ class _Prefetcher:
             if pending is not None:
                 pending[1].cancel()
             batch = read(reader)
-        self._pending = (reader, self._pool.submit(read, reader))
+        future = self._pool.submit(read, reader)
+        self._pending = (reader, future)
+        reader.inflight = future  # a CreateDB that reopens the reader waits for this read
         return batch
 
     def close(self):
@@ -216,6 +222,7 @@ class _LoadState:
         self.done = {}  # blob name -> (numpy array or bytes, device)
         self.chunks = {}  # blob name -> (TensorChunks, device)
         self.db_of = {}  # blob name -> index of the db it came from
+        self.source_of = {}  # blob name -> the name it has in the db (before strip/add prefix)
 
     def blob_name(self, key):
         """Caffe2's buildBlobNameFromDbKey: cut at '#%', strip_prefix, then add_prefix."""
@@ -227,6 +234,12 @@ class _LoadState:
             key = cursor.key()
             name = self.blob_name(key)
             if self.wanted is None or name in self.wanted:
+                source = serialize.blob_name_from_key(key)
+                if self.source_of.setdefault(name, source) != source:
+                    raise ValueError(
+                        f"Load: db blobs {self.source_of[name]!r} and {source!r} of {where} both "
+                        f"load into {name!r} (strip_prefix={self.strip!r}, add_prefix="
+                        f"{self.prefix!r}); change the prefixes or name the blobs to load")
                 if self.db_of.setdefault(name, db_index) != db_index:
                     raise ValueError(f"Load: blob {name!r} is in more than one db")
                 record = f"record {key!r} of {where}"

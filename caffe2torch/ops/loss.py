@@ -1,4 +1,6 @@
 """Losses and metrics: LabelCrossEntropy, AveragedLoss, SoftmaxWithLoss, Accuracy."""
+import math
+
 import torch
 
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
@@ -92,6 +94,19 @@ def _softmax_loss_setup(ctx):
     if int(ctx.arg("spatial", 0)):
         raise ValueError("operator SoftmaxWithLoss: spatial=1 is not supported by caffe2torch")
     ctx.state["loss"] = (float(ctx.arg("scale", 1.0)), bool(ctx.arg("label_prob", 0)))
+    ctx.state["axis"] = int(ctx.arg("axis", 1))
+
+
+def _rows_at(ctx, x):
+    """X as the [N, D] matrix Caffe2 coerces it to at ``axis`` (a 1-D X is one row)."""
+    if x.dim() == 1:
+        return x.reshape(1, -1)
+    axis = ctx.state["axis"]
+    axis = axis + x.dim() if axis < 0 else axis
+    if not 0 < axis < x.dim():
+        raise ValueError(f"operator {ctx.op.type}: axis {ctx.state['axis']} is out of range for "
+                         f"X of shape {tuple(x.shape)}")
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 def _target(ctx, label, p):
@@ -106,7 +121,7 @@ def _target(ctx, label, p):
 def softmax_with_loss(ctx, inputs):
     """(X [N,D], label[, weight]) -> (P = softmax(X), loss = scale·Σwᵢ·CEᵢ / Σwᵢ as 0-d)."""
     scale, label_prob = ctx.state["loss"]
-    x = _as_rows(inputs[0])
+    x = _rows_at(ctx, inputs[0])
     log_p = torch.log_softmax(x, 1)
     if label_prob:
         per_row = -(log_p.exp().clamp_min(_LOG_THRESHOLD).log() * _target(ctx, inputs[1], x)).sum(1)
@@ -127,7 +142,7 @@ def softmax_with_loss_gradient(ctx, inputs):
     scale, _ = ctx.state["loss"]
     x, label = inputs[0], inputs[1]
     p, d_loss = inputs[-2], inputs[-1]
-    p2 = _as_rows(p)
+    p2 = _rows_at(ctx, p)
     dx = p2 - _target(ctx, label, p2)
     factor = d_loss.reshape(()).to(p2.dtype) * scale
     if len(inputs) == 5:

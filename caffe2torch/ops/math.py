@@ -54,11 +54,13 @@ def sum_gradient(ctx, inputs):
 # --- WeightedSum --------------------------------------------------------------------------------
 
 def _weighted_sum_grad(op, g_output):
-    """WeightedSumGradient(dY, X0, w0, X1, w1, ...) -> (dX0, dX1, ...); no gradient for weights."""
+    """WeightedSumGradient(dY, X0, w0, ...) -> (dX0, dX1, ...[, dw0, dw1, ...] with grad_on_w=1)."""
     xs = op.input[0::2]
-    g_input = [grad_name(n) if i % 2 == 0 else None for i, n in enumerate(op.input)]
-    return [gradient_op(op, "WeightedSumGradient", [g_output[0]] + list(op.input),
-                        [grad_name(n) for n in xs])], g_input
+    on_w = any(a.name == "grad_on_w" and a.i for a in op.arg)
+    g_input = [grad_name(n) if i % 2 == 0 or on_w else None for i, n in enumerate(op.input)]
+    outputs = [grad_name(n) for n in xs] + ([grad_name(n) for n in op.input[1::2]] if on_w else [])
+    return [gradient_op(op, "WeightedSumGradient", [g_output[0]] + list(op.input), outputs)], \
+        g_input
 
 
 def _weighted_sum_setup(ctx):
@@ -97,15 +99,28 @@ def weighted_sum(ctx, inputs):
 
 @register_op("WeightedSumGradient")
 def weighted_sum_gradient(ctx, inputs):
-    """(dY, X0, w0, X1, w1, ...) -> (dX0, dX1, ...) with dXᵢ = wᵢ·dY."""
+    """(dY, X0, w0, ...) -> (dX0, ...) with dXᵢ = wᵢ·dY; grad_on_w=1 adds dwᵢ = Σ dY·Xᵢ."""
     dy = inputs[0]
-    return [dy * _weight(w) for w in inputs[2::2]]
+    grads = [dy * _weight(w) for w in inputs[2::2]]
+    if ctx.arg("grad_on_w", 0):
+        grads += [(dy * x).sum().reshape(w.shape).to(w.dtype)
+                  for x, w in zip(inputs[1::2], inputs[2::2])]
+    return grads
 
 
 # --- Add / Sub / Mul / Div ----------------------------------------------------------------------
 
 def _broadcast_setup(ctx):
-    ctx.state["broadcast"] = (bool(ctx.arg("broadcast", 0)), int(ctx.arg("axis", -1)))
+    axis = int(ctx.arg("axis", -1))
+    axis_str = ctx.arg("axis_str", "")
+    if axis_str:
+        # Caffe2: axis_str names one letter of ``order`` (e.g. "C" of "NCHW").
+        order = ctx.arg("order", "NCHW")
+        if len(axis_str) != 1 or axis_str not in order:
+            raise ValueError(f"operator {ctx.op.type}: axis_str {axis_str!r} must be one letter "
+                             f"of order {order!r}")
+        axis = order.index(axis_str)
+    ctx.state["broadcast"] = (bool(ctx.arg("broadcast", 0)), axis)
 
 
 def _b_shape(ctx, a, b):
@@ -113,6 +128,8 @@ def _b_shape(ctx, a, b):
     legacy, axis = ctx.state["broadcast"]
     if not legacy or a.shape == b.shape:
         return b.shape
+    if b.numel() == 1:
+        return torch.Size([])  # Caffe2's legacy broadcast takes a one-element B as a scalar
     if b.dim() > a.dim():
         raise ValueError(f"operator {ctx.op.type} with broadcast=1: B {tuple(b.shape)} has more "
                          f"dims than A {tuple(a.shape)}")

@@ -315,13 +315,41 @@ _AVG_POOL_BACKWARD = {2: aten.avg_pool2d_backward, 3: aten.avg_pool3d_backward}
 
 
 def _pool_input(sp, x):
+    """(x as NCHW, spatial dims, plan); 1-D input (N, C, L) is pooled as (N, C, L, 1)."""
     if sp.nhwc:
         x = _to_nchw(x)
     nd = x.dim() - 2
+    if nd == 1:
+        return x.unsqueeze(-1), 2, _lift_1d(sp, x.shape[2])
     if nd not in (2, 3):
-        raise ValueError(f"operator {sp.op_type}: caffe2torch pools 2-D and 3-D inputs "
-                         f"(N, C and 2 or 3 spatial dims), got shape {tuple(x.shape)}")
+        raise ValueError(f"operator {sp.op_type}: caffe2torch pools 1-D, 2-D and 3-D inputs "
+                         f"(N, C and 1 to 3 spatial dims), got shape {tuple(x.shape)}")
     return x, nd, sp.plan(tuple(x.shape[2:]))
+
+
+def _lift_1d(sp, length):
+    """The 1-D plan for ``length`` as a 2-D plan whose second dimension is 1 (kernel 1)."""
+    key = ("1d", length)
+    plan = sp.plans.get(key)
+    if plan is None:
+        p = sp.plan((length,))
+        explicit = None if p.explicit is None else [0, 0] + list(p.explicit)
+        plan = sp.plans[key] = _Plan(list(p.kernel) + [1], list(p.stride) + [1],
+                                     list(p.dilation) + [1], list(p.padding) + [0], explicit,
+                                     p.ceil_mode, list(p.head) + [0], (length, 1))
+    return plan
+
+
+def _pool_output(sp, y, like):
+    """Y back in the input's layout: 1-D inputs lose the helper dimension, NHWC is restored."""
+    if like.dim() == 3:
+        y = y.squeeze(-1)
+    return _to_nhwc(y) if sp.nhwc else y
+
+
+def _pool_dy(sp, dy):
+    dy = _to_nchw(dy) if sp.nhwc else dy
+    return dy.unsqueeze(-1) if dy.dim() == 3 else dy
 
 
 def _pool_grad(grad_type):
@@ -345,7 +373,7 @@ def max_pool(ctx, inputs):
     x_in = inputs[0]
     x, nd, plan = _pool_input(sp, x_in)
     _, (y, indices) = _max_pool_indices(x, nd, plan)
-    y = _to_nhwc(y) if sp.nhwc else y
+    y = _pool_output(sp, y, x_in)
     # Keep the argmax positions for MaxPoolGradient, as PyTorch's autograd does.
     y._caffe2torch_maxpool = (weakref.ref(x_in), plan.key, indices)
     return [y]
@@ -365,12 +393,12 @@ def max_pool_gradient(ctx, inputs):
     else:
         indices = _MAX_POOL[nd](x, plan.kernel, plan.stride, plan.padding, plan.dilation,
                                 plan.ceil_mode)[1]
-    dy = _to_nchw(dy) if sp.nhwc else dy
+    dy = _pool_dy(sp, dy)
     dx = _MAX_POOL_BACKWARD[nd](dy, x, plan.kernel, plan.stride, plan.padding, plan.dilation,
                                 plan.ceil_mode, indices)
     if plan.explicit is not None:
         dx = _unpad(dx, plan)
-    return [_to_nhwc(dx) if sp.nhwc else dx]
+    return [_pool_output(sp, dx, x_in)]
 
 
 def _avg_setup(ctx):
@@ -392,7 +420,8 @@ def _avg_count(x, nd, plan):
 def average_pool(ctx, inputs):
     """Y = mean over each window (padding not counted unless count_include_pad=1)."""
     sp = ctx.state["spatial"]
-    x, nd, plan = _pool_input(sp, inputs[0])
+    x_in = inputs[0]
+    x, nd, plan = _pool_input(sp, x_in)
     if max(plan.dilation) != 1:
         raise ValueError("operator AveragePool: dilation is not supported")
     if sp.global_pooling:
@@ -405,7 +434,7 @@ def average_pool(ctx, inputs):
     else:
         total = _AVG_POOL[nd](F.pad(x, plan.explicit), plan.kernel, plan.stride, 0, False, True, 1)
         y = total / _avg_count(x, nd, plan)
-    return [_to_nhwc(y) if sp.nhwc else y]
+    return [_pool_output(sp, y, x_in)]
 
 
 @register_op("AveragePoolGradient", setup=_avg_setup)
@@ -413,7 +442,7 @@ def average_pool_gradient(ctx, inputs):
     """(X, Y, dY) -> dX with aten.avg_pool*_backward."""
     sp = ctx.state["spatial"]
     x, nd, plan = _pool_input(sp, inputs[0])
-    dy = _to_nchw(inputs[2]) if sp.nhwc else inputs[2]
+    dy = _pool_dy(sp, inputs[2])
     if plan.explicit is None:
         dx = _AVG_POOL_BACKWARD[nd](dy, x, plan.kernel, plan.stride, plan.padding, plan.ceil_mode,
                                     sp.count_include_pad, None)
@@ -425,7 +454,7 @@ def average_pool_gradient(ctx, inputs):
             dx = _AVG_POOL_BACKWARD[nd](dy / _avg_count(x, nd, plan), padded, plan.kernel,
                                         plan.stride, 0, False, True, 1)
         dx = _unpad(dx, plan)
-    return [_to_nhwc(dx) if sp.nhwc else dx]
+    return [_pool_output(sp, dx, inputs[0])]
 
 
 # --- FC -----------------------------------------------------------------------------------------
@@ -440,8 +469,9 @@ def _fc_views(ctx, x, w):
     axis_w = axis_w + w.dim() if axis_w < 0 else axis_w
     m = math.prod(x.shape[:axis])
     n = math.prod(w.shape[:axis_w])
-    x2 = x.reshape(m, -1)
-    w2 = w.reshape(n, -1)
+    # Explicit sizes, not -1: an empty batch (M = 0) is valid and gives an empty Y.
+    x2 = x.reshape(m, math.prod(x.shape[axis:]))
+    w2 = w.reshape(n, math.prod(w.shape[axis_w:]))
     if x2.shape[1] != w2.shape[1]:
         raise ValueError(f"operator FC: X {tuple(x.shape)} flattened at axis {axis} has "
                          f"K={x2.shape[1]} but W {tuple(w.shape)} has K={w2.shape[1]}")

@@ -142,14 +142,22 @@ class UnknownOperatorError(KeyError):
 
 
 _loaded = False
+_load_error = []  # the family import failure, raised again by every later lookup
 
 
 def _load_families():
     global _loaded
+    if _load_error:
+        # Never answer from a half-loaded registry ("unknown operator CreateDB" would mislead).
+        raise _load_error[0].__class__(str(_load_error[0])) from _load_error[0]
     if not _loaded:
         _loaded = True
         from caffe2torch.ops import load_families
-        load_families()
+        try:
+            load_families()
+        except ImportError as exc:
+            _load_error.append(exc)
+            raise
 
 
 class OpContext:

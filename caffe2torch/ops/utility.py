@@ -1,4 +1,5 @@
-"""Glue ops: Cast, StopGradient, Copy, the iteration counter, LearningRate, Print and Summarize."""
+"""Glue ops: Cast, StopGradient, Copy, the iteration counter, Print and Summarize (LearningRate is
+in the optimizer family)."""
 import logging
 import os
 import threading
@@ -137,8 +138,14 @@ def iter_op(ctx, inputs):
         if counter is None:
             counter = ctx.state["counter"] = torch.zeros(1, dtype=torch.int64)
         return [counter.add_(1)]
-    _check_counter(ctx, inputs[0])
-    return [inputs[0].add_(1)]
+    counter = inputs[0]
+    if isinstance(counter, torch.Tensor) and counter.dtype == torch.int32 and counter.numel() == 1:
+        # Caffe2 takes the counter's storage as int64 (mutable_data<int64_t>), so an INT32
+        # ConstantFill counter (the Toy_Regression tutorial's) becomes an int64 one; we keep
+        # its value rather than Caffe2's uninitialized memory.
+        return [counter.to(torch.int64) + 1]
+    _check_counter(ctx, counter)
+    return [counter.add_(1)]
 
 
 class _Mutex:
@@ -169,59 +176,6 @@ def atomic_iter(ctx, inputs):
     with mutex.lock:
         counter.add_(1)
     return [counter]
-
-
-# --- LearningRate -------------------------------------------------------------------------------
-
-def _lr_policy(ctx):
-    """f(iter) for the op's policy, with its arguments read once.
-
-    Caffe2 computes the rate in float32 (its functors are templated on T=float: e.g.
-    ``std::pow(gamma_, static_cast<float>(iter / stepsize_))``), so we do too: the rates, and so
-    the training trajectories, match Caffe2's bit for bit rather than a double-precision variant.
-    """
-    f32 = np.float32
-    policy = ctx.require("policy")
-    gamma = f32(ctx.arg("gamma", 0.0))
-    power = f32(ctx.arg("power", 0.0))
-    one = f32(1.0)
-    if policy == "fixed":
-        return lambda it: one
-    if policy == "step":
-        stepsize = int(ctx.require("stepsize"))
-        if stepsize <= 0:
-            raise ValueError(f"LearningRate policy 'step' needs stepsize > 0, got {stepsize}")
-        return lambda it: gamma ** f32(it // stepsize)
-    if policy == "exp":
-        return lambda it: gamma ** f32(it)
-    if policy == "inv":
-        return lambda it: (one + gamma * f32(it)) ** -power
-    if policy == "poly":
-        max_iter = f32(ctx.require("max_iter"))
-        # Past max_iter the base would go negative; the rate stays 0 there.
-        return lambda it: max(one - f32(it) / max_iter, f32(0.0)) ** power
-    if policy == "constantWarmup":
-        multiplier, num_iter = f32(ctx.arg("multiplier", 0.5)), int(ctx.arg("num_iter", 0))
-        return lambda it: multiplier if it < num_iter else one
-    if policy == "linearWarmup":
-        start, num_iter = f32(ctx.arg("start_multiplier", 0.0)), int(ctx.arg("num_iter", 0))
-        return lambda it: start + (one - start) * f32(it) / f32(num_iter) if it < num_iter else one
-    raise ValueError(f"LearningRate: unknown policy {policy!r}; caffe2torch supports "
-                     "fixed, step, exp, inv, poly, constantWarmup, linearWarmup "
-                     "(Caffe2 never had 'multistep')")
-
-
-def _lr_setup(ctx):
-    ctx.state["lr"] = (np.float32(ctx.require("base_lr")), _lr_policy(ctx))
-
-
-@register_op("LearningRate", gradient=NO_GRADIENT, setup=_lr_setup, cpu_only_inputs=True)
-def learning_rate(ctx, inputs):
-    """lr = base_lr · f(iter) as a 0-d float on the op's device; policies fixed/step/exp/inv/poly."""
-    base_lr, policy = ctx.state["lr"]
-    it = int(inputs[0].reshape(()).item())  # the counter lives on CPU: no device sync
-    # torch.full launches a fill kernel: no host-to-device copy that would wait for the GPU.
-    return [torch.full((), float(base_lr * policy(it)), dtype=torch.float32, device=ctx.device)]
 
 
 # --- Print and Summarize ------------------------------------------------------------------------

@@ -18,10 +18,15 @@ import copy
 import functools
 import inspect
 
+from caffe2torch.python.helpers import algebra as _algebra
+from caffe2torch.python.helpers import array_helpers as _array_helpers
+from caffe2torch.python.helpers import control_ops as _control_ops
 from caffe2torch.python.helpers import conv as _conv
+from caffe2torch.python.helpers import db_input as _db_input
 from caffe2torch.python.helpers import dropout as _dropout
 from caffe2torch.python.helpers import fc as _fc
 from caffe2torch.python.helpers import nonlinearity as _nonlinearity
+from caffe2torch.python.helpers import normalization as _normalization
 from caffe2torch.python.helpers import pooling as _pooling
 from caffe2torch.python.helpers import train as _train
 from caffe2torch.python.helpers.arg_scope import arg_scope, get_current_scope
@@ -68,6 +73,19 @@ softmax = _scoped(_nonlinearity.softmax)
 dropout = _scoped(_dropout.dropout)
 iter = _scoped(_train.iter)  # noqa: A001 (Caffe2's name)
 accuracy = _scoped(_train.accuracy)
+spatial_bn = _scoped(_normalization.spatial_bn)
+lrn = _scoped(_normalization.lrn)
+layer_norm = _scoped(_normalization.layer_norm)
+instance_norm = _scoped(_normalization.instance_norm)
+sum = _scoped(_algebra.sum)  # noqa: A001 (Caffe2's name)
+transpose = _scoped(_algebra.transpose)
+batch_mat_mul = _scoped(_algebra.batch_mat_mul)
+concat = _scoped(_array_helpers.concat)
+depth_concat = _scoped(_array_helpers.depth_concat)
+db_input = _scoped(_db_input.db_input)
+add_weight_decay = _scoped(_train.add_weight_decay)
+cond = _scoped(_control_ops.cond)
+loop = _scoped(_control_ops.loop)
 _registry["arg_scope"] = arg_scope
 
 
@@ -94,4 +112,6 @@ def __getattr__(name):
 
 
 __all__ = ["arg_scope", "conv", "conv_nd", "fc", "max_pool", "average_pool", "relu", "tanh",
-           "softmax", "dropout", "iter", "accuracy", "Register", "has_helper"]
+           "softmax", "dropout", "iter", "accuracy", "spatial_bn", "lrn", "layer_norm",
+           "instance_norm", "sum", "transpose", "batch_mat_mul", "concat", "depth_concat",
+           "db_input", "add_weight_decay", "cond", "loop", "Register", "has_helper"]

@@ -178,8 +178,10 @@ def CreateOperator(operator_type, inputs, outputs, name="", control_input=None,
     if arg is not None:
         op.arg.extend(arg)
     for key, value in kwargs.items():
-        if value is not None:
-            op.arg.add().CopyFrom(utils.MakeArgument(key, value))
+        if value is None:
+            raise ValueError(f"CreateOperator({operator_type!r}): argument {key!r} is None; as in "
+                             "Caffe2 an argument needs a value (leave it out instead)")
+        op.arg.add().CopyFrom(utils.MakeArgument(key, value))
     return op
 
 
@@ -205,6 +207,7 @@ class Net:
 
     def __init__(self, name_or_proto):
         self._op_outputs = set()
+        self._registered_blob_names = set()  # names NextBlob gave out
         self._external_input_map = set()
         if isinstance(name_or_proto, caffe2_pb2.NetDef):
             self._net = caffe2_pb2.NetDef()
@@ -217,9 +220,9 @@ class Net:
             indices = [int(s[len(prefix):]) for op in self._net.op for s in list(op.input) + list(op.output)
                        if s.startswith(prefix) and s[len(prefix):].isdigit()]
             self._next_name_index = max(indices) + 1 if indices else 0
-        elif isinstance(name_or_proto, str):
+        elif isinstance(name_or_proto, str) or name_or_proto is None:
             self._net = caffe2_pb2.NetDef()
-            name = name_or_proto
+            name = name_or_proto or ""  # Caffe2: core.Net(None) is a net named ""
             self._next_name_index = 0
         else:
             raise TypeError("Net() takes a name or a caffe2_pb2.NetDef")
@@ -255,13 +258,19 @@ class Net:
         self._next_name_index += 1
         return name
 
-    def NextBlob(self, prefix=None):
-        """A BlobReference with a fresh name."""
-        return BlobReference(self.NextName(prefix), self)
+    def NextBlob(self, prefix="unnamed"):
+        """``prefix``, else ``prefix_auto_<n>``: a name no op of this net defines (Caffe2)."""
+        registered = self._registered_blob_names
+        name, index = str(prefix), 0
+        while name in registered or self.BlobIsDefined(name):
+            name = f"{prefix}_auto_{index}"
+            index += 1
+        registered.add(name)
+        return BlobReference(name, self)
 
-    def NextScopedBlob(self, prefix=None):
-        """A BlobReference with a fresh, name-scoped name."""
-        return BlobReference(ScopedName(self.NextName(prefix)), self)
+    def NextScopedBlob(self, prefix="unnamed"):
+        """NextBlob of the name-scoped ``prefix``."""
+        return self.NextBlob(ScopedName(prefix))
 
     def AddExternalInput(self, *inputs):
         """Declare blobs that the net reads but does not produce; returns their references."""
@@ -369,3 +378,168 @@ class Net:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(registry.registered_ops()))
+
+    # -- Caffe2's Net API beyond building ops ---------------------------------------------------
+    def GetBlobRef(self, blob_name):
+        """A BlobReference to a blob this net defines; KeyError otherwise."""
+        if not self.BlobIsDefined(blob_name):
+            raise KeyError(f"Net does not define blob {blob_name}")
+        return BlobReference(str(blob_name), self)
+
+    def UsesBlob(self, blob):
+        """True when an op of this net reads ``blob`` or it is an external input."""
+        name = str(blob)
+        return any(name in op.input for op in self._net.op) or name in self._external_input_map
+
+    def UsedBlobNames(self):
+        """Every blob name the net's ops and external lists mention."""
+        names = {n for op in self._net.op for n in list(op.input) + list(op.output)}
+        return names | set(self._net.external_input) | set(self._net.external_output)
+
+    def AppendNet(self, net, device_option=None):
+        """Append ``net``'s ops (on ``device_option`` if given) and its external blobs."""
+        if not isinstance(net, Net):
+            raise TypeError("AppendNet takes a core.Net")
+        for name in net.Proto().external_input:
+            if name not in self._net.external_input and name not in self._op_outputs:
+                self._net.external_input.append(name)
+                self._external_input_map.add(name)
+        self._net.external_output.extend(
+            o for o in net.Proto().external_output if o not in self._net.external_output)
+        ops = list(net.Proto().op)
+        if device_option is not None:
+            ops = [caffe2_pb2.OperatorDef.FromString(op.SerializeToString()) for op in ops]
+            for op in ops:
+                op.device_option.CopyFrom(device_option)
+        self._extend_ops(ops)
+        return self
+
+    def Const(self, array, blob_out=None, dtype=None):
+        """A constant blob holding ``array`` (a Given*Fill op; a bool is a BOOL ConstantFill)."""
+        import numpy as np
+        if isinstance(array, bool):
+            return self.ConstantFill([], blob_out or 1, dtype=DataType.BOOL, value=array)
+        array = np.array(array, dtype=dtype)
+        fills = {np.dtype(np.int32): "GivenTensorIntFill",
+                 np.dtype(np.int64): "GivenTensorInt64Fill",
+                 np.dtype(np.bool_): "GivenTensorBoolFill"}
+        fill = fills.get(array.dtype, "GivenTensorStringFill" if array.dtype.kind in "SUO"
+                         else "GivenTensorFill")
+        values = array.flatten().tolist()
+        if fill == "GivenTensorFill":
+            values = [float(v) for v in values]
+        return getattr(self, fill)([], blob_out or 1, shape=list(array.shape), values=values)
+
+    def PopulateProtoWithFileName(self):
+        """Caffe2 names ops after the source line that created them when tracebacks are on;
+        caffe2torch records no tracebacks, so this leaves the ops as they are."""
+
+    def Python(self, f, grad_f=None, python_func_type=None, pass_workspace=False,
+               grad_output_indices=None, grad_input_indices=None):
+        """A builder ``(inputs, outputs, **kwargs)`` adding a Python op that calls ``f``.
+
+        Example: ``net.Python(lambda ins, outs: outs[0].feed(2 * ins[0].data))(["x"], ["y"])``.
+        """
+        from caffe2torch.python import python_op
+        token = python_op.register(f, grad_f, python_func_type, pass_workspace)
+        return lambda *args, **kwargs: self._CreateAndAddToSelf(
+            "Python", *args, token=token, grad_output_indices=list(grad_output_indices or []),
+            grad_input_indices=list(grad_input_indices or []), **kwargs)
+
+
+# Plans and execution steps live in their own module; core re-exports them as Caffe2 does.
+from caffe2torch.python.plan import (  # noqa: E402,F401
+    ExecutionStep, Plan, add_nets_in_order, execution_step, to_execution_step)
+
+
+def __getattr__(name):
+    # core.C is workspace.C (Caffe2's tutorials call core.C.create_db); loaded on first use.
+    if name == "C":
+        from caffe2torch.python import workspace
+        return workspace.C
+    raise AttributeError(f"module 'core' has no attribute {name!r}")
+
+
+# --- Caffe2's core API beyond nets: gradients, Python ops, SSA, devices, engines ---------------
+
+from caffe2torch.python.gradient_registry import (  # noqa: E402,F401
+    GradientRegistry, GradientSlice)
+
+
+def CreatePythonOperator(f, inputs, outputs, grad_f=None, pass_workspace=False,
+                         python_func_type=None, *args, **kwargs):
+    """A ``Python`` OperatorDef that calls ``f(inputs, outputs)`` (see Net.Python)."""
+    from caffe2torch.python import python_op
+    kwargs["token"] = python_op.register(f, grad_f, python_func_type, pass_workspace)
+    return CreateOperator("Python", inputs, outputs, *args, **kwargs)
+
+
+def get_ssa(net, blob_versions=None):
+    """Caffe2's SSA form: ([(inputs, outputs)] with (name, version) pairs per op, versions)."""
+    if isinstance(net, list):
+        blob_versions = {} if blob_versions is None else blob_versions
+        return [get_ssa(n, blob_versions)[0] for n in net], blob_versions
+    proto = net.Proto() if isinstance(net, Net) else net
+    if not isinstance(proto, caffe2_pb2.NetDef):
+        raise TypeError("get_ssa takes a core.Net or a NetDef")
+    blob_versions = {} if blob_versions is None else blob_versions
+    for name in proto.external_input:
+        blob_versions.setdefault(str(name), 0)
+    ssa = []
+    for op in proto.op:
+        if not proto.external_input:
+            for name in op.input:
+                blob_versions.setdefault(str(name), 0)
+        inputs = [(str(n), blob_versions.get(str(n), 0)) for n in op.input]
+        for name in op.output:
+            blob_versions[str(name)] = blob_versions.get(str(name), 0) + 1
+        ssa.append((inputs, [(str(n), blob_versions[str(n)]) for n in op.output]))
+    return ssa, blob_versions
+
+
+def InferBlobDevices(net):
+    """{blob: DeviceOption of the op that writes it} (Caffe2 ignores the net's own option)."""
+    mapping = {}
+    for op in (net.Proto() if isinstance(net, Net) else net).op:
+        for name in op.output:
+            mapping[name] = op.device_option
+    return mapping
+
+
+def device_option_equal(opt1, opt2, ignore_node_name=True, ignore_random_seed=True):
+    """True when two DeviceOptions name the same device (CPU options are all equal)."""
+    if opt1 is None or opt2 is None:
+        return opt1 is opt2
+    if not ignore_node_name and opt1.node_name != opt2.node_name:
+        return False
+    if not ignore_random_seed and opt1.random_seed != opt2.random_seed:
+        return False
+    if not opt1.device_type or not opt2.device_type:
+        return not opt1.device_type and not opt2.device_type
+    return opt1.cuda_gpu_id == opt2.cuda_gpu_id
+
+
+# Engine preferences choose among an op's engines in Caffe2. caffe2torch has one implementation
+# per op (PyTorch picks cuDNN itself), so the preferences are recorded and have no effect.
+_engine_prefs = {"global": {}, "per_op": {}}
+
+
+def SetGlobalEnginePref(global_engine_pref):
+    """Record {device_type: [engines]} (no effect: one implementation per op)."""
+    _engine_prefs["global"] = dict(global_engine_pref)
+
+
+def SetOpEnginePref(op_type, op_pref):
+    """Record {device_type: [engines]} for ``op_type`` (no effect)."""
+    _engine_prefs["per_op"][op_type] = dict(op_pref)
+
+
+def SetEnginePref(per_op_engine_pref, global_engine_pref):
+    """Record both preferences (no effect)."""
+    _engine_prefs["per_op"] = {k: dict(v) for k, v in per_op_engine_pref.items()}
+    SetGlobalEnginePref(global_engine_pref)
+
+
+def GetEnginePref():
+    """The recorded engine preferences: {"global": ..., "per_op": ...}."""
+    return {"global": dict(_engine_prefs["global"]), "per_op": dict(_engine_prefs["per_op"])}

@@ -16,6 +16,8 @@ class Workspace:
         self.blobs = {}
         self.nets = {}
         self.root_folder = os.path.abspath(root_folder or os.getcwd())
+        # What RootFolder() answers: Caffe2 keeps the string it was given ("." by default).
+        self.root_folder_name = root_folder or "."
 
 
 _workspaces = {"default": Workspace()}
@@ -56,12 +58,13 @@ def ResetWorkspace(root_folder=None):
     if root_folder is not None:
         os.makedirs(root_folder, exist_ok=True)
         ws.root_folder = os.path.abspath(root_folder)
+        ws.root_folder_name = root_folder
     return True
 
 
 def RootFolder():
-    """The root folder of the current workspace."""
-    return C().root_folder
+    """The root folder of the current workspace, as given to ResetWorkspace ("." by default)."""
+    return C().root_folder_name
 
 
 def Blobs():
@@ -77,6 +80,8 @@ def HasBlob(name):
 def _proto(net):
     if isinstance(net, caffe2_pb2.NetDef):
         return net
+    if isinstance(net, (bytes, bytearray)):  # a serialized NetDef, as Caffe2 accepted
+        return _parse(caffe2_pb2.NetDef, net)
     if hasattr(net, "Proto"):
         return net.Proto()
     raise TypeError(f"expected a core.Net or a NetDef, got {type(net).__name__}")
@@ -110,7 +115,8 @@ def FetchBlob(name):
     name = str(name)
     blobs = C().blobs
     if name not in blobs:
-        raise KeyError(f"blob {name!r} does not exist in the workspace")
+        raise MissingBlobError(f"blob {name!r} does not exist in the workspace; FeedBlob it or "
+                               "run the net that writes it")
     value = blobs[name]
     if type(value) is Deferred:
         value = blobs[name] = value.resolve()
@@ -131,16 +137,19 @@ def FetchTorch(name):
 
 
 def RunOperatorOnce(operator):
-    """Run one OperatorDef."""
+    """Run one OperatorDef (or a serialized one)."""
+    if isinstance(operator, (bytes, bytearray)):
+        operator = _parse(caffe2_pb2.OperatorDef, operator)
     net = caffe2_pb2.NetDef(name="operator_once")
     net.op.append(operator)
     return RunNetOnce(net)
 
 
 def RunOperatorsOnce(operators):
-    """Run OperatorDefs in order."""
+    """Run OperatorDefs (or serialized ones) in order."""
     net = caffe2_pb2.NetDef(name="operators_once")
-    net.op.extend(operators)
+    net.op.extend(_parse(caffe2_pb2.OperatorDef, op) if isinstance(op, (bytes, bytearray)) else op
+                  for op in operators)
     return RunNetOnce(net)
 
 
@@ -213,3 +222,207 @@ def Nets():
 def GetNameScope():
     """The current name scope (Caffe2 API)."""
     return scope.CurrentNameScope()
+
+
+# --- Caffe2's workspace API beyond the tutorial's ------------------------------------------------
+
+class MissingBlobError(RuntimeError, KeyError):
+    """FetchBlob of a blob that does not exist: a RuntimeError as in Caffe2 (and a KeyError)."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _parse(message_type, data):
+    message = message_type()
+    message.ParseFromString(bytes(data))
+    return message
+
+
+def GlobalInit(args):
+    """Accept Caffe2's command-line flags (the same as core.GlobalInit)."""
+    from caffe2torch.python import core
+    return core.GlobalInit(args)
+
+
+def FetchBlobs(names):
+    """FetchBlob of each name, as a list."""
+    return [FetchBlob(name) for name in names]
+
+
+class _BlobDict:
+    """``workspace.blobs``: the current workspace's blobs as a dict (FetchBlob / FeedBlob)."""
+
+    def __getitem__(self, key):
+        return FetchBlob(key)
+
+    def __setitem__(self, key, value):
+        FeedBlob(key, value)
+
+    def __delitem__(self, key):
+        if str(key) not in C().blobs:
+            raise KeyError(f"blob {str(key)!r} does not exist in the workspace")
+        del C().blobs[str(key)]
+
+    def __len__(self):
+        return len(C().blobs)
+
+    def __iter__(self):
+        return iter(Blobs())
+
+    def __contains__(self, key):
+        return HasBlob(key)
+
+    def keys(self):
+        """The blob names, sorted."""
+        return Blobs()
+
+    def items(self):
+        """(name, FetchBlob(name)) pairs of the blobs that hold a value."""
+        return [(n, FetchBlob(n)) for n in Blobs() if C().blobs[n] is not None]
+
+    def values(self):
+        """FetchBlob of each blob that holds a value."""
+        return [v for _, v in self.items()]
+
+    def get(self, key, default=None):
+        """FetchBlob(key), or ``default`` when the blob does not exist."""
+        return FetchBlob(key) if HasBlob(key) else default
+
+    def __repr__(self):
+        return f"<workspace blobs {Blobs()}>"
+
+
+blobs = _BlobDict()
+
+
+def NumCudaDevices():
+    """How many CUDA devices PyTorch sees (0 without CUDA)."""
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+NumGpuDevices = NumCudaDevices
+
+
+def NumHipDevices():
+    """How many ROCm devices PyTorch sees (0 unless torch is a ROCm build)."""
+    import torch
+    return NumCudaDevices() if torch.version.hip else 0
+
+
+def GetCUDAVersion():
+    """CUDA runtime version as Caffe2's CUDA_VERSION (12.1 -> 12010); 0 without CUDA."""
+    import torch
+    if not torch.version.cuda:
+        return 0
+    major, minor = (int(p) for p in torch.version.cuda.split(".")[:2])
+    return major * 1000 + minor * 10
+
+
+def GetCuDNNVersion():
+    """cuDNN version as its CUDNN_VERSION macro (torch.backends.cudnn.version()); 0 without it."""
+    import torch
+    if not torch.cuda.is_available():
+        return 0
+    return torch.backends.cudnn.version() or 0
+
+
+def GetDeviceProperties(device_id):
+    """Caffe2's dict for GPU ``device_id``: name, major, minor, totalGlobalMem."""
+    import torch
+    if device_id >= NumCudaDevices():
+        raise RuntimeError(f"GetDeviceProperties: no CUDA device {device_id} "
+                           f"({NumCudaDevices()} visible)")
+    p = torch.cuda.get_device_properties(device_id)
+    return {"name": p.name, "major": p.major, "minor": p.minor,
+            "totalGlobalMem": p.total_memory, "multiProcessorCount": p.multi_processor_count}
+
+
+def GetGpuPeerAccessPattern():
+    """A numpy bool matrix: can GPU i access GPU j's memory."""
+    import torch
+    n = NumCudaDevices()
+    return np.array([[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)]
+                     for i in range(n)], dtype=bool).reshape(n, n)
+
+
+def GetGPUMemoryInfo():
+    """{'total_by_gpu': [...], 'max_by_gpu': [...]} bytes allocated by PyTorch on each GPU."""
+    import torch
+    n = NumCudaDevices()
+    total = [torch.cuda.memory_allocated(i) for i in range(n)]
+    peak = [torch.cuda.max_memory_allocated(i) for i in range(n)]
+    return {"total_by_gpu": total, "max_by_gpu": peak, "total": sum(total), "max_total": sum(peak)}
+
+
+def _gpu_flag(name):
+    import torch
+    if name == "has_hip_support":
+        return bool(torch.version.hip)
+    if name == "has_cuda_support":
+        return torch.cuda.is_available() and not torch.version.hip
+    return torch.cuda.is_available()
+
+
+_LAZY_FLAGS = ("has_gpu_support", "has_cuda_support", "has_hip_support")
+# Caffe2 builds without these libraries answered False; so do we (always).
+has_mkldnn = False
+has_fbgemm = False
+is_asan = False
+
+
+def __getattr__(name):
+    # The GPU flags need torch: computed on first access so importing workspace stays light.
+    if name in _LAZY_FLAGS:
+        value = _gpu_flag(name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'workspace' has no attribute {name!r}")
+
+
+def StringifyProto(obj):
+    """A proto (or anything with Proto()) as protobuf text; strings pass through."""
+    if isinstance(obj, (str, bytes)):
+        return obj
+    from google.protobuf import text_format
+    return text_format.MessageToString(obj.Proto() if hasattr(obj, "Proto") else obj)
+
+
+def StringifyBlobName(name):
+    """The blob name of a string or BlobReference."""
+    return str(name)
+
+
+def StringifyNetName(name):
+    """The net name of a string, core.Net or NetDef."""
+    return name if isinstance(name, str) else _proto(name).name
+
+
+def GetNetName(net):
+    """The name of a core.Net or NetDef."""
+    return _proto(net).name
+
+
+def RunPlan(plan_or_step):
+    """Run a PlanDef, core.Plan, ExecutionStep or core.ExecutionStep (or a serialized PlanDef)."""
+    from caffe2torch.python import plan_runner
+    return plan_runner.run_plan(plan_or_step, C())
+
+
+def InferShapesAndTypes(nets, blob_dimensions=None, nets_proto=False, blob_types=None):
+    """({blob: shape}, {blob: DataType}) of the nets' blobs, found by running them on a copy."""
+    from caffe2torch.python import shape_inference
+    return shape_inference.infer_shapes_and_types(nets, C(), blob_dimensions, blob_types)
+
+
+def Predictor(init_net, predict_net):
+    """Caffe2's Predictor: runs ``init_net`` once, then ``predict_net`` on each run()."""
+    from caffe2torch.python.predictor.eager_predictor import Predictor as impl
+    return impl(init_net, predict_net)
+
+
+# workspace.C is both the function above (the current Workspace) and Caffe2's binding namespace.
+from caffe2torch.python import workspace_c as _workspace_c  # noqa: E402  (needs C defined)
+
+C = _workspace_c.Namespace(C)

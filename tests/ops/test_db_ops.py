@@ -37,9 +37,16 @@ def test_create_db_outputs_a_reader():
     assert isinstance(reader, DBReader) and reader.read()[0] == b"00000000"
 
 
-def test_create_db_leveldb_default_is_a_clear_error():
-    with pytest.raises(Exception, match="leveldb.*not supported.*minidb.*lmdb"):
-        run("CreateDB", [], ["reader"], db=MNIST)
+def test_create_db_defaults_to_leveldb_and_unknown_types_are_clear_errors(tmp_path):
+    pytest.importorskip("plyvel")
+    from caffe2torch.db import open_db
+    path = str(tmp_path / "l.leveldb")
+    with open_db("leveldb", path, "new") as db:
+        txn = db.new_transaction()
+        txn.put(b"k", b"v")
+        txn.commit()
+    run("CreateDB", [], ["reader"], db=path)  # no db_type: Caffe2's default, leveldb
+    assert workspace.FetchBlob("reader").read() == (b"k", b"v")
     with pytest.raises(Exception, match="'rocksdb' is not supported"):
         run("CreateDB", [], ["reader"], db=MNIST, db_type="rocksdb")
 

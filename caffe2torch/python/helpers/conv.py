@@ -7,8 +7,14 @@ def _conv_base(model, is_nd, blob_in, blob_out, dim_in, dim_out, kernel, weight_
                bias_init=None, WeightInitializer=None, BiasInitializer=None, group=1,
                transform_inputs=None, use_cudnn=False, order="NCHW",
                cudnn_exhaustive_search=False, ws_nbytes_limit=None, **kwargs):
-    kernels = (list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]) if is_nd \
-        else [kernel] * 2
+    if is_nd:
+        kernels = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
+    elif isinstance(kernel, (list, tuple)):  # Caffe2 accepts kernel=[kh, kw] for 2-D
+        if len(kernel) != 2:
+            raise ValueError(f"brew.conv takes kernel=k or kernel=[kh, kw], got {list(kernel)}")
+        kernels = list(kernel)
+    else:
+        kernels = [kernel] * 2
     if use_cudnn:
         kwargs["engine"] = "CUDNN"
         kwargs["exhaustive_search"] = cudnn_exhaustive_search
@@ -45,6 +51,9 @@ def _conv_base(model, is_nd, blob_in, blob_out, dim_in, dim_out, kernel, weight_
         kwargs["group"] = group
     if is_nd:
         return model.net.Conv(inputs, blob_out, kernels=kernels, order=order, **kwargs)
+    if isinstance(kernel, (list, tuple)):
+        return model.net.Conv(inputs, blob_out, kernel_h=kernels[0], kernel_w=kernels[1],
+                              order=order, **kwargs)
     return model.net.Conv(inputs, blob_out, kernel=kernel, order=order, **kwargs)
 
 

@@ -27,3 +27,17 @@ def accuracy(model, blob_in, blob_out, **kwargs):
         kwargs["device_option"] = core.DeviceOption(caffe2_pb2.CPU, 0)
         return model.net.Accuracy([pred_host, label_host], blob_out, **kwargs)
     return model.net.Accuracy(blob_in, blob_out)
+
+
+def add_weight_decay(model, weight_decay):
+    """grad += weight_decay · w for the weights in the current name scope (after gradients)."""
+    if weight_decay <= 0.0:
+        return
+    wd = model.param_init_net.ConstantFill([], "wd", shape=[1], value=weight_decay)
+    one = model.param_init_net.ConstantFill([], "ONE", shape=[1], value=1.0)
+    namescope = scope.CurrentNameScope()
+    for param in model.weights:
+        if param.GetNameScope() != namescope:
+            continue
+        grad = model.param_to_grad[param]
+        model.net.WeightedSum([grad, one, param, wd], grad)

@@ -1,0 +1,250 @@
+"""Caffe2's ``core.Plan``, ``core.ExecutionStep`` and ``core.execution_step`` (re-exported by core).
+
+A plan is a list of execution steps plus the nets they run; ``workspace.RunPlan(plan)`` runs it
+(see :mod:`caffe2torch.python.plan_runner`). Example::
+
+    init_step = core.execution_step("init", init_net)
+    train_step = core.execution_step("train", train_net, num_iter=100)
+    plan = core.Plan("train_plan")
+    plan.AddStep(core.execution_step("all", [init_step, train_step]))
+    workspace.RunPlan(plan)
+"""
+from caffe2torch.proto import caffe2_pb2
+
+
+def _net_proto(net):
+    return net.Proto() if hasattr(net, "Proto") else net
+
+
+class ExecutionStep:
+    """An ExecutionStep under construction: nets or substeps, iterations, a stop blob."""
+
+    def __init__(self, name, nets=None, num_iter=None):
+        self._step = caffe2_pb2.ExecutionStep(name=name or "")
+        self._nets = []  # the nets' NetDefs, so that Plan.AddStep can add them to the plan
+        self._substeps = []
+        self._net_names = set()
+        if nets is not None:
+            for net in nets if isinstance(nets, (list, tuple)) else [nets]:
+                self.AddNet(net)
+        if num_iter is not None:
+            self._step.num_iter = num_iter
+
+    def get_net(self, name):
+        """The NetDef of net ``name`` of this step."""
+        return next(n for n in self._nets if n.name == name)
+
+    def Name(self):
+        """The step's name."""
+        return self._step.name
+
+    def __str__(self):
+        return self._step.name
+
+    def HasNets(self):
+        """True when the step runs nets."""
+        return bool(self._step.network)
+
+    def HasSubsteps(self):
+        """True when the step has substeps."""
+        return bool(self._step.substep)
+
+    def Nets(self):
+        """The NetDefs this step runs."""
+        return list(self._nets)
+
+    def Substeps(self):
+        """The ExecutionStep objects (or protos) added as substeps."""
+        return list(self._substeps)
+
+    def SetIter(self, num_iter):
+        """Run ``num_iter`` times."""
+        self._step.num_iter = num_iter
+
+    def SetCreateWorkspace(self, create_workspace):
+        """Run in a child workspace."""
+        self._step.create_workspace = create_workspace
+
+    def SetNumConcurrentInstances(self, num_concurrent_instances):
+        """Caffe2's concurrent instances (run one after another here)."""
+        self._step.num_concurrent_instances = num_concurrent_instances
+
+    def SetOnlyOnce(self, only_once):
+        """With a stop blob: run one iteration only."""
+        self._step.only_once = only_once
+
+    def SetShouldStopBlob(self, should_stop_blob):
+        """Stop when this boolean blob becomes true (checked after each net or substep)."""
+        self._step.should_stop_blob = str(should_stop_blob)
+
+    def RunEveryMillis(self, interval):
+        """Run this step periodically while its parent runs."""
+        self._step.run_every_ms = interval
+
+    def SetReportNet(self, report_net, report_interval):
+        """Run ``report_net`` every ``report_interval`` seconds while the step runs."""
+        proto = _net_proto(report_net)
+        self._add_net_proto(proto)
+        self._step.report_net = proto.name
+        self._step.report_interval = report_interval
+
+    def AddSubstep(self, substep):
+        """Add an ExecutionStep (object or proto) as a substep."""
+        if self._step.network:
+            raise ValueError(f"ExecutionStep {self.Name()!r} already has nets; a step holds "
+                             "nets or substeps, not both")
+        proto = substep.Proto() if isinstance(substep, ExecutionStep) else substep
+        self._step.substep.add().CopyFrom(proto)
+        self._substeps.append(substep)
+        if isinstance(substep, ExecutionStep):
+            for net in substep._all_nets():
+                self._add_net_proto(net, add_to_step=False)
+        return self
+
+    def SetConcurrentSubsteps(self, concurrent_substeps):
+        """Mark the substeps as concurrent (run one after another here)."""
+        self._step.concurrent_substeps = concurrent_substeps
+
+    def AddNet(self, net):
+        """Run ``net`` (core.Net or NetDef) in this step."""
+        if self._step.substep:
+            raise ValueError(f"ExecutionStep {self.Name()!r} already has substeps; a step holds "
+                             "nets or substeps, not both")
+        self._add_net_proto(_net_proto(net))
+        return self
+
+    def _add_net_proto(self, proto, add_to_step=True):
+        if add_to_step:
+            self._step.network.append(proto.name)
+        if proto.name not in self._net_names:
+            self._net_names.add(proto.name)
+            self._nets.append(proto)
+
+    def _all_nets(self):
+        return list(self._nets)
+
+    def get_all_attributes(self, name):
+        """Values of net attribute ``name`` over the step's nets (Caffe2 API; always [] here)."""
+        return []
+
+    def Proto(self):
+        """The ExecutionStep proto."""
+        return self._step
+
+
+def add_nets_in_order(step, net_list):
+    """Append the NetDefs ``step`` uses to ``net_list`` (each once, first use first)."""
+    names = {n.name for n in net_list}
+    for net in step._all_nets() if isinstance(step, ExecutionStep) else []:
+        if net.name not in names:
+            names.add(net.name)
+            net_list.append(net)
+
+
+class Plan:
+    """A PlanDef under construction: ``AddStep`` adds a step and the nets it runs."""
+
+    def __init__(self, name_or_step):
+        self._plan = caffe2_pb2.PlanDef()
+        self._net_dict = {}
+        self._steps = []
+        if isinstance(name_or_step, ExecutionStep):
+            self._plan.name = name_or_step.Name()
+            self.AddStep(name_or_step)
+        elif isinstance(name_or_step, str):
+            self._plan.name = name_or_step
+        else:
+            raise TypeError("Plan takes a name or an ExecutionStep")
+
+    def __str__(self):
+        return self._plan.name
+
+    def Proto(self):
+        """The PlanDef."""
+        return self._plan
+
+    def AddNets(self, nets):
+        """Add nets (core.Net or NetDef) to the plan, each name once."""
+        for net in nets:
+            proto = _net_proto(net)
+            if proto.name not in self._net_dict:
+                self._net_dict[proto.name] = proto
+                self._plan.network.add().CopyFrom(proto)
+
+    def Nets(self):
+        """The plan's NetDefs."""
+        return list(self._net_dict.values())
+
+    def AddStep(self, step):
+        """Add an execution step (object or proto) and the nets it uses."""
+        if isinstance(step, ExecutionStep):
+            nets = []
+            add_nets_in_order(step, nets)
+            self.AddNets(nets)
+            proto = step.Proto()
+        else:
+            proto = step
+        self._plan.execution_step.add().CopyFrom(proto)
+        self._steps.append(step)
+
+    def Steps(self):
+        """The steps added."""
+        return list(self._steps)
+
+    def get_all_attributes(self, name):
+        """Caffe2 API; always [] here."""
+        return []
+
+
+def to_execution_step(step_or_nets, default_name=None):
+    """An ExecutionStep from a step, a net, or a list of nets or steps."""
+    if isinstance(step_or_nets, ExecutionStep):
+        return step_or_nets
+    if hasattr(step_or_nets, "get") and hasattr(step_or_nets, "current_net"):  # a NetBuilder
+        return execution_step(default_name or step_or_nets.name, step_or_nets.get())
+    if not default_name and hasattr(step_or_nets, "Name"):
+        default_name = step_or_nets.Name()
+    if hasattr(step_or_nets, "Proto") or isinstance(step_or_nets, caffe2_pb2.NetDef):
+        step_or_nets = [step_or_nets]
+    return execution_step(default_name, step_or_nets)
+
+
+def execution_step(default_name, steps_or_nets, num_iter=None, report_net=None,
+                   report_interval=None, concurrent_substeps=None, should_stop_blob=None,
+                   only_once=None, num_concurrent_instances=None, create_workspace=False,
+                   run_every_ms=None):
+    """An ExecutionStep running ``steps_or_nets`` (a net, a step, or a list of nets or steps)."""
+    if isinstance(steps_or_nets, ExecutionStep):
+        steps_or_nets = [steps_or_nets]
+    elif hasattr(steps_or_nets, "Proto") or isinstance(steps_or_nets, caffe2_pb2.NetDef):
+        steps_or_nets = [steps_or_nets]
+    step = ExecutionStep(default_name)
+    if should_stop_blob is not None:
+        step.SetShouldStopBlob(should_stop_blob)
+    if num_iter is not None:
+        step.SetIter(num_iter)
+    if only_once is not None:
+        step.SetOnlyOnce(only_once)
+    if concurrent_substeps is not None:
+        step.SetConcurrentSubsteps(concurrent_substeps)
+    if report_net is not None:
+        if report_interval is None:
+            raise ValueError("execution_step: report_net needs report_interval (seconds)")
+        step.SetReportNet(report_net, report_interval)
+    if num_concurrent_instances is not None:
+        step.SetNumConcurrentInstances(num_concurrent_instances)
+    if create_workspace:
+        step.SetCreateWorkspace(True)
+    if run_every_ms:
+        step.RunEveryMillis(run_every_ms)
+    items = list(steps_or_nets or [])
+    if items and all(isinstance(s, (ExecutionStep, caffe2_pb2.ExecutionStep)) for s in items):
+        for s in items:
+            step.AddSubstep(s)
+    elif items and all(hasattr(s, "Proto") and not isinstance(s, ExecutionStep)
+                       or isinstance(s, caffe2_pb2.NetDef) for s in items):
+        for net in items:
+            step.AddNet(net)
+    elif items:
+        raise ValueError(f"execution_step {default_name!r}: pass nets or steps, not a mix")
+    return step
