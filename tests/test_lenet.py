@@ -1,5 +1,4 @@
 """mnist_tutorial.lenet: the tutorial's nets, op by op, and what they compute on real MNIST."""
-from pathlib import Path
 
 import numpy as np
 import pytest
