@@ -7,6 +7,7 @@ folder of symlinks into this environment (no torch reinstall). The whole module 
 """
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -311,3 +312,17 @@ def test_papermill_started_by_hand_runs_a_notebook_on_the_kernel(kernelspec, tmp
     text = "".join(o.get("text", "") for o in out["cells"][0]["outputs"]).split()
     assert text[1:] == ["[0.0,", "2.0]"]
     assert Path(text[0]).parts[-2:] == ("caffe2torch", "__init__.py")
+
+
+def test_the_public_api_is_typed():
+    from caffe2torch import db
+    from caffe2torch.python import workspace
+    from caffe2torch.python.predictor import predictor_exporter
+    root = REPO / "caffe2torch"
+    assert (root / "py.typed").exists()
+    functions = [f for module in (workspace, predictor_exporter) for name, f in vars(module).items()
+                 if inspect.isfunction(f) and not name.startswith("_")
+                 and f.__module__ == module.__name__] + [db.open_db]
+    assert len(functions) > 20
+    for f in functions:
+        assert inspect.signature(f).return_annotation is not inspect.Signature.empty, f.__name__

@@ -1,10 +1,14 @@
 """Caffe2's ``workspace``: the blobs (torch tensors on their op's device) and the created nets."""
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from caffe2torch.ops.registry import Deferred
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import scope
+
+if TYPE_CHECKING:
+    from caffe2torch.python.core import BlobReference, Net
 
 # torch and the executor load on first use: ResetWorkspace and friends stay light to import.
 
@@ -12,7 +16,7 @@ from caffe2torch.python import scope
 class Workspace:
     """A set of named blobs, created nets and a root folder."""
 
-    def __init__(self, root_folder=None):
+    def __init__(self, root_folder: str | os.PathLike | None = None) -> None:
         self.blobs = {}
         self.nets = {}
         self.root_folder = os.path.abspath(root_folder or os.getcwd())
@@ -22,12 +26,12 @@ _workspaces = {"default": Workspace()}
 _current = ["default"]
 
 
-def C():
+def C() -> Workspace:
     """The current Workspace object."""
     return _workspaces[_current[0]]
 
 
-def SwitchWorkspace(name, create_if_missing=False):
+def SwitchWorkspace(name: str, create_if_missing: bool = False) -> None:
     """Make workspace ``name`` current (created when ``create_if_missing``)."""
     if name not in _workspaces:
         if not create_if_missing:
@@ -36,17 +40,17 @@ def SwitchWorkspace(name, create_if_missing=False):
     _current[0] = name
 
 
-def CurrentWorkspace():
+def CurrentWorkspace() -> str:
     """The name of the current workspace."""
     return _current[0]
 
 
-def Workspaces():
+def Workspaces() -> list[str]:
     """Names of all workspaces."""
     return list(_workspaces)
 
 
-def ResetWorkspace(root_folder=None):
+def ResetWorkspace(root_folder: str | os.PathLike | None = None) -> bool:
     """Drop all blobs and nets; ``root_folder`` (created if missing) becomes the root."""
     ws = C()
     for net in ws.nets.values():
@@ -59,17 +63,17 @@ def ResetWorkspace(root_folder=None):
     return True
 
 
-def RootFolder():
+def RootFolder() -> str:
     """The root folder of the current workspace."""
     return C().root_folder
 
 
-def Blobs():
+def Blobs() -> list[str]:
     """Names of the blobs in the current workspace, sorted."""
     return sorted(C().blobs)
 
 
-def HasBlob(name):
+def HasBlob(name: "str | BlobReference") -> bool:
     """True when blob ``name`` exists."""
     return str(name) in C().blobs
 
@@ -82,7 +86,8 @@ def _proto(net):
     raise TypeError(f"expected a core.Net or a NetDef, got {type(net).__name__}")
 
 
-def FeedBlob(name, arr, device_option=None):
+def FeedBlob(name: "str | BlobReference", arr: Any,
+             device_option: caffe2_pb2.DeviceOption | None = None) -> bool:
     """Store ``arr`` (numpy array, tensor, scalar, bytes or str) as blob ``name``."""
     import torch
 
@@ -105,7 +110,7 @@ def FeedBlob(name, arr, device_option=None):
     return True
 
 
-def FetchBlob(name):
+def FetchBlob(name: "str | BlobReference") -> Any:
     """The value of blob ``name``: a numpy array for tensors, bytes for strings."""
     name = str(name)
     blobs = C().blobs
@@ -121,7 +126,7 @@ def FetchBlob(name):
     return value
 
 
-def FetchTorch(name):
+def FetchTorch(name: "str | BlobReference") -> Any:
     """The torch tensor behind blob ``name`` (no copy): caffe2torch's own addition."""
     blobs = C().blobs
     value = blobs[str(name)]
@@ -130,21 +135,21 @@ def FetchTorch(name):
     return value
 
 
-def RunOperatorOnce(operator):
+def RunOperatorOnce(operator: caffe2_pb2.OperatorDef) -> bool:
     """Run one OperatorDef."""
     net = caffe2_pb2.NetDef(name="operator_once")
     net.op.append(operator)
     return RunNetOnce(net)
 
 
-def RunOperatorsOnce(operators):
+def RunOperatorsOnce(operators: list[caffe2_pb2.OperatorDef]) -> bool:
     """Run OperatorDefs in order."""
     net = caffe2_pb2.NetDef(name="operators_once")
     net.op.extend(operators)
     return RunNetOnce(net)
 
 
-def RunNetOnce(net):
+def RunNetOnce(net: "Net | caffe2_pb2.NetDef") -> bool:
     """Run a net once without keeping it."""
     from caffe2torch.python.executor import PreparedNet
     prepared = PreparedNet(_proto(net), C())
@@ -154,7 +159,8 @@ def RunNetOnce(net):
         prepared.close()
 
 
-def CreateNet(net, overwrite=False, input_blobs=None):
+def CreateNet(net: "Net | caffe2_pb2.NetDef", overwrite: bool = False,
+              input_blobs: list[str] | None = None) -> bool:
     """Prepare ``net`` for repeated RunNet calls; its output blobs are created empty."""
     proto = _proto(net)
     ws = C()
@@ -169,7 +175,8 @@ def CreateNet(net, overwrite=False, input_blobs=None):
     return True
 
 
-def RunNet(name, num_iter=1, allow_fail=False):
+def RunNet(name: "str | Net | caffe2_pb2.NetDef", num_iter: int = 1,
+           allow_fail: bool = False) -> bool:
     """Run the created net ``name`` (a name, core.Net or NetDef) ``num_iter`` times."""
     key = name if isinstance(name, str) else _proto(name).name
     try:
@@ -184,11 +191,11 @@ def RunNet(name, num_iter=1, allow_fail=False):
     return prepared.run(num_iter)
 
 
-def Nets():
+def Nets() -> list[str]:
     """Names of the created nets."""
     return list(C().nets)
 
 
-def GetNameScope():
+def GetNameScope() -> str:
     """The current name scope (Caffe2 API)."""
     return scope.CurrentNameScope()
