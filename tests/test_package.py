@@ -138,6 +138,8 @@ def link_distributions(dists, folder):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The wheels of caffe2torch and caffe2-compat, each built from its sdist, in a temp folder."""
+    if importlib.util.find_spec("build") is None:
+        pytest.fail("the build frontend is missing: install the dev extra (make venv)")
     dist = tmp_path_factory.mktemp("dist")
     for project in (REPO, COMPAT):
         run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, project, cwd=dist)
