@@ -386,9 +386,10 @@ def main():
             clean()
     for what, seconds in timings.items():
         print(f"k8s-smoke: {what}: {seconds:.0f} s")
+    checked = [d for d in dev_distributions() if d != "setuptools"]  # the editable install's
     print(f"k8s-smoke: image {IMAGE}: {size / 1e6:.0f} MB, of which {added / 1e6:.0f} MB above "
           f"the base image (the venv with torch, the project, graphviz); no dev tool in it "
-          f"({', '.join(dev_distributions())} checked)")
+          f"({', '.join(checked)} checked)")
     print(f"k8s-smoke: run {run_dir.name} succeeded (test_accuracy "
           f"{run.get('metrics', {}).get('test_accuracy')}); notebooks {', '.join(STEPS)}, "
           f"their HTML, run.json, runs.jsonl, index.html and latest checked; copies in "

@@ -84,12 +84,13 @@ def requirements(names_or_reqs, extras=()):
 
 def closure(reqs):
     """{canonical name: Distribution} of ``reqs`` and everything they require, as installed."""
-    found, todo = {}, list(reqs)
+    found, seen, todo = {}, set(), list(reqs)
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
-        if name in found:
+        if (name, frozenset(req.extras)) in seen:  # jsonschema and jsonschema[format-nongpl]
             continue
+        seen.add((name, frozenset(req.extras)))
         try:
             dist = importlib.metadata.distribution(req.name)
         except importlib.metadata.PackageNotFoundError:
