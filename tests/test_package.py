@@ -169,7 +169,10 @@ def new_venv(built, tmp_path_factory):
 
 
 def test_the_wheel_carries_the_library_its_protos_and_no_caffe2_package(built):
-    _, wheels = built
+    dist, wheels = built
+    checked = run(sys.executable, "-m", "twine", "check", "--strict", *sorted(dist.iterdir()),
+                  cwd=dist).stdout
+    assert checked.count("PASSED") == 4, checked  # both wheels and both sdists
     names = zipfile.ZipFile(wheels["caffe2torch"]).namelist()
     for member in ("caffe2torch/py.typed", "caffe2torch/proto/caffe2_pb2.py",
                    "caffe2torch/proto/caffe2.proto", "caffe2torch/proto/caffe2_pb2.pyi",
