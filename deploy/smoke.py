@@ -25,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -73,13 +74,13 @@ def require_tools():
                          "mmdebstrap (kubectl: see the README)")
     if not Path(WHEELS).is_dir() or not list(Path(WHEELS).glob("torch-*.whl")):
         raise SmokeError(f"no torch wheel in {WHEELS}: set SMOKE_WHEELS to a folder holding the "
-                         "CPU wheel of the torch version requirements.txt pins")
+                         "CPU wheel of the torch version constraints.txt pins")
 
 
 def host_python():
     """The CPython install (prefix, version) that runs this script when it can be copied in.
 
-    Debian 12's own python3 is 3.11.2, older than requirements.txt allows (soupsieve 4.1.3 wants
+    Debian 12's own python3 is 3.11.2, older than constraints.txt allows (soupsieve 4.1.3 wants
     >= 3.11.5 and misparses CSS on 3.11.2, which breaks nbconvert's HTML). The interpreter that
     made .venv satisfies the pins by construction, so the base image carries a copy of it under
     /usr/local, the way the python:3.11-slim images lay theirs out.
@@ -128,6 +129,51 @@ def build_image(base):
        "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"PIP_EXTRA_ARGS={pip_args}",
        "-v", f"{WHEELS}:{WHEELS}:ro", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
        "-t", IMAGE, ".", cwd=REPO, log=WORK / "build.log")
+
+
+def dev_distributions():
+    """The names of pyproject.toml's dev extra: the tools the image must not carry."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [req.split(">")[0].split("=")[0].split("[")[0].strip()
+            for req in project["optional-dependencies"]["dev"]]
+
+
+# Run in the image: which dev distributions and commands it holds, and what the installed
+# package and its command say when started outside /app.
+IMAGE_PROBE = """\
+import importlib.metadata, json, os, shutil, subprocess, sys
+dists = [d for d in sys.argv[1:] if d != "setuptools"]
+found = []
+for name in dists:
+    try:
+        found.append(f"{name}=={importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+commands = [c for c in ("pytest", "ruff", "nbqa", "yamllint", "hadolint", "kubernetes-validate",
+                        "twine", "checkov") if shutil.which(c)]
+import caffe2torch
+version = subprocess.run(["make_mnist_db", "--version"], capture_output=True, text=True).stdout
+print(json.dumps({"dists": found, "commands": commands, "caffe2torch": caffe2torch.__file__,
+                  "make_mnist_db": version.strip(), "PYTHONPATH": os.environ.get("PYTHONPATH")}))
+"""
+
+
+def check_image(base):
+    """The image holds no test, lint or packaging tool, and imports the installed package.
+
+    Returns the image's size and what it adds to ``base``, in bytes.
+    """
+    out = sh("podman", "run", "--rm", "--network=none", "--workdir=/tmp", IMAGE, "python", "-c",
+             IMAGE_PROBE, *dev_distributions()).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    if seen["dists"] or seen["commands"]:
+        raise SmokeError(f"the image carries development tools: {seen['dists']} {seen['commands']}")
+    if seen["caffe2torch"] != "/app/caffe2torch/__init__.py" or seen["PYTHONPATH"] \
+            or not seen["make_mnist_db"].startswith("make_mnist_db "):
+        raise SmokeError(f"the image's installed package or its command is wrong: {seen}")
+    sizes = [int(sh("podman", "image", "inspect", "--format", "{{.Size}}", name).stdout)
+             for name in (IMAGE, base)]
+    return sizes[0], sizes[0] - sizes[1]
 
 
 def render(overlay):
@@ -318,6 +364,7 @@ def main():
         t = time.monotonic()
         build_image(base)
         timings["image build"] = time.monotonic() - t
+        size, added = check_image(base)
         objects = render("cpu")
         t = time.monotonic()
         outputs = run_pipeline(objects)
@@ -339,6 +386,10 @@ def main():
             clean()
     for what, seconds in timings.items():
         print(f"k8s-smoke: {what}: {seconds:.0f} s")
+    checked = [d for d in dev_distributions() if d != "setuptools"]  # the editable install's
+    print(f"k8s-smoke: image {IMAGE}: {size / 1e6:.0f} MB, of which {added / 1e6:.0f} MB above "
+          f"the base image (the venv with torch, the project, graphviz); no dev tool in it "
+          f"({', '.join(checked)} checked)")
     print(f"k8s-smoke: run {run_dir.name} succeeded (test_accuracy "
           f"{run.get('metrics', {}).get('test_accuracy')}); notebooks {', '.join(STEPS)}, "
           f"their HTML, run.json, runs.jsonl, index.html and latest checked; copies in "

@@ -84,7 +84,7 @@ def test_fast_record_bytes_equal_protobuf_serialization(mnist_test, tmp_path):
     make_mnist_db.write_mnist_db(images, labels, tmp_path / "x", "minidb", channel_first=True)
     with open_db("minidb", tmp_path / "x", "read") as db:
         records = list(db.cursor())
-    for (key, value), image, label in zip(records, images, labels):
+    for (_key, value), image, label in zip(records, images, labels):
         protos = caffe2_pb2.TensorProtos()
         p = protos.protos.add(dims=[1, 28, 28], data_type=caffe2_pb2.TensorProto.BYTE)
         p.byte_data = image.tobytes()

@@ -102,7 +102,7 @@ def test_real_files_carry_cuda_and_cudnn_details():
 def hemt_eval_records():
     """The eval DB's records as a [100, 3] float array (sig input, tanh input, target)."""
     rows = []
-    for key, value in read_minidb(ARTIFACTS / "hemt_eval.minidb"):
+    for _key, value in read_minidb(ARTIFACTS / "hemt_eval.minidb"):
         protos = caffe2_pb2.TensorProtos.FromString(value).protos
         assert [list(p.dims) for p in protos] == [[1], [1], [1]]
         assert all(p.data_type == caffe2_pb2.TensorProto.FLOAT for p in protos)

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from caffe2torch import __version__
 from caffe2torch.db import SUPPORTED_DB_TYPES, open_db
 from caffe2torch.proto import caffe2_pb2
 
@@ -139,6 +140,7 @@ def main(argv=None):
     """The command line; exits with status 2 and a one-line message on bad input."""
     parser = argparse.ArgumentParser(
         prog="make_mnist_db", description="Convert MNIST IDX files into a Caffe2 DB.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--image_file", required=True, help="IDX image file (may be gzipped)")
     parser.add_argument("--label_file", required=True, help="IDX label file (may be gzipped)")
     parser.add_argument("--output_file", required=True, help="db to create (lmdb: a folder)")

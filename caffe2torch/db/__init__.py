@@ -12,6 +12,7 @@ a context manager. Example::
         for key, value in db.cursor():
             ...
 """
+import os
 import threading
 
 from caffe2torch.db.lmdb_db import LMDB
@@ -31,7 +32,7 @@ SUPPORTED_DB_TYPES = ("minidb", "lmdb", "leveldb")
 MODES = ("new", "write", "read")  # Caffe2's NEW, WRITE, READ
 
 
-def open_db(db_type, path, mode):
+def open_db(db_type: str, path: str | os.PathLike, mode: str) -> MiniDB | LMDB:
     """Open the database ``path`` of type ``db_type`` in mode "new", "write" or "read"."""
     try:
         cls = _DB_CLASSES[db_type]
@@ -52,7 +53,8 @@ class DBReader:
     Thread-safe: TensorProtosDBInput reads from a prefetch thread.
     """
 
-    def __init__(self, db_type, path, num_shards=1, shard_id=0):
+    def __init__(self, db_type: str, path: str | os.PathLike, num_shards: int = 1,
+                 shard_id: int = 0) -> None:
         if num_shards < 1 or not 0 <= shard_id < num_shards:
             raise ValueError(f"DBReader {path!r}: need num_shards >= 1 and "
                              f"0 <= shard_id < num_shards, got {num_shards}, {shard_id}")
@@ -92,12 +94,12 @@ class DBReader:
                 raise ValueError(f"database {self.path!r} has fewer records than "
                                  f"shard_id {self.shard_id}")
 
-    def read(self):
+    def read(self) -> tuple[bytes, bytes]:
         """The current (key, value); then advance, wrapping around at the end."""
         with self.lock:
             return self._read_locked()
 
-    def read_many(self, n):
+    def read_many(self, n: int) -> list[tuple[bytes, bytes]]:
         """``n`` consecutive records as a list of (key, value), read under one lock."""
         with self.lock:
             return [self._read_locked() for _ in range(n)]
@@ -115,7 +117,7 @@ class DBReader:
                 break
         return record
 
-    def close(self):
+    def close(self) -> None:
         """Close the cursor and the database."""
         with self.lock:
             self.cursor.close()

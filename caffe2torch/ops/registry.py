@@ -6,6 +6,7 @@ arguments in ``ctx.args`` (see :class:`OpContext`). A gradient maker is a pure p
 touches tensors. Ops that must not be differentiated register ``gradient=NO_GRADIENT``.
 """
 import difflib
+from collections.abc import Callable
 
 NO_GRADIENT = "NO_GRADIENT"
 
@@ -48,7 +49,7 @@ class OpSchema:
         self.side_effects = side_effects
 
     @property
-    def differentiable(self):
+    def differentiable(self) -> bool:
         """True when AddGradientOperators can backpropagate through this op."""
         return self.gradient is not None and self.gradient != NO_GRADIENT
 
@@ -98,18 +99,18 @@ def register_op(op_type, gradient=None, setup=None, cpu_only_inputs=False, data_
     return deco
 
 
-def register_gradient(op_type, maker):
+def register_gradient(op_type: str, maker: Callable) -> None:
     """Attach a gradient maker to an already registered op (for gradient-only op types)."""
     get_schema(op_type).gradient = maker
 
 
-def is_registered(op_type):
+def is_registered(op_type: str) -> bool:
     """True when ``op_type`` can be run."""
     _load_families()
     return op_type in _REGISTRY
 
 
-def get_schema(op_type):
+def get_schema(op_type: str) -> OpSchema:
     """The schema of ``op_type``; an unknown name raises an error that names it."""
     _load_families()
     try:
@@ -122,13 +123,13 @@ def get_schema(op_type):
         ) from None
 
 
-def registered_ops():
+def registered_ops() -> list[str]:
     """All registered op types, sorted."""
     _load_families()
     return sorted(_REGISTRY)
 
 
-def all_schemas():
+def all_schemas() -> list[OpSchema]:
     """All schemas, sorted by op type."""
     _load_families()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
@@ -234,7 +235,7 @@ class Deferred:
         return self._fn(*self._inputs)
 
 
-def grad_name(name):
+def grad_name(name: str) -> str:
     """Caffe2's gradient blob name for ``name``."""
     return f"{name}_grad"
 

@@ -17,6 +17,7 @@ added with :func:`Register` are found by the module-level ``__getattr__``.
 import copy
 import functools
 import inspect
+from collections.abc import Callable
 
 from caffe2torch.python.helpers import algebra as _algebra
 from caffe2torch.python.helpers import array_helpers as _array_helpers
@@ -89,7 +90,7 @@ loop = _scoped(_control_ops.loop)
 _registry["arg_scope"] = arg_scope
 
 
-def Register(helper):
+def Register(helper: Callable) -> None:
     """Make ``helper(model, ...)`` callable as ``brew.<helper.__name__>`` with arg scoping."""
     name = helper.__name__
     if name in _registry:
@@ -97,7 +98,7 @@ def Register(helper):
     _scoped(helper, name)
 
 
-def has_helper(helper_or_helper_name):
+def has_helper(helper_or_helper_name: Callable | str) -> bool:
     """True when a helper of that name (or that function's name) is registered."""
     name = helper_or_helper_name if isinstance(helper_or_helper_name, str) \
         else helper_or_helper_name.__name__

