@@ -180,4 +180,4 @@ def test_c_namespace_workspace_db_and_honest_errors(tmp_path):
     assert not workspace.HasBlob("y")
     assert "Relu" in workspace.C.registered_operators()
     with pytest.raises(AttributeError, match="does not provide"):
-        workspace.C.get_stats
+        _ = workspace.C.get_stats

@@ -35,8 +35,8 @@ def _pad_setup(ctx):
     order = ctx.arg("order", "NCHW")
     if order not in ("NCHW", "NHWC"):
         raise ValueError(f"operator {ctx.op.type}: order must be 'NCHW' or 'NHWC', not {order!r}")
-    t, l, b, r = pads
-    ctx.state["pad"] = ([l, r, t, b], _PAD_MODES[mode], float(ctx.arg("value", 0.0)),
+    top, left, bottom, right = pads
+    ctx.state["pad"] = ([left, right, top, bottom], _PAD_MODES[mode], float(ctx.arg("value", 0.0)),
                         order == "NHWC")
 
 
