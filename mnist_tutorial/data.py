@@ -598,24 +598,31 @@ class _Fetcher:
             reason = _reason(e).replace(url, shown)
             raise DataError(f"download of {shown} failed: {reason} (after {tries} tries); "
                             f"check the network or url, or {PACKAGE_HINT}") from e
-        # a read blocks until data comes or `timeout` passes, however close the deadline is:
-        # at the deadline a watchdog shuts the socket, which ends the read at once
-        stopped = threading.Event()
-
-        def stop():
-            stopped.set()
-            with contextlib.suppress(Exception):
-                response.raw.shutdown()
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), stop)
-        watchdog.daemon = True
+        # a read blocks until data comes or `timeout` passes: the watchdog measures the rate and
+        # the deadline on its own clock and shuts the socket, which ends a blocked read at once
+        watchdog = _Watchdog(response, deadline, self.min_rate, self.rate_window_s)
         watchdog.start()
         try:
             with response, open(dest, "wb") as out:
-                return self._receive(response, shown, out, desc, tries, deadline, stopped, dest)
+                return self._receive(response, shown, out, desc, tries, watchdog, dest)
         finally:
-            watchdog.cancel()
+            watchdog.finish()
 
-    def _receive(self, response, shown, out, desc, tries, deadline, stopped, dest):
+    def _too_slow(self, shown, watchdog):
+        rate, span = watchdog.slow
+        return DataError(f"download of {shown} is too slow: {rate:,.1f} bytes/s over the last "
+                         f"{span:.0f} s, below min_rate={self.min_rate:,} bytes/s; use a faster "
+                         f"mirror (data_url) or {PACKAGE_HINT}")
+
+    def _stopped(self, shown, watchdog):
+        """The DataError for a transfer the watchdog ended, or None while it has not."""
+        if watchdog.slow is not None:
+            return self._too_slow(shown, watchdog)
+        if watchdog.late:
+            return self._late(shown, watchdog.done)
+        return None
+
+    def _receive(self, response, shown, out, desc, tries, watchdog, dest):
         if response.status_code != 200:
             transient = response.status_code in TRANSIENT_HTTP
             retried = f" (after {tries} tries)" if transient else ""
@@ -627,42 +634,71 @@ class _Fetcher:
             raise DataError(f"download of {shown} refused: {total:,} bytes is over "
                             f"max_bytes={self.max_bytes:,} (raise it if the file is right)")
         bar = progress(desc, total=total, unit="B", enabled=self.progress)
-        done, start = 0, time.monotonic()
-        seen = collections.deque([(start, 0)])  # (time, bytes so far): the rate window
         while True:
             try:
-                # read1 returns whatever arrived, so a trickle is measured byte by byte
+                # read1 returns whatever arrived, so the count the watchdog reads stays current
                 chunk = response.raw.read1(1 << 20, decode_content=True)
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
-                if stopped.is_set():
-                    raise self._late(shown, done) from e
-                raise _Transient(f"connection lost after {done:,} bytes ({_reason(e)})") from e
-            now = time.monotonic()
-            if stopped.is_set() or now >= deadline:
-                raise self._late(shown, done)
+                stopped = self._stopped(shown, watchdog)
+                if stopped is not None:
+                    raise stopped from e
+                raise _Transient(f"connection lost after {watchdog.done:,} bytes "
+                                 f"({_reason(e)})") from e
+            stopped = self._stopped(shown, watchdog)
+            if stopped is not None:
+                raise stopped
             if not chunk:
                 break
-            done += len(chunk)
-            if done > self.max_bytes:
+            watchdog.done += len(chunk)
+            if watchdog.done > self.max_bytes:
                 raise DataError(f"download of {shown} stopped: over max_bytes="
                                 f"{self.max_bytes:,} (raise it if the file is right)")
             out.write(chunk)
             bar.update(len(chunk))
-            seen.append((now, done))
-            while len(seen) > 1 and seen[1][0] <= now - self.rate_window_s:
-                seen.popleft()
-            since, base = seen[0]
-            if self.min_rate and now - start >= self.rate_window_s:
-                rate = (done - base) / max(now - since, 1e-9)
-                if rate < self.min_rate:
-                    raise DataError(f"download of {shown} is too slow: {rate:,.1f} bytes/s "
-                                    f"over the last {now - since:.0f} s, below min_rate="
-                                    f"{self.min_rate:,} bytes/s; use a faster mirror "
-                                    f"(data_url) or {PACKAGE_HINT}")
-        if total is not None and done < total:
-            raise _Transient(f"truncated: got {done:,} of {total:,} bytes")
+        if total is not None and watchdog.done < total:
+            raise _Transient(f"truncated: got {watchdog.done:,} of {total:,} bytes")
         bar.close()
         return dest
+
+
+class _Watchdog(threading.Thread):
+    """Ends one transfer (shuts its socket) at the deadline, or when it brought fewer than
+    ``min_rate`` bytes/s over the last ``window`` seconds; the reader then reports why."""
+
+    def __init__(self, response, deadline, min_rate, window):
+        super().__init__(name="mnist-download-watchdog", daemon=True)
+        self.response, self.deadline = response, deadline
+        self.min_rate, self.window = min_rate, window
+        self.done = 0  # bytes received, counted by the reader
+        self.slow, self.late = None, False  # (bytes/s, seconds) when too slow; past the deadline
+        self._finished = threading.Event()
+
+    def run(self):
+        start = time.monotonic()
+        seen = collections.deque([(start, 0)])  # (time, bytes so far) over the last window
+        poll = min(1.0, self.window / 10) if self.min_rate else 1.0
+        while not self._finished.wait(max(0.0, min(poll, self.deadline - time.monotonic()))):
+            now, done = time.monotonic(), self.done
+            if now >= self.deadline:
+                self.late = True
+                break
+            seen.append((now, done))
+            while len(seen) > 1 and seen[1][0] <= now - self.window:
+                seen.popleft()
+            since, base = seen[0]
+            if self.min_rate and now - start >= self.window:
+                rate = (done - base) / (now - since)
+                if rate < self.min_rate:
+                    self.slow = (rate, now - since)
+                    break
+        else:
+            return
+        with contextlib.suppress(Exception):  # the reader may have let go of it just now
+            self.response.raw.shutdown()
+
+    def finish(self):
+        """The transfer is over: stop watching."""
+        self._finished.set()
 
 
 def _reason(error):
@@ -840,8 +876,8 @@ def _exclusive(data_dir, timeout=LOCK_TIMEOUT_S, say=None):
         except filelock.Timeout:
             holder = _lock_holder(owner)
             if say is not None:
-                say(f"waiting for the lock on {data_dir} held by {holder} (up to "
-                    f"lock_timeout_s={timeout:g})")
+                say(f"waiting for the lock on {data_dir} held by {holder}, for up to "
+                    f"lock_timeout_s={timeout:g} s")
             try:
                 lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.1)
             except filelock.Timeout:

@@ -29,8 +29,10 @@ def _one_line(error):
 
 # --- case 8: slow mirrors and a busy lock -----------------------------------------------------
 
-def test_a_trickling_mirror_fails_fast_naming_the_url_and_the_rate(tmp_path, server):
-    server.routes["/slow/mnist-lmdb.zip"] = Trickle(b"x" * 20, every_s=0.25)
+@pytest.mark.parametrize("every_s", [0.25, 60], ids=["trickle", "one byte, then silence"])
+def test_a_trickling_mirror_fails_fast_naming_the_url_and_the_rate(every_s, tmp_path, server):
+    # silence: without the watchdog's own clock, only the 5 s read timeout (retried) would end it
+    server.routes["/slow/mnist-lmdb.zip"] = Trickle(b"x" * 20, every_s=every_s)
     url = f"{server.base}/slow/mnist-lmdb.zip"
     with pytest.raises(DataError) as info:
         prepare_mnist(tmp_path / "data", "caffe2-zip", url=url,
