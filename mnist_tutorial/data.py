@@ -816,9 +816,9 @@ def _reusable(data_dir, db_type, counts, source, plans, say):
     origins = {(plan_source, origin) for plan_source, origin, _ in plans}
     if source == "auto" or (manifest.get("source"), manifest.get("origin")) in origins:
         say(f"reusing valid {', '.join(manifest['databases'])} in {data_dir} "
-            f"(built from {manifest.get('origin')})")
+            f"(built from {redact_url(manifest.get('origin'))})")
         return manifest
-    say(f"rebuilding: the existing databases came from {manifest.get('origin')}, "
+    say(f"rebuilding: the existing databases came from {redact_url(manifest.get('origin'))}, "
         f"not source={source!r}")
     return None
 
@@ -885,6 +885,8 @@ def _exclusive(data_dir, timeout=LOCK_TIMEOUT_S, say=None):
                                 f"on {data_dir} held by {_lock_holder(owner)}; wait for that run "
                                 "to finish or use another data_dir") from None
     except OSError as e:
+        if _disk_full(e):
+            raise _no_space(data_dir, SPACE_MARGIN, _free_bytes(data_dir), "for its lock") from e
         raise DataError(f"cannot use data_dir {data_dir}: {e.strerror or e}; "
                         "choose a writable folder") from e
     try:

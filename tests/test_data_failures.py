@@ -231,7 +231,7 @@ def test_query_tokens_never_reach_the_output_or_the_manifest(tmp_path, server, c
     manifest = prepare_mnist(data_dir, url=url, **{**FAST, "progress": True})  # auto: a zip
     assert manifest["source"] == "caffe2-zip"
     assert manifest["origin"] == f"{server.base}/z/mnist-lmdb.zip?X-Amz-Signature=***"
-    assert prepare_mnist(data_dir, "caffe2-zip", url=url, **FAST) == manifest  # reused
+    assert prepare_mnist(data_dir, "caffe2-zip", url=url, **{**FAST, "progress": True}) == manifest
     with pytest.raises(DataError, match="HTTP 404") as info:
         prepare_mnist(tmp_path / "other", "caffe2-zip", url=url.replace("/z/", "/gone/"), **FAST)
     written = capsys.readouterr().out + str(info.value) + data.manifest_path(data_dir).read_text()
