@@ -272,7 +272,8 @@ def conv_gradient(ctx, inputs):
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit)
     # dX comes from the same call unless it is deferred or faster computed alone.
-    fused_dx = mask[0] and not lazy_dx and not _native_dx_faster(x, w)
+    compiling = torch.compiler.is_compiling()
+    fused_dx = mask[0] and not lazy_dx and (compiling or not _native_dx_faster(x, w))
     dx, dw, db = aten.convolution_backward(
         dy, x, w, [w.shape[0]] if mask[2] else None, *_conv_args(ctx, plan),
         [fused_dx, True, mask[2]])
@@ -284,7 +285,9 @@ def conv_gradient(ctx, inputs):
     if fused_dx:
         outputs.append(_finish_dx(sp, plan, dx))
     elif lazy_dx:
-        outputs.append(ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
+        # A compiled net leaves the unread dX out of its graph and defers it itself.
+        outputs.append(None if compiling else
+                       ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
     elif mask[0]:
         outputs.append(_conv_dx(ctx, *inputs))
     return outputs
@@ -346,8 +349,10 @@ def max_pool(ctx, inputs):
     x, nd, plan = _pool_input(sp, x_in)
     _, (y, indices) = _max_pool_indices(x, nd, plan)
     y = _to_nhwc(y) if sp.nhwc else y
-    # Keep the argmax positions for MaxPoolGradient, as PyTorch's autograd does.
-    y._caffe2torch_maxpool = (weakref.ref(x_in), plan.key, indices)
+    # Keep the argmax positions for MaxPoolGradient, as PyTorch's autograd does (a compiled
+    # net recomputes them instead: inductor merges the two identical pooling calls).
+    if not torch.compiler.is_compiling():
+        y._caffe2torch_maxpool = (weakref.ref(x_in), plan.key, indices)
     return [y]
 
 
@@ -357,7 +362,7 @@ def max_pool_gradient(ctx, inputs):
     sp = ctx.state["spatial"]
     x_in, y, dy = inputs
     x, nd, plan = _pool_input(sp, x_in)
-    saved = getattr(y, "_caffe2torch_maxpool", None)
+    saved = None if torch.compiler.is_compiling() else getattr(y, "_caffe2torch_maxpool", None)
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit, value=-math.inf)
     if saved is not None and saved[0]() is x_in and saved[1] == plan.key:
