@@ -108,18 +108,26 @@ class _Region:
             written.update(step.outputs)
         self.inputs = inputs
         # Outputs no op of the net reads (a first conv's data_grad) are left out, so inductor
-        # drops their computation; they become Deferred blobs computed if someone fetches them.
-        self.lazy = []  # (blob, step, output index)
-        self.outputs = []
-        later_writes = set()
-        lazy_names = set()
-        for step in reversed(steps):
+        # drops their computation; they become Deferred blobs computed if someone fetches them,
+        # from the op's inputs (copies of those that later ops of the region overwrite).
+        self.lazy = []  # (blob, step, output index, per input: blob name or snapshot number)
+        self.snapshots = []  # (step position, input name) copied right after that step
+        later_writes, lazy_names = set(), set()
+        for j in range(len(steps) - 1, -1, -1):
+            step = steps[j]
             for k, name in enumerate(step.outputs):
-                if (k in lazy[id(step)] and name not in lazy_names
-                        and not later_writes & set(step.inputs)):
+                if k in lazy[id(step)] and name not in lazy_names and name not in later_writes:
                     lazy_names.add(name)
-                    self.lazy.append((name, step, k))
+                    sources = []
+                    for n in step.inputs:
+                        if n in later_writes:
+                            sources.append(len(self.snapshots))
+                            self.snapshots.append((j, n))
+                        else:
+                            sources.append(n)
+                    self.lazy.append((name, step, k, sources))
             later_writes.update(step.outputs)
+        self.outputs = []
         for step in steps:
             for name in step.outputs:
                 if name not in self.outputs and name not in lazy_names:
@@ -145,16 +153,21 @@ class _Region:
         for j, step in enumerate(self.steps):
             namespace[f"f{j}"], namespace[f"c{j}"] = step.fn, step.ctx
             args = ", ".join(local[n] for n in step.inputs)
+            inputs_at = dict(local)
             targets = []
             for name in step.outputs:
                 local[name] = f"b{counter}"
                 targets.append(f"b{counter}")
                 counter += 1
-            if targets:
-                lines.append(f"    {', '.join(targets)}, = f{j}(c{j}, [{args}])")
-            else:
-                lines.append(f"    f{j}(c{j}, [{args}])")
-        lines.append(f"    return ({''.join(local[n] + ', ' for n in self.outputs)})")
+            call = f"f{j}(c{j}, [{args}])"
+            line = f"    {', '.join(targets)}, = {call}" if targets else f"    {call}"
+            # snapshots on the step's own line: line 2 + j stays step j (see failing_step)
+            for number, (at, name) in enumerate(self.snapshots):
+                if at == j:
+                    line += f"; s{number} = {inputs_at[name]}.clone()"
+            lines.append(line)
+        returned = [local[n] for n in self.outputs] + [f"s{k}" for k in range(len(self.snapshots))]
+        lines.append(f"    return ({''.join(v + ', ' for v in returned)})")
         source = "\n".join(lines) + "\n"
         exec(compile(source, f"<caffe2torch region {self.number}>", "exec"), namespace)
         return source, namespace
@@ -231,18 +244,15 @@ class CompiledNet:
             for _ in range(num_iter):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                k = 0
-                while k < len(self.parts):
-                    part = self.parts[k]
+                for part in list(self.parts):
                     if isinstance(part, list):
                         prepared.run_steps(part)
-                    elif not self._run_region(k, part):
-                        continue  # the region was split: run its pieces
-                    k += 1
+                    else:
+                        self._run_region(part)
         return True
 
-    def _run_region(self, k, region):
-        """Run one region; on its first run, split it if torch.compile cannot trace an op."""
+    def _run_region(self, region):
+        """Run one region; its first run is eager, then it compiles (see _compile)."""
         blobs = self.prepared.workspace.blobs
         values = []
         for name in region.inputs:
@@ -253,35 +263,47 @@ class CompiledNet:
                 x = x.to(region.device)
             values.append(x)
         if region.first:
-            start = time.perf_counter()
-            try:
-                outputs = region.compiled(*values)
-            except Exception as exc:  # fullgraph=True: it failed before any op ran
-                self.compile_seconds += time.perf_counter() - start
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                bad = region.failing_step(exc)
-                if bad is None:
-                    log.warning("net %r: torch.compile failed on a region of %d ops, which run "
-                                "eagerly (%s)", self.name, len(region.steps), why)
-                    self.parts[k] = list(region.steps)
-                else:
-                    log.warning("net %r: torch.compile cannot trace op #%d %s, which runs "
-                                "eagerly (%s)", self.name, bad.index, bad.ctx.op.type, why)
-                    self.parts[k:k + 1] = self._split_around(region, bad)
-                return False
-            self.compile_seconds += time.perf_counter() - start
-            region.first = False
-        else:
-            try:
-                outputs = region.compiled(*values)
-            except Exception as exc:
-                raise self.prepared._error(region.steps[0], exc) from exc
+            self._compile(region, values)
+            return
+        try:
+            outputs = region.compiled(*values)
+        except Exception as exc:
+            raise self.prepared._error(region.steps[0], exc) from exc
+        count = len(region.outputs)
         for name, value in zip(region.outputs, outputs):
             blobs[name] = value
-        for name, step, index in region.lazy:
-            inputs = [blobs[n] for n in step.inputs]
+        for name, step, index, sources in region.lazy:
+            inputs = [outputs[count + x] if type(x) is int else blobs[x] for x in sources]
             blobs[name] = step.ctx.defer(_output(step, index), inputs)
-        return True
+
+    def _compile(self, region, values):
+        """The region's first run: eager, then torch.compile on copies of its inputs.
+
+        The eager run gives this run's results and fills the caches ops keep in their state
+        (e.g. a convolution's padding plan), so the compiled graph's guards see them filled and
+        the second run does not compile again. Compiling on copies leaves the blobs alone; an op
+        torch.compile cannot trace (``fullgraph=True`` finds it) splits the region around it.
+        """
+        copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
+        self.prepared.run_steps(region.steps)
+        region.first = False
+        start = time.perf_counter()
+        try:
+            region.compiled(*copies)
+        except Exception as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            bad = region.failing_step(exc)
+            k = self.parts.index(region)
+            if bad is None:
+                log.warning("net %r: torch.compile failed on a region of %d ops, which run "
+                            "eagerly (%s)", self.name, len(region.steps), why)
+                self.parts[k] = list(region.steps)
+            else:
+                log.warning("net %r: torch.compile cannot trace op #%d %s, which runs eagerly "
+                            "(%s)", self.name, bad.index, bad.ctx.op.type, why)
+                self.parts[k:k + 1] = self._split_around(region, bad)
+        finally:
+            self.compile_seconds += time.perf_counter() - start
 
     def _split_around(self, region, bad):
         """Parts replacing ``region``: the steps before ``bad``, ``bad`` eagerly, those after."""

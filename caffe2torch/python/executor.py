@@ -53,6 +53,7 @@ class PreparedNet:
         net_option = netdef.device_option if netdef.HasField("device_option") else None
         available = set(workspace.blobs)
         self.steps = []
+        self._buffered = []
         for i, op in enumerate(netdef.op):
             schema = registry.get_schema(op.type)
             for name in op.input:
@@ -81,6 +82,8 @@ class PreparedNet:
                 k for k, n in enumerate(step.outputs) if n not in read)
             step.ctx.mutated_blobs = mutated
         self._plan_checks()
+        self._buffered = [item for step in self.steps for item in step.ctx.state.values()
+                          if callable(getattr(item, "flush", None))]
         for name in (n for op in netdef.op for n in op.output):
             workspace.blobs.setdefault(name, None)
         self.compiled = None
@@ -116,12 +119,17 @@ class PreparedNet:
 
     def run(self, num_iter=1):
         """Run all ops ``num_iter`` times."""
-        if self.compiled is not None:
-            return self.compiled.run(num_iter)
-        with torch.no_grad():
-            for _ in range(num_iter):
-                self.run_steps(self.steps)
-        return True
+        try:
+            if self.compiled is not None:
+                return self.compiled.run(num_iter)
+            with torch.no_grad():
+                for _ in range(num_iter):
+                    self.run_steps(self.steps)
+            return True
+        finally:
+            # Print/Summarize buffer their lines: the files are complete when RunNet returns.
+            for output in self._buffered:
+                output.flush()
 
     def run_steps(self, steps):
         """Run ``steps`` once, in order, eagerly (grad mode is the caller's)."""
@@ -162,7 +170,7 @@ class PreparedNet:
             f"{list(op.output)}) failed: {why}")
 
     def close(self):
-        """Release what the ops' setup opened (files, prefetch threads)."""
+        """Release what the ops' setup opened (files, prefetch threads); pending lines are written."""
         if self.compiled is not None:
             self.compiled.close()
         for step in self.steps:
@@ -171,3 +179,4 @@ class PreparedNet:
                 if callable(closer):
                     closer()
         self.steps = []
+        self._buffered = []
