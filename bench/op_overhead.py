@@ -12,7 +12,7 @@ Prints each variant's time per run, the median and spread of the per-block ratio
 (targets: eager <= 1.5, compiled <= 1.0), the per-op overhead of eager in microseconds, the compile
 time, and checks that every variant gives the same prediction.
 
-    PYTHONPATH=. python bench/op_overhead.py [--batch 100] [--blocks 15] [--runs 300]
+    PYTHONPATH=. python bench/op_overhead.py [--batch 100] [--blocks 15] [--runs 300] [--device cuda]
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caffe2torch.proto import caffe2_pb2  # noqa: E402
-from caffe2torch.python import workspace  # noqa: E402
+from caffe2torch.python import core, workspace  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                          "shared", "caffe2-artifacts")
@@ -83,16 +83,26 @@ def hemt_torch(p, sig, tanh):
     return pred, sfc0, tfc0
 
 
-def prepare(kind, init, predict, sig, tanh):
+def on_device(net, option):
+    """A copy of ``net`` with every op on ``option`` (None: as it is, the CPU)."""
+    copy = caffe2_pb2.NetDef()
+    copy.CopyFrom(net)
+    if option is not None:
+        copy.device_option.CopyFrom(option)
+        for op in copy.op:
+            op.ClearField("device_option")
+    return copy
+
+
+def prepare(kind, init, predict, sig, tanh, option=None):
     """A workspace named ``kind`` with the HEMT params, inputs and the predict net created."""
     workspace.SwitchWorkspace(kind, create_if_missing=True)
     workspace.ResetWorkspace()
-    workspace.RunNetOnce(init)
-    workspace.FeedBlob("DBInput_train/sig_input", sig)
-    workspace.FeedBlob("DBInput_train/tanh_input", tanh)
-    workspace.FeedBlob("adjoint_input", np.ones_like(sig))
-    net = caffe2_pb2.NetDef()
-    net.CopyFrom(predict)
+    workspace.RunNetOnce(on_device(init, option))
+    workspace.FeedBlob("DBInput_train/sig_input", sig, option)
+    workspace.FeedBlob("DBInput_train/tanh_input", tanh, option)
+    workspace.FeedBlob("adjoint_input", np.ones_like(sig), option)
+    net = on_device(predict, option)
     net.type = "simple" if kind == "eager" else "compiled"
     workspace.CreateNet(net, overwrite=True)
     start = time.perf_counter()
@@ -108,8 +118,11 @@ def main():
     parser.add_argument("--blocks", type=int, default=15, help="lockstep blocks")
     parser.add_argument("--runs", type=int, default=300, help="runs per variant per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    option = core.DeviceOption(caffe2_pb2.CUDA, 0) if args.device == "cuda" else None
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     init, predict = load_netdef("hemt_init_net.pb"), load_netdef("hemt_predict_net.pb")
     rng = np.random.default_rng(0)
@@ -118,11 +131,11 @@ def main():
 
     names, first_run = {}, {}
     for kind in ("eager", "compiled"):
-        names[kind], first_run[kind] = prepare(kind, init, predict, sig, tanh)
+        names[kind], first_run[kind] = prepare(kind, init, predict, sig, tanh, option)
     workspace.SwitchWorkspace("eager")
     params = {n: workspace.FetchTorch(n) for n in predict.external_input
               if n.startswith("adjoint/")}
-    sig_t, tanh_t = torch.from_numpy(sig), torch.from_numpy(tanh)
+    sig_t, tanh_t = torch.from_numpy(sig).to(args.device), torch.from_numpy(tanh).to(args.device)
 
     def run_torch():
         with torch.no_grad():
@@ -143,7 +156,7 @@ def main():
         for blob, want in zip((OUTPUT, "adjoint/sig_fc_layer_0/output",
                                "adjoint/tanh_fc_layer_0/output"), reference):
             got = workspace.FetchBlob(blob)
-            np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6,
+            np.testing.assert_allclose(got, want.cpu().numpy(), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{kind}: {blob}")
 
     order = list(variants)
@@ -155,13 +168,14 @@ def main():
             start = time.perf_counter()
             for _ in range(args.runs):
                 fn()
+            sync()
             elapsed = (time.perf_counter() - start) / args.runs
             if block:
                 seconds[kind].append(elapsed)
     workspace.SwitchWorkspace("default")
 
     ops = len(predict.op)
-    print(f"HEMT predict net: {ops} ops, batch {args.batch}, torch {torch.__version__}, "
+    print(f"HEMT predict net: {ops} ops, batch {args.batch}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.blocks} blocks x {args.runs} runs")
     for kind in order:
         runs = seconds[kind]

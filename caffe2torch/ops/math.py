@@ -142,6 +142,8 @@ def _reduce(g, shape):
 def _binary(op_type, fn, doc):
     def forward(ctx, inputs):
         a, b = inputs
+        if not ctx.state["broadcast"][0]:  # numpy broadcasting: torch's own
+            return [fn(a, b)]
         b_shape = _b_shape(ctx, a, b)
         return [fn(a, b if b_shape == b.shape else b.reshape(b_shape))]
     forward.__doc__ = doc
@@ -186,10 +188,13 @@ def _matmul_setup(ctx):
 def _matmul_views(ctx, a, b):
     """A and B flattened to 2-D at axis_a / axis_b (not yet transposed)."""
     axis_a, axis_b, trans_a, trans_b = ctx.state["matmul"]
-    axis_a = axis_a + a.dim() if axis_a < 0 else axis_a
-    axis_b = axis_b + b.dim() if axis_b < 0 else axis_b
-    a2 = a.reshape(math.prod(a.shape[:axis_a]), -1)
-    b2 = b.reshape(math.prod(b.shape[:axis_b]), -1)
+    if a.dim() == 2 and b.dim() == 2 and axis_a in (1, -1) and axis_b in (1, -1):
+        a2, b2 = a, b  # already 2-D: no reshape calls (~1 us each on small tensors)
+    else:
+        axis_a = axis_a + a.dim() if axis_a < 0 else axis_a
+        axis_b = axis_b + b.dim() if axis_b < 0 else axis_b
+        a2 = a.reshape(math.prod(a.shape[:axis_a]), -1)
+        b2 = b.reshape(math.prod(b.shape[:axis_b]), -1)
     p = a2.t() if trans_a else a2
     q = b2.t() if trans_b else b2
     if p.shape[1] != q.shape[0]:

@@ -441,6 +441,12 @@ def _fc_setup(ctx):
 
 def _fc_views(ctx, x, w):
     axis, axis_w = ctx.state["axes"]
+    if x.dim() == 2 and w.dim() == 2 and axis in (1, -1) and axis_w in (1, -1):
+        # The common case needs no views: each torch call costs ~1 us on small tensors.
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"operator FC: X {tuple(x.shape)} has K={x.shape[1]} but W "
+                             f"{tuple(w.shape)} has K={w.shape[1]}")
+        return x, w, None
     axis = axis + x.dim() if axis < 0 else axis
     axis_w = axis_w + w.dim() if axis_w < 0 else axis_w
     m = math.prod(x.shape[:axis])
@@ -468,14 +474,21 @@ def fc(ctx, inputs):
     """Y = X·Wᵀ + b with X viewed [M,K] at ``axis`` and W viewed [N,K] at ``axis_w``."""
     x2, w2, out_shape = _fc_views(ctx, inputs[0], inputs[1])
     bias = inputs[2] if len(inputs) > 2 else None
-    return [F.linear(x2, w2, bias).view(out_shape)]
+    y = F.linear(x2, w2, bias)
+    return [y if out_shape is None else y.view(out_shape)]
 
 
 @register_op("FCGradient", setup=_fc_setup)
 def fc_gradient(ctx, inputs):
     """(X, W, dY) -> (dW, db, dX)."""
     x, w, dy = inputs
-    x2, w2, _ = _fc_views(ctx, x, w)
+    x2, w2, out_shape = _fc_views(ctx, x, w)
+    if out_shape is None:  # 2-D X and W: no views
+        outputs = [torch.mm(dy.t(), x)]
+        if not ctx.arg("no_bias", 0):
+            outputs.append(dy.sum(0))
+        outputs.append(torch.mm(dy, w))
+        return outputs
     dy2 = dy.reshape(x2.shape[0], w2.shape[0])
     outputs = [torch.mm(dy2.t(), x2).view(w.shape)]
     if not ctx.arg("no_bias", 0):

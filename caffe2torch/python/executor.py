@@ -11,6 +11,7 @@ from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import utils
 
 _CPU = torch.device("cpu")
+_Tensor = torch.Tensor
 
 
 class OperatorError(RuntimeError):
@@ -29,7 +30,7 @@ def torch_device(option):
 
 
 class _Step:
-    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move", "schema", "checks")
+    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move", "schema", "checks", "on_cpu")
 
     def __init__(self, index, fn, ctx, move, schema):
         self.index = index
@@ -39,6 +40,7 @@ class _Step:
         self.outputs = ctx.output_names
         self.move = move
         self.schema = schema
+        self.on_cpu = ctx.device.type == "cpu"
         # Indices of inputs that may be Deferred or on another device (set by PreparedNet).
         self.checks = ()
 
@@ -139,7 +141,13 @@ class PreparedNet:
             for step in steps:
                 inputs = [blobs[n] for n in step.inputs]
                 if step.checks:
-                    self.check_inputs(step, inputs, step.checks)
+                    on_cpu = step.on_cpu
+                    for k in step.checks:
+                        x = inputs[k]
+                        # the usual case, cheaply: a plain tensor already on the op's device
+                        if type(x) is _Tensor and (x.is_cpu if on_cpu else x.device == step.ctx.device):
+                            continue
+                        self.check_inputs(step, inputs, (k,))
                 outputs = step.fn(step.ctx, inputs)
                 for name, value in zip(step.outputs, outputs):
                     blobs[name] = value
