@@ -8,10 +8,13 @@ on another device than the net's. An eager op moves ahead of the tensor ops it s
 (Iter and LearningRate go before the forward pass), so a training net compiles as one region.
 
 Each region is generated as straight-line Python (one line per op, so that an op torch.compile
-cannot trace is named by its line), compiled with ``fullgraph=True`` on its first run: an op that
-breaks the graph is found there, before anything ran, and its region is split around it (the op
-runs eagerly, a warning names it). Inductor's FX graph cache (on by default; folder
-``TORCHINDUCTOR_CACHE_DIR``) makes a later process compile the same net faster.
+cannot trace is named by its line). Its first run is eager; then it is compiled with
+``fullgraph=True`` on copies of its inputs: an op that breaks the graph is found there and the
+region is split around it (the op runs eagerly, a warning names it). Inductor's FX graph cache (on
+by default; folder ``TORCHINDUCTOR_CACHE_DIR``) makes a later process compile the same net faster.
+On CUDA the default mode is "reduce-overhead" (CUDA graphs); torch may skip the graphs of
+regions that update their inputs in place (a training net's WeightedSum; its log says why), which
+then run as plain inductor code. Not yet measured on a GPU.
 
 NetDef arguments (``net.Proto().arg``) tune it: ``compile_mode`` (torch.compile's mode; default
 "reduce-overhead", CUDA graphs, on CUDA and "default" on CPU) and ``compile_dynamic`` (0 or 1:
@@ -35,7 +38,7 @@ _LINE = re.compile(r'File "<caffe2torch region (\d+)>", line (\d+)')
 _SHAPE_ONLY = frozenset({"ConstantFill"})
 # Ops that draw from the global RNG: inductor's random streams differ from eager PyTorch's, so
 # they run eagerly to keep results equal to the "simple" net's.
-_RANDOM = frozenset({"Dropout"})
+_RANDOM = frozenset({"Dropout", "XavierFill", "MSRAFill", "GaussianFill", "UniformFill"})
 
 
 def _eager_only(step, device):
