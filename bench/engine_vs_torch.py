@@ -1,21 +1,31 @@
 """caffe2torch vs a hand-written PyTorch loop: the tutorial's 200-iteration LeNet training.
 
-Both train from the same initial weights on the same MNIST batches (records 0..12799 of the
-training LMDB, in order) with the tutorial's SGD (lr = -0.1 * 0.999^iter, computed in float32
-as Caffe2 does; param += lr * grad), in one process, in lockstep: each iteration of each variant
-is timed side by side, the order rotating, so a change of machine load hits all variants alike.
-The plain loop gets its batches pre-decoded in memory (no data cost at all); caffe2torch reads
-them through TensorProtosDBInput as the tutorial does (its prefetch thread may overlap the
-other variants' steps). Prints each variant's time per run, the median over runs of the per-run
-ratio caffe2torch/plain (target <= 1.10 without the tutorial's Print/Summarize bookkeeping ops;
-reported with them too), and the largest relative difference between the loss curves (target
-<= 1e-4).
+The nets are the tutorial's own, as the build step wrote them: ``train_init_net.pb`` and
+``train_net.pb`` from a run's ``workspace/`` folder (``--nets DIR``), or, without ``--nets``,
+from a fresh run of ``notebooks/01_download`` and ``02_build`` (papermill) in a temporary folder.
+Variants, all from the same initial weights on the same MNIST batches (records 0..12799 of the
+training LMDB, in order), with the tutorial's SGD (lr = -0.1 * 0.999^iter, float32 as Caffe2):
 
-    PYTHONPATH=. .venv/bin/python bench/engine_vs_torch.py [--repeats 5] [--device cpu|cuda]
+- ``plain PyTorch``: autograd, functional LeNet, in-place SGD, batches pre-decoded in memory;
+- ``eager``: ``train_net.pb`` without its Print/Summarize ops, NetDef type "simple";
+- ``eager+bookkeeping``: ``train_net.pb`` as the tutorial runs it (Print/Summarize to files);
+- ``compiled``: ``train_net.pb`` without Print/Summarize, ``NetDef.type = "compiled"``.
+
+One process, lockstep: each iteration of each variant is timed side by side, the order rotating,
+so that a change of machine load hits all variants alike; iteration 0 (the compiled net compiles
+there) is left out of every variant's time. Prints each variant's seconds per run, the median and
+spread over runs of the per-run ratio to plain PyTorch (targets: eager <= 1.05, eager+bookkeeping
+<= 1.10, compiled <= 0.90 on CPU), the compile time of each run (the first may fill inductor's
+cache, later ones hit it), and the loss curves' largest relative differences (eager vs plain:
+<= 1e-4; compiled vs eager: <= 1e-5).
+
+    PYTHONPATH=. python bench/engine_vs_torch.py [--nets RUN/workspace] [--repeats 3]
+        [--device cpu|cuda] [--threads N] [--data-dir data]
 """
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,58 +34,95 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from caffe2torch.db import open_db  # noqa: E402
 from caffe2torch.proto import caffe2_pb2  # noqa: E402
-from caffe2torch.python import core, model_helper, workspace  # noqa: E402
-from mnist_tutorial import lenet  # noqa: E402
-from mnist_tutorial.data import db_path, prepare_mnist  # noqa: E402
+from caffe2torch.python import core, workspace  # noqa: E402
 
 PARAMS = ["conv1_w", "conv1_b", "conv2_w", "conv2_b", "fc3_w", "fc3_b", "pred_w", "pred_b"]
+BOOKKEEPING = ("Print", "Summarize")
 
 
-def build_train_model(train_db, batch, device_option, bookkeeping):
-    """The tutorial's training model, with or without its bookkeeping ops."""
-    with core.DeviceScope(device_option):
-        model = model_helper.ModelHelper(name="bench_train", arg_scope=lenet.ARG_SCOPE)
-        data, label = lenet.AddInput(model, batch_size=batch, db=train_db, db_type="lmdb")
-        softmax = lenet.AddLeNetModel(model, data)
-        lenet.AddTrainingOperators(model, softmax, label)
-        if bookkeeping:
-            lenet.AddBookkeepingOperators(model)
-    return model
+def build_nets(data_dir, device):
+    """Run notebooks 01_download and 02_build into a temporary run folder; its workspace/."""
+    run_dir = tempfile.mkdtemp(prefix="c2t-bench-run-")
+    for notebook, params in (("01_download", {"data_dir": data_dir}), ("02_build", {"device": device})):
+        out = os.path.join(run_dir, f"{notebook}.ipynb")
+        cmd = [sys.executable, "-m", "papermill", "-k", "caffe2torch", "--cwd", REPO,
+               os.path.join(REPO, "notebooks", f"{notebook}.ipynb"), out, "-p", "run_dir", run_dir]
+        for key, value in params.items():
+            cmd += ["-p", key, value]
+        print(f"running {notebook} (papermill) into {run_dir}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return os.path.join(run_dir, "workspace")
 
 
-def initial_weights(model, seed):
+def load_net(nets_dir, name):
+    """The NetDef ``<nets_dir>/<name>.pb``."""
+    path = os.path.join(nets_dir, f"{name}.pb")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} does not exist: --nets must be a run's workspace/ folder, "
+                         "written by notebooks/02_build.ipynb")
+    net = caffe2_pb2.NetDef()
+    with open(path, "rb") as f:
+        net.ParseFromString(f.read())
+    return net
+
+
+def variant(train_net, net_type, bookkeeping):
+    """A copy of ``train_net`` with the given NetDef type, with or without Print/Summarize."""
+    net = caffe2_pb2.NetDef()
+    net.CopyFrom(train_net)
+    if not bookkeeping:
+        del net.op[:]
+        net.op.extend(op for op in train_net.op if op.type not in BOOKKEEPING)
+    net.type = net_type
+    return net
+
+
+def initial_weights(init_net, seed):
     """The params after the init net, seeded: the shared starting point of every run."""
     workspace.ResetWorkspace(tempfile.mkdtemp(prefix="c2t-bench-"))
     torch.manual_seed(seed)
-    workspace.RunNetOnce(model.param_init_net)
+    workspace.RunNetOnce(init_net)
     return {p: workspace.FetchBlob(p) for p in PARAMS}
 
 
-class Caffe2TorchTrainer:
-    """The tutorial's train net in a workspace of its own, one RunNet per step."""
+def device_option_of(net):
+    """The net's DeviceOption, or None."""
+    return net.device_option if net.HasField("device_option") else None
 
-    def __init__(self, name, model, weights, device_option, root):
+
+class Caffe2TorchTrainer:
+    """A train NetDef in a workspace of its own, one RunNet per step."""
+
+    def __init__(self, name, init_net, train_net, weights, root):
         self.name = name
-        self.net = model.net
         workspace.SwitchWorkspace(name, create_if_missing=True)
         workspace.ResetWorkspace(root)
-        workspace.RunNetOnce(model.param_init_net)
+        workspace.RunNetOnce(init_net)
+        option = device_option_of(train_net)
         for blob, value in weights.items():
-            workspace.FeedBlob(blob, value, device_option)
-        workspace.CreateNet(model.net, overwrite=True)
+            workspace.FeedBlob(blob, value, option)
+        workspace.CreateNet(train_net, overwrite=True)
+        self.net_name = train_net.name
 
     def step(self, i):
         """One training iteration; returns the loss (fetched, as the tutorial does)."""
         workspace.SwitchWorkspace(self.name)
-        workspace.RunNet(self.net)
+        workspace.RunNet(self.net_name)
         return float(workspace.FetchBlob("loss"))
 
+    @property
+    def compile_seconds(self):
+        """Seconds the net spent in torch.compile."""
+        workspace.SwitchWorkspace(self.name)
+        return workspace.C().nets[self.net_name].compile_seconds
+
     def close(self):
-        """Drop the workspace's nets and blobs (closes the DB reader)."""
+        """Drop the workspace's nets and blobs (closes the DB reader, flushes the files)."""
         workspace.SwitchWorkspace(self.name)
         workspace.ResetWorkspace()
 
@@ -140,75 +187,95 @@ def run_lockstep(trainers, iters):
             name = names[(i + k) % len(names)]
             start = time.perf_counter()
             losses[name][i] = trainers[name].step(i)
-            seconds[name] += time.perf_counter() - start
+            if i:  # iteration 0 compiles the compiled net: no variant counts it
+                seconds[name] += time.perf_counter() - start
     return seconds, losses
 
 
 def main():
     """Measure and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data", help="where the MNIST LMDBs are (built if missing)")
+    parser.add_argument("--nets", help="a run's workspace/ folder with train_init_net.pb and "
+                        "train_net.pb (default: run notebooks 01 and 02 into a temporary folder)")
+    parser.add_argument("--data-dir", default="data", help="01_download's data_dir (without --nets)")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, in lockstep")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave the compiled net out")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prepare_mnist(args.data_dir, source="auto")
-    train_db = str(db_path(args.data_dir, "train"))
+    nets_dir = args.nets or build_nets(os.path.abspath(args.data_dir), args.device)
+    init_net, train_net = load_net(nets_dir, "train_init_net"), load_net(nets_dir, "train_net")
+    db_op = next(op for op in train_net.op if op.type == "TensorProtosDBInput")
+    batch = next(a.i for a in db_op.arg if a.name == "batch_size")
+    # ModelHelper puts the reader in the init net: CreateDB(db=..., db_type=...)
+    create_db = next(op for op in init_net.op if op.type == "CreateDB")
+    train_db = next(a.s.decode() for a in create_db.arg if a.name == "db")
     device = torch.device(args.device)
-    option = core.DeviceOption(caffe2_pb2.CUDA, 0) if args.device == "cuda" else None
-    plain_model = build_train_model(train_db, args.batch, option, bookkeeping=False)
-    booked_model = build_train_model(train_db, args.batch, option, bookkeeping=True)
-    weights = initial_weights(plain_model, args.seed)
-    images, labels = load_batches(train_db, args.iters * args.batch)
+    weights = initial_weights(init_net, args.seed)
+    images, labels = load_batches(train_db, args.iters * batch)
+    nets = {"eager": variant(train_net, "simple", False),
+            "eager+bookkeeping": variant(train_net, "simple", True)}
+    if not args.skip_compiled:
+        nets["compiled"] = variant(train_net, "compiled", False)
 
-    variants = ("caffe2torch", "caffe2torch+bookkeeping", "plain PyTorch")
-    times = {n: [] for n in variants}
-    ratios = {n: [] for n in variants[:2]}
+    names = list(nets) + ["plain PyTorch"]
+    times = {n: [] for n in names}
+    ratios = {n: [] for n in nets}
+    compile_seconds = []
     curves = {}
     for run in range(args.repeats + 1):  # run 0 warms up and is not counted
-        trainers = {
-            "caffe2torch": Caffe2TorchTrainer("bench_plain", plain_model, weights, option,
-                                              tempfile.mkdtemp(prefix="c2t-bench-")),
-            "caffe2torch+bookkeeping": Caffe2TorchTrainer("bench_booked", booked_model, weights,
-                                                          option, tempfile.mkdtemp(prefix="c2t-bench-")),
-            "plain PyTorch": PlainTrainer(images, labels, weights, args.batch, device),
-        }
+        trainers = {name: Caffe2TorchTrainer(f"bench_{k}", init_net, net, weights,
+                                             tempfile.mkdtemp(prefix="c2t-bench-"))
+                    for k, (name, net) in enumerate(nets.items())}
+        trainers["plain PyTorch"] = PlainTrainer(images, labels, weights, batch, device)
         seconds, losses = run_lockstep(trainers, args.iters if run else 10)
+        if "compiled" in trainers:
+            compile_seconds.append(trainers["compiled"].compile_seconds)
         for trainer in trainers.values():
             trainer.close()
         if run == 0:
             continue
         curves = losses
-        for name in variants:
+        for name in names:
             times[name].append(seconds[name])
         for name in ratios:
             ratios[name].append(seconds[name] / seconds["plain PyTorch"])
     workspace.SwitchWorkspace("default")
 
-    print(f"LeNet, {args.iters} iterations, batch {args.batch}, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} runs each")
+    print(f"LeNet from {nets_dir}: {args.iters} iterations (1..{args.iters - 1} timed), batch "
+          f"{batch}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {args.repeats} runs each, lockstep")
     for name, runs in times.items():
-        print(f"  {name:26s} median {statistics.median(runs):7.3f} s   runs: "
+        print(f"  {name:18s} median {statistics.median(runs):7.3f} s   runs: "
               f"{', '.join(f'{t:.3f}' for t in runs)}")
-    ratio = statistics.median(ratios["caffe2torch"])
-    ratio_book = statistics.median(ratios["caffe2torch+bookkeeping"])
-    print("per-run ratios to plain: " + "; ".join(
-        f"{n}: {', '.join(f'{r:.3f}' for r in rs)}" for n, rs in ratios.items()))
-    print(f"ratio caffe2torch/plain (no bookkeeping): {ratio:.3f}   (target <= 1.10: "
-          f"{'met' if ratio <= 1.10 else 'NOT met'})")
-    print(f"ratio caffe2torch+bookkeeping/plain:     {ratio_book:.3f}")
+    targets = {"eager": 1.05, "eager+bookkeeping": 1.10, "compiled": 0.90 if args.device == "cpu" else 0.5}
+    for name, rs in ratios.items():
+        ratio = statistics.median(rs)
+        print(f"ratio {name}/plain: median {ratio:.3f} (runs {', '.join(f'{r:.3f}' for r in rs)}; "
+              f"target <= {targets[name]}: {'met' if ratio <= targets[name] else 'NOT met'})")
+    if compile_seconds:
+        print(f"compile time of the compiled net: {compile_seconds[0]:.1f} s in the first run "
+              f"(cold or warm inductor cache), then {', '.join(f'{c:.1f}' for c in compile_seconds[1:])} s "
+              "(a new CreateNet each run: dynamo traces again, inductor's FX graph cache hits)")
     ref = curves["plain PyTorch"]
-    for name in ("caffe2torch", "caffe2torch+bookkeeping"):
-        rel = np.max(np.abs(curves[name] - ref) / np.abs(ref))
-        print(f"loss curves {name} vs plain: max relative difference {rel:.2e} over "
-              f"{args.iters} iterations (target <= 1e-4: {'met' if rel <= 1e-4 else 'NOT met'})")
-    print(f"final loss: caffe2torch {curves['caffe2torch'][-1]:.4f}, plain {ref[-1]:.4f}")
+    for name, base, target in (("eager", "plain PyTorch", 1e-4),
+                               ("eager+bookkeeping", "plain PyTorch", 1e-4),
+                               ("compiled", "eager", 1e-5)):
+        if name not in curves:
+            continue
+        rel = np.abs(curves[name] - curves[base]) / np.abs(curves[base])
+        worst = float(np.max(rel))
+        within = int(np.argmax(rel > target)) if worst > target else len(rel)
+        print(f"loss curves {name} vs {base}: max relative difference {worst:.2e} over "
+              f"{args.iters} iterations (target <= {target:g}: {'met' if worst <= target else 'NOT met'}"
+              f"; within it for the first {within} iterations)")
+    print(f"final loss: " + ", ".join(f"{n} {c[-1]:.4f}" for n, c in curves.items()))
+    print(f"reference: {ref[0]:.4f} at iteration 0")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check, in one go: the engine's tests on CUDA (the op tests parametrize over "cuda" when
-# torch sees a GPU; the LeNet and executor tests include CUDA cases), then the engine benchmark on
-# CUDA. Run it on a machine with an NVIDIA GPU and a CUDA build of torch:
+# torch sees a GPU; the LeNet and executor tests include CUDA cases; the compiled-net tests), then
+# the benchmarks on CUDA: the LeNet training (eager, eager+bookkeeping, compiled with CUDA graphs,
+# "reduce-overhead") and the HEMT per-op overhead net. Run it on a machine with an NVIDIA GPU and
+# a CUDA build of torch:
 #
-#   bash bench/gpu_check.sh [PYTHON]        # PYTHON defaults to .venv/bin/python
+#   bash bench/gpu_check.sh [PYTHON] [NETS_DIR]   # PYTHON defaults to .venv/bin/python
 #
-# Prints the test summary and the benchmark's figures; exits non-zero if either fails.
+# NETS_DIR: a run's workspace/ folder written by notebooks/02_build.ipynb with device=cuda; without
+# it the LeNet bench runs notebooks 01 and 02 itself (02 with device=cuda). Prints the test summary
+# and the benchmarks' figures; exits non-zero if a test or a benchmark fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
+NETS=${2:-}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PY" - <<'PYCHECK'
 import sys, torch
@@ -17,5 +22,7 @@ if not torch.cuda.is_available():
 print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 PYCHECK
 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/test_executor.py tests/test_lenet.py \
-    tests/test_predictor_exporter.py tests/test_core_api.py
-"$PY" bench/engine_vs_torch.py --device cuda --repeats 3
+    tests/test_predictor_exporter.py tests/test_core_api.py tests/test_compiled_net.py \
+    tests/test_bookkeeping.py
+"$PY" bench/engine_vs_torch.py --device cuda --repeats 3 ${NETS:+--nets "$NETS"}
+"$PY" bench/op_overhead.py --device cuda --blocks 9 --runs 300

@@ -272,7 +272,8 @@ def conv_gradient(ctx, inputs):
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit)
     # dX comes from the same call unless it is deferred or faster computed alone.
-    fused_dx = mask[0] and not lazy_dx and not _native_dx_faster(x, w)
+    compiling = torch.compiler.is_compiling()
+    fused_dx = mask[0] and not lazy_dx and (compiling or not _native_dx_faster(x, w))
     dx, dw, db = aten.convolution_backward(
         dy, x, w, [w.shape[0]] if mask[2] else None, *_conv_args(ctx, plan),
         [fused_dx, True, mask[2]])
@@ -284,7 +285,9 @@ def conv_gradient(ctx, inputs):
     if fused_dx:
         outputs.append(_finish_dx(sp, plan, dx))
     elif lazy_dx:
-        outputs.append(ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
+        # A compiled net leaves the unread dX out of its graph and defers it itself.
+        outputs.append(None if compiling else
+                       ctx.defer(lambda x, w, dy: _conv_dx(ctx, x, w, dy), inputs))
     elif mask[0]:
         outputs.append(_conv_dx(ctx, *inputs))
     return outputs
@@ -374,8 +377,10 @@ def max_pool(ctx, inputs):
     x, nd, plan = _pool_input(sp, x_in)
     _, (y, indices) = _max_pool_indices(x, nd, plan)
     y = _pool_output(sp, y, x_in)
-    # Keep the argmax positions for MaxPoolGradient, as PyTorch's autograd does.
-    y._caffe2torch_maxpool = (weakref.ref(x_in), plan.key, indices)
+    # Keep the argmax positions for MaxPoolGradient, as PyTorch's autograd does (a compiled
+    # net recomputes them instead: inductor merges the two identical pooling calls).
+    if not torch.compiler.is_compiling():
+        y._caffe2torch_maxpool = (weakref.ref(x_in), plan.key, indices)
     return [y]
 
 
@@ -385,7 +390,7 @@ def max_pool_gradient(ctx, inputs):
     sp = ctx.state["spatial"]
     x_in, y, dy = inputs
     x, nd, plan = _pool_input(sp, x_in)
-    saved = getattr(y, "_caffe2torch_maxpool", None)
+    saved = None if torch.compiler.is_compiling() else getattr(y, "_caffe2torch_maxpool", None)
     if plan.explicit is not None:
         x = F.pad(x, plan.explicit, value=-math.inf)
     if saved is not None and saved[0]() is x_in and saved[1] == plan.key:
@@ -465,6 +470,12 @@ def _fc_setup(ctx):
 
 def _fc_views(ctx, x, w):
     axis, axis_w = ctx.state["axes"]
+    if x.dim() == 2 and w.dim() == 2 and axis in (1, -1) and axis_w in (1, -1):
+        # The common case needs no views: each torch call costs ~1 us on small tensors.
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"operator FC: X {tuple(x.shape)} has K={x.shape[1]} but W "
+                             f"{tuple(w.shape)} has K={w.shape[1]}")
+        return x, w, None
     axis = axis + x.dim() if axis < 0 else axis
     axis_w = axis_w + w.dim() if axis_w < 0 else axis_w
     m = math.prod(x.shape[:axis])
@@ -493,14 +504,21 @@ def fc(ctx, inputs):
     """Y = X·Wᵀ + b with X viewed [M,K] at ``axis`` and W viewed [N,K] at ``axis_w``."""
     x2, w2, out_shape = _fc_views(ctx, inputs[0], inputs[1])
     bias = inputs[2] if len(inputs) > 2 else None
-    return [F.linear(x2, w2, bias).view(out_shape)]
+    y = F.linear(x2, w2, bias)
+    return [y if out_shape is None else y.view(out_shape)]
 
 
 @register_op("FCGradient", setup=_fc_setup)
 def fc_gradient(ctx, inputs):
     """(X, W, dY) -> (dW, db, dX)."""
     x, w, dy = inputs
-    x2, w2, _ = _fc_views(ctx, x, w)
+    x2, w2, out_shape = _fc_views(ctx, x, w)
+    if out_shape is None:  # 2-D X and W: no views
+        outputs = [torch.mm(dy.t(), x)]
+        if not ctx.arg("no_bias", 0):
+            outputs.append(dy.sum(0))
+        outputs.append(torch.mm(dy, w))
+        return outputs
     dy2 = dy.reshape(x2.shape[0], w2.shape[0])
     outputs = [torch.mm(dy2.t(), x2).view(w.shape)]
     if not ctx.arg("no_bias", 0):

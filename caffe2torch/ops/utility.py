@@ -1,8 +1,11 @@
 """Glue ops: Cast, StopGradient, Copy, the iteration counter, Print and Summarize (LearningRate is
 in the optimizer family)."""
+import atexit
 import logging
+import math
 import os
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -193,22 +196,54 @@ def _g(value):
     return "%g" % value
 
 
+_OPEN_FILES = weakref.WeakSet()  # every _LineFile not yet closed, flushed at interpreter exit
+
+
 class _LineFile:
-    """An output file opened at CreateNet (truncated) and flushed after every line."""
+    """An output file opened at CreateNet (truncated); its lines are buffered until the run ends.
+
+    An op adds a line, or a tensor snapshot and the function that formats it; ``flush`` (called
+    by the executor when each RunNet returns, at close and at interpreter exit) formats and writes
+    them at once, so an iteration pays no host sync and no write per line, and the file is complete
+    whenever no net is running.
+    """
+
+    LIMIT = 1024  # pending lines written early so that a long RunNet(num_iter) stays small
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
         self.file = open(path, "w", encoding="utf-8")
+        self.pending = []
+        _OPEN_FILES.add(self)
 
-    def write_line(self, line):
-        """Append one line and flush it, as C++'s std::endl does."""
-        self.file.write(line + "\n")
+    def add(self, line, tensor=None):
+        """Append ``line`` (a str), or ``line(values)`` of ``tensor`` once it is flushed."""
+        self.pending.append((line, tensor))
+        if len(self.pending) >= self.LIMIT:
+            self.flush()
+
+    def flush(self):
+        """Format the pending lines (reading their tensors from the device) and write them."""
+        if not self.pending or self.file.closed:
+            return
+        pending, self.pending = self.pending, []
+        text = "".join((line if tensor is None else line(tensor.tolist())) + "\n"
+                       for line, tensor in pending)
+        self.file.write(text)
         self.file.flush()
 
     def close(self):
-        """Close the file (PreparedNet.close calls this)."""
+        """Write what is pending and close the file (PreparedNet.close calls this)."""
+        self.flush()
         self.file.close()
+        _OPEN_FILES.discard(self)
+
+
+@atexit.register
+def _flush_open_files():
+    for output in list(_OPEN_FILES):
+        output.flush()
 
 
 def _print_setup(ctx):
@@ -223,23 +258,43 @@ def _print_setup(ctx):
             f"{ctx.input_names[0]!r})"))
 
 
+def _type_name(dtype):
+    return _C_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _print_text(name, type_name, shape, values):
+    dims = "".join(f"{d}," for d in shape)
+    return f"Tensor {name} of type {type_name}. Dims: ({dims}): " + ",".join(values)
+
+
+def _number_strings(values, floating):
+    return [_g(v) for v in values] if floating else [str(int(v)) for v in values]
+
+
 def format_print_line(name, value, limit=1000):
     """Print's line for ``value``: ``Tensor <name> of type <type>. Dims: (d0,d1,): v0,v1,...``."""
     if isinstance(value, torch.Tensor):
-        type_name = _C_TYPE_NAMES.get(value.dtype, str(value.dtype).replace("torch.", ""))
-        shape = tuple(value.shape)
         flat = value.detach().reshape(-1)[:limit].cpu()
-        if value.dtype.is_floating_point:
-            values = [_g(v) for v in flat.double().tolist()]
-        else:
-            values = [str(int(v)) for v in flat.tolist()]
-    else:
-        array = np.asarray(value, dtype=object)
-        type_name, shape = "std::string", array.shape
-        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                  for v in array.reshape(-1)[:limit]]
-    dims = "".join(f"{d}," for d in shape)
-    return f"Tensor {name} of type {type_name}. Dims: ({dims}): " + ",".join(values)
+        floating = value.dtype.is_floating_point
+        values = _number_strings(flat.double().tolist() if floating else flat.tolist(), floating)
+        return _print_text(name, _type_name(value.dtype), tuple(value.shape), values)
+    array = np.asarray(value, dtype=object)
+    values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+              for v in array.reshape(-1)[:limit]]
+    return _print_text(name, "std::string", array.shape, values)
+
+
+def _print_later(name, value, limit):
+    """(formatter, snapshot) for a tensor's Print line: the values are read when it is written."""
+    floating = value.dtype.is_floating_point
+    head = value.detach().reshape(-1)[:limit]
+    # A copy: the blob may change in place before the line is written (the iteration counter).
+    snapshot = head.to(torch.float64 if floating else head.dtype, copy=True)
+    type_name, shape = _type_name(value.dtype), tuple(value.shape)
+
+    def line(values):
+        return _print_text(name, type_name, shape, _number_strings(values, floating))
+    return line, snapshot
 
 
 @register_op("Print", gradient=NO_GRADIENT, setup=_print_setup, cpu_only_inputs=True,
@@ -254,12 +309,14 @@ def print_op(ctx, inputs):
     state[2] = count
     if count != 1:
         return []
-    line = format_print_line(ctx.input_names[0], inputs[0], limit)
     output = ctx.state.get("file")
-    if output is not None:
-        output.write_line(line)
+    value = inputs[0]
+    if output is None:
+        print(format_print_line(ctx.input_names[0], value, limit))
+    elif isinstance(value, torch.Tensor):
+        output.add(*_print_later(ctx.input_names[0], value, limit))
     else:
-        print(line)
+        output.add(format_print_line(ctx.input_names[0], value, limit))
     return []
 
 
@@ -270,27 +327,48 @@ def _summarize_setup(ctx):
             ctx.root_folder, name, f"operator Summarize (to_file=1, blob {ctx.input_names[0]!r})"))
 
 
-def summary_stats(x):
-    """(min, max, mean, std) of a tensor, std unbiased (0 for one element), in float64."""
-    if x.numel() == 0:
+def _stats_tensor(x):
+    """[min, max, mean, std] of a tensor as a float64 tensor on its device, std unbiased.
+
+    Nothing is read back to the host. min/max in one pass (aminmax); the mean summed in double
+    as Caffe2 does; the std as the norm of the deviations from that mean, accumulated in double
+    (torch.std's Welford pass costs twice as much on the CPU; the sum of raw squares would lose
+    precision when the mean is large).
+    """
+    n = x.numel()
+    if n == 0:
         raise ValueError("operator Summarize: the input tensor is empty")
-    flat = x.detach().reshape(-1).double()
-    std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
-    stats = torch.stack([flat.min(), flat.max(), flat.mean(), std])
-    return [float(v) for v in stats.cpu().tolist()]
+    flat = x.detach().reshape(-1)
+    if not flat.dtype.is_floating_point:
+        flat = flat.double()
+    low, high = torch.aminmax(flat)
+    mean = torch.sum(flat, dtype=torch.float64) / n
+    if n > 1:
+        deviations = flat - mean.to(flat.dtype)
+        std = torch.linalg.vector_norm(deviations, dtype=torch.float64) / math.sqrt(n - 1)
+    else:
+        std = mean.new_zeros(())
+    return torch.stack([low.double(), high.double(), mean, std])
+
+
+def summary_stats(x):
+    """(min, max, mean, std) of a tensor as Python floats, std unbiased (0 for one element)."""
+    return [float(v) for v in _stats_tensor(x).tolist()]
+
+
+def _summary_line(stats):
+    return " ".join(_g(v) for v in stats)
 
 
 @register_op("Summarize", gradient=NO_GRADIENT, setup=_summarize_setup, side_effects=True)
 def summarize(ctx, inputs):
     """Append 'min max mean std' (to_file=1: <root>/<blob, / → #>.summary); optional output [4]."""
-    stats = summary_stats(inputs[0])
-    line = " ".join(_g(v) for v in stats)
+    stats = _stats_tensor(inputs[0])
     output = ctx.state.get("file")
     if output is not None:
-        output.write_line(line)
+        output.add(_summary_line, stats)
     else:
-        log.info("Summary of %s: %s", ctx.input_names[0], line)
+        log.info("Summary of %s: %s", ctx.input_names[0], _summary_line(stats.tolist()))
     if ctx.output_names:
-        return [torch.tensor(stats, dtype=torch.float32, device=ctx.device)]
+        return [stats.to(torch.float32, copy=True)]
     return []
-

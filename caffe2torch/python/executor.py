@@ -11,6 +11,7 @@ from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import utils
 
 _CPU = torch.device("cpu")
+_Tensor = torch.Tensor
 
 
 class OperatorError(RuntimeError):
@@ -31,15 +32,19 @@ def torch_device(option):
 
 
 class _Step:
-    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move")
+    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move", "schema", "checks", "on_cpu")
 
-    def __init__(self, index, fn, ctx, move):
+    def __init__(self, index, fn, ctx, move, schema):
         self.index = index
         self.fn = fn
         self.ctx = ctx
         self.inputs = ctx.input_names
         self.outputs = ctx.output_names
         self.move = move
+        self.schema = schema
+        self.on_cpu = ctx.device.type == "cpu"
+        # Indices of inputs that may be Deferred or on another device (set by PreparedNet).
+        self.checks = ()
 
 
 class PreparedNet:
@@ -52,6 +57,7 @@ class PreparedNet:
         net_option = netdef.device_option if netdef.HasField("device_option") else None
         available = set(workspace.blobs)
         self.steps = []
+        self._buffered = []
         for i, op in enumerate(netdef.op):
             schema = registry.get_schema(op.type)
             for name in op.input:
@@ -71,7 +77,7 @@ class PreparedNet:
             if schema.setup is not None:
                 schema.setup(ctx)
             move = not schema.cpu_only_inputs
-            self.steps.append(_Step(i, schema.forward, ctx, move))
+            self.steps.append(_Step(i, schema.forward, ctx, move, schema))
         read = {n for op in netdef.op for n in op.input}
         mutated = frozenset(n for step in self.steps for n in step.ctx.output_names
                             if n in step.ctx.input_names)
@@ -79,40 +85,87 @@ class PreparedNet:
             step.ctx.lazy_outputs = frozenset(
                 k for k, n in enumerate(step.outputs) if n not in read)
             step.ctx.mutated_blobs = mutated
+        self._plan_checks()
+        self._buffered = [item for step in self.steps for item in step.ctx.state.values()
+                          if callable(getattr(item, "flush", None))]
         for name in (n for op in netdef.op for n in op.output):
             workspace.blobs.setdefault(name, None)
+        self.compiled = None
+        if netdef.type == "compiled":
+            from caffe2torch.python.compiled import CompiledNet
+            self.compiled = CompiledNet(self)
+
+    @property
+    def compile_seconds(self):
+        """Seconds spent compiling (torch.compile) so far; 0.0 for an eager net."""
+        return self.compiled.compile_seconds if self.compiled is not None else 0.0
+
+    def _plan_checks(self):
+        """Find the inputs the loop must check for a Deferred value or a device move.
+
+        A blob an earlier op of this run wrote on the same device, with an op that keeps its
+        outputs on its device, is already right: only the others (blobs from outside the net or
+        from the previous run, CPU-only ops' outputs) are checked, which saves the per-input
+        ``isinstance``/``device`` tests that dominate the loop on small tensors.
+        """
+        written = {}  # blob -> device of the op that last wrote it in this run, or None: unsure
+        for step in self.steps:
+            checks = []
+            for k, name in enumerate(step.inputs):
+                if written.get(name) != step.ctx.device:
+                    checks.append(k)
+            step.checks = tuple(checks)
+            # CPU-only ops (the counter) and DB/Load ops may leave outputs off the op's device.
+            keeps = not (step.schema.cpu_only_inputs or step.schema.side_effects)
+            sure = step.ctx.device if keeps else None
+            for k, name in enumerate(step.outputs):
+                written[name] = None if k in step.ctx.lazy_outputs else sure
 
     def run(self, num_iter=1):
         """Run all ops ``num_iter`` times."""
-        blobs = self.workspace.blobs
-        with torch.no_grad():
-            for _ in range(num_iter):
-                for step in self.steps:
-                    try:
-                        inputs = [blobs[n] for n in step.inputs]
-                        if step.move:
-                            device = step.ctx.device
-                            inputs = [x.to(device) if isinstance(x, torch.Tensor) and x.device != device
-                                      else x for x in inputs]
-                        if any(type(x) is Deferred for x in inputs):
-                            inputs = self._resolve(step, inputs)
-                        outputs = step.fn(step.ctx, inputs)
-                    except Exception as exc:
-                        raise self._error(step, exc) from exc
-                    for name, value in zip(step.outputs, outputs):
-                        blobs[name] = value
-        return True
+        try:
+            if self.compiled is not None:
+                return self.compiled.run(num_iter)
+            with torch.no_grad():
+                for _ in range(num_iter):
+                    self.run_steps(self.steps)
+            return True
+        finally:
+            # Print/Summarize buffer their lines: the files are complete when RunNet returns.
+            for output in self._buffered:
+                output.flush()
 
-    def _resolve(self, step, inputs):
+    def run_steps(self, steps):
+        """Run ``steps`` once, in order, eagerly (grad mode is the caller's)."""
         blobs = self.workspace.blobs
-        out = []
-        for name, x in zip(step.inputs, inputs):
+        step = None
+        try:
+            for step in steps:
+                inputs = [blobs[n] for n in step.inputs]
+                if step.checks:
+                    on_cpu = step.on_cpu
+                    for k in step.checks:
+                        x = inputs[k]
+                        # the usual case, cheaply: a plain tensor already on the op's device
+                        if type(x) is _Tensor and (x.is_cpu if on_cpu else x.device == step.ctx.device):
+                            continue
+                        self.check_inputs(step, inputs, (k,))
+                outputs = step.fn(step.ctx, inputs)
+                for name, value in zip(step.outputs, outputs):
+                    blobs[name] = value
+        except Exception as exc:
+            raise self._error(step, exc) from exc
+
+    def check_inputs(self, step, inputs, checks):
+        """Resolve Deferred inputs and move tensors to the step's device, in ``inputs``."""
+        device = step.ctx.device
+        for k in checks:
+            x = inputs[k]
             if type(x) is Deferred:
-                x = blobs[name] = x.resolve()
-                if step.move and x.device != step.ctx.device:
-                    x = x.to(step.ctx.device)
-            out.append(x)
-        return out
+                x = self.workspace.blobs[step.inputs[k]] = x.resolve()
+            if step.move and isinstance(x, torch.Tensor) and x.device != device:
+                x = x.to(device)
+            inputs[k] = x
 
     def _error(self, step, exc):
         op = step.ctx.op
@@ -127,10 +180,13 @@ class PreparedNet:
             f"{list(op.output)}) failed: {why}")
 
     def close(self):
-        """Release what the ops' setup opened (files, prefetch threads)."""
+        """Release what the ops' setup opened (files, prefetch threads); pending lines are written."""
+        if self.compiled is not None:
+            self.compiled.close()
         for step in self.steps:
             for item in step.ctx.state.values():
                 closer = getattr(item, "close", None)
                 if callable(closer):
                     closer()
         self.steps = []
+        self._buffered = []
