@@ -23,6 +23,7 @@ import torch
 
 from caffe2torch.python import core, workspace
 from mnist_tutorial import data
+from tutorial_nets import build_nets, load_net
 
 BATCH = 64
 TRAIN_ITERS = 200
@@ -62,15 +63,15 @@ def read_throughput(db, db_type, batches):
 
 
 def train_throughput_caffe2torch(data_dir, root):
-    """Images/s of the tutorial's training net (mnist_tutorial.lenet) for 200 iterations."""
-    from mnist_tutorial.lenet import build_models
+    """Images/s of the tutorial's training net (the NetDefs 02_build writes) for 200 iterations."""
+    nets_dir = build_nets(str(data_dir), "cpu")
     workspace.ResetWorkspace(root)
-    train, _, _ = build_models(data.db_path(data_dir, "train"), data.db_path(data_dir, "test"))
-    workspace.RunNetOnce(train.param_init_net)
-    workspace.CreateNet(train.net, overwrite=True)
-    workspace.RunNet(train.net, 1)  # warm up
+    workspace.RunNetOnce(load_net(nets_dir, "train_init_net"))
+    train_net = load_net(nets_dir, "train_net")
+    workspace.CreateNet(train_net, overwrite=True)
+    workspace.RunNet(train_net.name, 1)  # warm up
     start = time.perf_counter()
-    workspace.RunNet(train.net, TRAIN_ITERS)
+    workspace.RunNet(train_net.name, TRAIN_ITERS)
     seconds = time.perf_counter() - start
     workspace.ResetWorkspace()
     return TRAIN_ITERS * BATCH / seconds
@@ -121,7 +122,7 @@ def main(argv=None):
         torch_train = train_throughput_torch()
         try:
             train = train_throughput_caffe2torch(data_dir, Path(tmp) / "root")
-            train_what = "caffe2torch LeNet training (mnist_tutorial.lenet)"
+            train_what = "caffe2torch LeNet training (02_build's train_net.pb)"
         except Exception as e:  # an op or module not there yet: measure the PyTorch equivalent
             print(f"caffe2torch training not available ({type(e).__name__}: {e}); "
                   "using the plain PyTorch LeNet step instead")

@@ -25,7 +25,6 @@ cache, later ones hit it), and the loss curves' largest relative differences (ea
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,36 +38,11 @@ sys.path.insert(0, REPO)
 
 from caffe2torch.db import open_db  # noqa: E402
 from caffe2torch.proto import caffe2_pb2  # noqa: E402
-from caffe2torch.python import core, workspace  # noqa: E402
+from caffe2torch.python import workspace  # noqa: E402
+from tutorial_nets import build_nets, load_net  # noqa: E402
 
 PARAMS = ["conv1_w", "conv1_b", "conv2_w", "conv2_b", "fc3_w", "fc3_b", "pred_w", "pred_b"]
 BOOKKEEPING = ("Print", "Summarize")
-
-
-def build_nets(data_dir, device):
-    """Run notebooks 01_download and 02_build into a temporary run folder; its workspace/."""
-    run_dir = tempfile.mkdtemp(prefix="c2t-bench-run-")
-    for notebook, params in (("01_download", {"data_dir": data_dir}), ("02_build", {"device": device})):
-        out = os.path.join(run_dir, f"{notebook}.ipynb")
-        cmd = [sys.executable, "-m", "papermill", "-k", "caffe2torch", "--cwd", REPO,
-               os.path.join(REPO, "notebooks", f"{notebook}.ipynb"), out, "-p", "run_dir", run_dir]
-        for key, value in params.items():
-            cmd += ["-p", key, value]
-        print(f"running {notebook} (papermill) into {run_dir}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return os.path.join(run_dir, "workspace")
-
-
-def load_net(nets_dir, name):
-    """The NetDef ``<nets_dir>/<name>.pb``."""
-    path = os.path.join(nets_dir, f"{name}.pb")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} does not exist: --nets must be a run's workspace/ folder, "
-                         "written by notebooks/02_build.ipynb")
-    net = caffe2_pb2.NetDef()
-    with open(path, "rb") as f:
-        net.ParseFromString(f.read())
-    return net
 
 
 def variant(train_net, net_type, bookkeeping):
@@ -274,7 +248,7 @@ def main():
         print(f"loss curves {name} vs {base}: max relative difference {worst:.2e} over "
               f"{args.iters} iterations (target <= {target:g}: {'met' if worst <= target else 'NOT met'}"
               f"; within it for the first {within} iterations)")
-    print(f"final loss: " + ", ".join(f"{n} {c[-1]:.4f}" for n, c in curves.items()))
+    print("final loss: " + ", ".join(f"{n} {c[-1]:.4f}" for n, c in curves.items()))
     print(f"reference: {ref[0]:.4f} at iteration 0")
 
 
