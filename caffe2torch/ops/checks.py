@@ -23,7 +23,8 @@ def nan_check(ctx, inputs):
     for name, x in zip(ctx.input_names, inputs):
         if x.dtype.is_floating_point and tracing():
             # An exported program keeps the check as an assert node (ONNX has none: dropped).
-            torch._assert_async(torch.isfinite(x).all(), f"NanCheck: blob {name!r} holds NaN or Inf")
+            torch._assert_async(torch.isfinite(x).all(),
+                                f"NanCheck: blob {name!r} holds NaN or Inf")
         elif x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise ValueError(f"NanCheck: blob {name!r} of shape {tuple(x.shape)} holds NaN or Inf "

@@ -111,7 +111,8 @@ def _broadcast_setup(ctx):
 def _b_shape(ctx, a, b):
     """The shape B broadcasts as: B itself (numpy rules) or B placed at ``axis`` of A (legacy)."""
     legacy, axis = ctx.state["broadcast"]
-    if not legacy or a.shape == b.shape:
+    # Ranks first: comparing sizes of different ranks guards a symbolic batch against B's dims.
+    if not legacy or (a.dim() == b.dim() and a.shape == b.shape):
         return b.shape
     if b.dim() > a.dim():
         raise ValueError(f"operator {ctx.op.type} with broadcast=1: B {tuple(b.shape)} has more "

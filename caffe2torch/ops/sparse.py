@@ -190,7 +190,9 @@ def unsorted_segment_sum_gradient(ctx, inputs):
 
 def _gather(ctx, data, indices):
     indices = indices.reshape(-1).long().to(data.device)
-    if not tracing() and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= data.shape[0]):
+    if tracing():  # the range check reads values; indexing checks them in the exported program
+        return data[indices]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= data.shape[0]):
         raise ValueError(f"operator {ctx.op.type}: INDICES must lie in [0, {data.shape[0]}), got "
                          f"{int(indices.min())}..{int(indices.max())}")
     return data[indices]
