@@ -193,7 +193,7 @@ SAMPLES = {
     "Sin": Sample((2, 3)),
     "Sinh": Sample((2, 3)),
     "Size": Sample((2, 3, 4)),
-    "Slice": Sample((3, 4), starts=[1, 0], ends=[-1, 3]),
+    "Slice": Sample((3, 4), starts=[0, 1], ends=[-1, 3]),
     "SmoothL1Loss": Sample((2, 4), (2, 4), np.ones((2, 4), np.float32),
                            np.full((2, 4), 0.5, np.float32), beta=0.5),
     "Softmax": Sample((2, 5)),
@@ -289,6 +289,34 @@ def test_exported_op_matches_eager(op_type):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7, err_msg=f"{op_type} {name}")
 
 
+def _eager(net, names, outputs, inputs):
+    for name, value in zip(names, inputs):
+        workspace.FeedBlob(name, value)
+    workspace.RunNetOnce(net)
+    return [workspace.FetchBlob(n) for n in outputs]
+
+
+# Ops of one input, which is the program's input: its first dim can be a dynamic batch.
+DYNAMIC = [t for t in TRACEABLE if t in SAMPLES and len(SAMPLES[t].inputs) == 1
+           and SAMPLES[t].inputs[0].ndim > 0]
+
+
+@pytest.mark.parametrize("op_type", DYNAMIC)
+def test_exported_op_keeps_a_dynamic_batch(op_type):
+    """Exported with a dynamic dim 0, the op runs at another batch size as eager does."""
+    sample = SAMPLES[op_type]
+    net, names, outputs = _one_op_net(op_type, sample)
+    module = convert.NetModule(net, {}, inputs=names)
+    x = sample.inputs[0]
+    program = convert.export_program(module, (torch.from_numpy(x),), dynamic_batch=True)
+    bigger = np.concatenate([x, x[:1]])  # one more row than the example
+    got = program.module()(torch.from_numpy(bigger))
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    for name, g, e in zip(outputs, got, _eager(net, names, outputs, [bigger])):
+        assert g.shape == e.shape, f"{op_type} {name}"
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-7, err_msg=f"{op_type} {name}")
+
+
 def test_an_untraceable_op_is_named_with_its_reason(monkeypatch):
     net, names, _ = _one_op_net("Relu", SAMPLES["Relu"])
     module = convert.NetModule(net, {}, inputs=names)
@@ -307,3 +335,27 @@ def test_an_op_that_reads_values_in_python_is_named(monkeypatch):
     with pytest.raises(convert.ExportError, match=r"cannot export op #0 Accuracy .* reads input "
                        r"values in Python \(data-dependent\)"):
         convert.export_program(module, tuple(torch.from_numpy(v) for v in sample.inputs))
+
+
+def test_an_exported_nan_check_still_checks():
+    """NanCheck traces as an assert node: the .pt2 program refuses NaN like RunNetOnce does."""
+    net, names, _ = _one_op_net("NanCheck", SAMPLES["NanCheck"])
+    module = convert.NetModule(net, {}, inputs=names)
+    program = convert.export_program(module, (torch.zeros(2, 3),), dynamic_batch=True)
+    assert program.module()(torch.ones(4, 3)).shape == (4, 3)
+    with pytest.raises(RuntimeError, match="NanCheck: blob 'in0' holds NaN or Inf"):
+        program.module()(torch.tensor([[1.0, float("nan"), 0.0]]))
+
+
+@pytest.mark.parametrize("op_type, sample, reason", [
+    ("Reshape", Sample((2, 6), np.array([3, 4], I64), outputs=2), r"comes from input new_shape"),
+    ("RoIAlign", Sample((1, 2, 5, 5), ROIS, pooled_h=2, pooled_w=2, sampling_ratio=0),
+     r"adaptive sampling_ratio \(<= 0\)"),
+])
+def test_arguments_that_read_values_are_named(op_type, sample, reason):
+    """Traceable op types whose arguments make this op read values: ExportError names op and why."""
+    net, names, _ = _one_op_net(op_type, sample)
+    params = {n: torch.from_numpy(v) for n, v in zip(names[1:], sample.inputs[1:])}
+    module = convert.NetModule(net, params, inputs=names[:1])
+    with pytest.raises(convert.ExportError, match=rf"cannot export op #0 {op_type} .*{reason}"):
+        convert.export_program(module, (torch.from_numpy(sample.inputs[0]),))
