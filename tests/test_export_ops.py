@@ -43,6 +43,7 @@ SAMPLES = {
     "Abs": Sample((2, 3)),
     "Acos": Sample(UNIT),
     "Add": Sample((2, 3), (2, 3)),
+    "Accuracy": Sample((4, 5), np.array([0, 1, 4, 3], I32), top_k=2),
     "AffineChannel": Sample((2, 3, 2, 2), (3,), (3,)),
     "Alias": Sample((2, 3)),
     "And": Sample(BOOL, BOOL2),
@@ -124,6 +125,7 @@ SAMPLES = {
     "LRN": Sample((1, 5, 2, 2), outputs=2, size=3, alpha=0.1, beta=0.75, bias=1.0),
     "LT": Sample((2, 3), (2, 3)),
     "LayerNorm": Sample((2, 3, 4), outputs=3, axis=1, epsilon=1e-3),
+    "LabelCrossEntropy": Sample(UNIT, np.array([2, 0], I32)),
     "LeakyRelu": Sample((2, 3), alpha=0.1),
     "LengthsMean": Sample((5, 2), np.array([2, 0, 3], I32)),
     "LengthsSum": Sample((5, 2), np.array([2, 0, 3], I32)),
@@ -199,6 +201,7 @@ SAMPLES = {
     "Softmax": Sample((2, 5)),
     "SoftmaxFocalLoss": Sample((1, 6, 2, 2), np.array([[[[1, 0], [-1, 2]], [[2, 2], [0, 1]]]], I32),
                                np.array([3.0], np.float32), outputs=2, num_classes=3),
+    "SoftmaxWithLoss": Sample((4, 3), np.array([0, 2, 1, 1], I32), outputs=2),
     "Softplus": Sample((2, 3)),
     "Softsign": Sample((2, 3)),
     "SparseLengthsMean": Sample((4, 2), np.array([3, 0, 0, 2, 1], I64), np.array([2, 0, 3], I32)),
@@ -327,13 +330,13 @@ def test_an_untraceable_op_is_named_with_its_reason(monkeypatch):
 
 
 def test_an_op_that_reads_values_in_python_is_named(monkeypatch):
-    """Without its NOT_TRACEABLE entry, Accuracy's label check stops torch.export: named."""
-    monkeypatch.delitem(registry.NOT_TRACEABLE, "Accuracy")
-    sample = Sample((4, 5), np.array([0, 1, 2, 3], I32))
-    net, names, _ = _one_op_net("Accuracy", sample)
+    """Without its NOT_TRACEABLE entry, LearningRate's read of the counter stops torch.export."""
+    monkeypatch.delitem(registry.NOT_TRACEABLE, "LearningRate")
+    sample = Sample(np.array([5], I64), base_lr=0.1, policy="fixed")
+    net, names, _ = _one_op_net("LearningRate", sample)
     module = convert.NetModule(net, {}, inputs=names)
-    with pytest.raises(convert.ExportError, match=r"cannot export op #0 Accuracy .* reads input "
-                       r"values in Python \(data-dependent\)"):
+    with pytest.raises(convert.ExportError, match=r"cannot export op #0 LearningRate .* reads "
+                       r"input values in Python \(data-dependent\)"):
         convert.export_program(module, tuple(torch.from_numpy(v) for v in sample.inputs))
 
 
