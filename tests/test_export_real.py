@@ -16,6 +16,7 @@ from caffe2torch.python.executor import PreparedNet
 from caffe2torch.python.model_helper import ModelHelper
 from caffe2torch.python.predictor import predictor_exporter as pe
 from caffe2torch.python.workspace import Workspace
+from tutorial import NOTEBOOKS
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "caffe2-artifacts"
 TOL = 1e-5
@@ -74,9 +75,23 @@ class Case:
         return self._references[batch]
 
 
+def _notebook_lenet():
+    """02_build's own AddLeNetModel, read from the notebook's cell (the model's one definition)."""
+    import nbformat
+
+    from caffe2torch.python import brew
+
+    notebook = nbformat.read(str(NOTEBOOKS / "02_build.ipynb"), as_version=4)
+    source = next(c.source for c in notebook.cells
+                  if c.cell_type == "code" and "def AddLeNetModel(" in c.source)
+    scope = {"brew": brew}
+    exec(compile(source, "02_build.ipynb", "exec"), scope)
+    return scope["AddLeNetModel"]
+
+
 def _lenet_predictor(folder):
     """The tutorial's LeNet deploy model (brew), saved with predictor_exporter; (path, case)."""
-    from mnist_tutorial.lenet import AddLeNetModel
+    AddLeNetModel = _notebook_lenet()  # noqa: N806 (the tutorial's name)
 
     workspace.ResetWorkspace(str(folder))
     model = ModelHelper(name="mnist_deploy", arg_scope={"order": "NCHW"})

@@ -36,6 +36,12 @@ def untraceable_reason(op):
         return "input_as_shape=1 makes its output sizes depend on the input values (data-dependent)"
     if op.type == "ConstantFill" and args.get("dtype") == 8:  # TensorProto.STRING
         return "it makes a string tensor, which torch cannot hold"
+    if op.type == "Reshape" and len(op.input) > 1:
+        return ("its shape comes from input new_shape, so its output sizes depend on the input "
+                "values (data-dependent); give the shape as argument 'shape'")
+    if op.type == "RoIAlign" and args.get("sampling_ratio", -1) <= 0:
+        return ("an adaptive sampling_ratio (<= 0) sizes its sampling grid from the RoI values "
+                "(data-dependent); set sampling_ratio > 0")
     return None
 
 

@@ -13,9 +13,19 @@ def own(ctx, y, x, index=0):
     """``y`` (a view of input ``index``, ``x``) as its own copy unless the op runs in place."""
     if ctx.inplace.get(0) == index:
         return y
-    if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+    # Storage identity, not data pointers: torch.export's fake tensors have no data.
+    if torch._C._is_alias_of(y, x):
         return y.clone()
     return y
+
+
+def tracing():
+    """True while torch.export (or torch.compile) traces the op.
+
+    Checks that read tensor values in Python (index ranges, lengths, NaN) run in eager mode
+    only: a traced graph cannot branch on values, and the exported program runs the same maths.
+    """
+    return torch.compiler.is_compiling()
 
 
 def canonical_axis(ctx, axis, ndim, what="axis"):

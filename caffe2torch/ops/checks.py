@@ -5,6 +5,7 @@ import threading
 import torch
 
 from caffe2torch.ops import db, utility
+from caffe2torch.ops._helpers import tracing
 from caffe2torch.ops.registry import NO_GRADIENT, OpContext, gradient_op, grad_name, register_op
 
 
@@ -20,7 +21,11 @@ def _nan_check_grad(op, g_output):
 def nan_check(ctx, inputs):
     """Y = X; raises when any input holds NaN or ±Inf (reading a GPU tensor waits for it)."""
     for name, x in zip(ctx.input_names, inputs):
-        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        if x.dtype.is_floating_point and tracing():
+            # An exported program keeps the check as an assert node (ONNX has none: dropped).
+            torch._assert_async(torch.isfinite(x).all(),
+                                f"NanCheck: blob {name!r} holds NaN or Inf")
+        elif x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise ValueError(f"NanCheck: blob {name!r} of shape {tuple(x.shape)} holds NaN or Inf "
                              f"(first at index {bad}: {x[tuple(bad)].item()})")
@@ -154,7 +159,10 @@ def ensure_dense(ctx, inputs):
 def enforce_finite(ctx, inputs):
     """Raise when the input holds NaN or ±Inf; no output."""
     x = inputs[0]
-    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+    if x.dtype.is_floating_point and tracing():
+        torch._assert_async(torch.isfinite(x).all(),
+                            f"EnforceFinite: blob {ctx.input_names[0]!r} holds NaN or Inf")
+    elif x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
         raise ValueError(f"EnforceFinite: blob {ctx.input_names[0]!r} holds NaN or Inf")
     return []
 
@@ -166,7 +174,11 @@ def assert_op(ctx, inputs):
     if x.dtype.is_floating_point:
         raise ValueError(f"operator Assert: blob {ctx.input_names[0]!r} must be bool or integer, "
                          f"not {x.dtype}")
-    if not bool(x.all()):
+    if tracing():
+        message = ctx.arg("error_msg", "")
+        torch._assert_async(x.all(), f"Assert failed for blob {ctx.input_names[0]!r}"
+                            + (f": {message}" if message else ""))
+    elif not bool(x.all()):
         message = ctx.arg("error_msg", "")
         raise ValueError(f"Assert failed for blob {ctx.input_names[0]!r}"
                          + (f": {message}" if message else ""))

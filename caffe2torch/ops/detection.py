@@ -411,11 +411,13 @@ def roi_align(state, x, rois):
     out = xc.new_zeros((r, ph, pw, c))
     bins_h = torch.arange(ph, device=xc.device, dtype=xc.dtype)
     bins_w = torch.arange(pw, device=xc.device, dtype=xc.dtype)
-    for iy in range(int(grid_h.max())):
+    # A fixed sampling_ratio fixes the grid; an adaptive one (0) sizes it from the RoI values.
+    rows, cols = (ratio, ratio) if ratio > 0 else (int(grid_h.max()), int(grid_w.max()))
+    for iy in range(rows):
         yy = boxes[:, 1:2] + bins_h * bin_h[:, None] + (iy + 0.5) * (bin_h / grid_h)[:, None]
         y_lo, y_hi, y_wlo, y_whi, y_ok = _bilinear_axis(yy, h)  # (R, ph)
         y_ok = y_ok & (iy < grid_h)[:, None]
-        for ix in range(int(grid_w.max())):
+        for ix in range(cols):
             xx = boxes[:, 0:1] + bins_w * bin_w[:, None] + (ix + 0.5) * (bin_w / grid_w)[:, None]
             x_lo, x_hi, x_wlo, x_whi, x_ok = _bilinear_axis(xx, w)  # (R, pw)
             x_ok = x_ok & (ix < grid_w)[:, None]

@@ -7,7 +7,7 @@ sizes depend on tensor values are flagged ``data_dependent``.
 """
 import torch
 
-from caffe2torch.ops._helpers import canonical_axis
+from caffe2torch.ops._helpers import canonical_axis, tracing
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 
 
@@ -36,7 +36,7 @@ def _gather_indices(ctx, indices, n):
     idx = indices.long()
     if wrap:
         idx = torch.where(idx < 0, idx + n, idx)
-    if idx.numel() and (bool((idx < 0).any()) or bool((idx >= n).any())):
+    if not tracing() and idx.numel() and (bool((idx < 0).any()) or bool((idx >= n).any())):
         raise ValueError(f"operator {ctx.op.type}: indices out of range [0, {n})")
     return idx
 

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from caffe2torch.ops._helpers import tracing
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 
 _LOG_THRESHOLD = 1e-20  # Caffe2 clamps probabilities before the log (kLOG_THRESHOLD)
@@ -17,9 +18,9 @@ def _labels(ctx, label, n, d=None):
         raise ValueError(f"operator {ctx.op.type}: {n} rows but label {ctx.input_names[1]!r} has "
                          f"shape {tuple(label.shape)}; expected [{n}] or [{n}, 1]")
     index = label.reshape(n, 1).long()
-    # Checking a CUDA tensor would wait for the GPU; gather reports bad indices there, as
-    # inductor's bounds checks do in a compiled net (a host read would break its graph).
-    if d is not None and label.device.type == "cpu" and n and not torch.compiler.is_compiling() and (
+    # Checking a CUDA tensor would wait for the GPU, and a traced or compiled one has no values:
+    # gather (or inductor's bounds checks) reports bad indices there.
+    if d is not None and label.device.type == "cpu" and n and not tracing() and (
             int(index.min()) < 0 or int(index.max()) >= d):
         raise ValueError(f"operator {ctx.op.type}: labels must lie in [0, {d}), got values from "
                          f"{int(index.min())} to {int(index.max())}")

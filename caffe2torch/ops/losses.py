@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe2torch.ops._autograd import vjp
+from caffe2torch.ops._helpers import tracing
 from caffe2torch.ops.loss import _LOG_THRESHOLD
 from caffe2torch.ops.registry import gradient_op, grad_name, register_op
 
@@ -158,7 +159,7 @@ def _spatial_loss(ctx, x, label, weight=None):
     log_p = torch.log_softmax(x, 1)
     care = label != _DONT_CARE
     bad = ((label < 0) & care) | (label >= x.shape[1])
-    if label.device.type == "cpu" and bool(bad.any()):
+    if label.device.type == "cpu" and not tracing() and bool(bad.any()):
         raise ValueError(f"operator {ctx.op.type}: labels must lie in [0, {x.shape[1]}) or be −1 "
                          "(not counted)")
     w = care.to(x.dtype) if weight is None else weight.reshape(label.shape).to(x.dtype) * care
@@ -330,7 +331,7 @@ def _softmax_focal(ctx, x, targets, fg_num):
     """(loss, P): softmax over each anchor's C classes; −(1 − p_t)^γ·log p_t weighted by α."""
     scale, gamma, alpha, _ = ctx.state["focal"]
     x5, t = _focal_shapes(ctx, x, targets)
-    if t.device.type == "cpu" and t.numel() and int(t.max()) >= x5.shape[2]:
+    if t.device.type == "cpu" and not tracing() and t.numel() and int(t.max()) >= x5.shape[2]:
         raise ValueError(f"operator {ctx.op.type}: labels must lie in [-1, {x5.shape[2]}), got "
                          f"{int(t.max())}")
     p = torch.softmax(x5, 2)

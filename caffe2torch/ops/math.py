@@ -127,7 +127,8 @@ def _broadcast_setup(ctx):
 def _b_shape(ctx, a, b):
     """The shape B broadcasts as: B itself (numpy rules) or B placed at ``axis`` of A (legacy)."""
     legacy, axis = ctx.state["broadcast"]
-    if not legacy or a.shape == b.shape:
+    # Ranks first: comparing sizes of different ranks guards a symbolic batch against B's dims.
+    if not legacy or (a.dim() == b.dim() and a.shape == b.shape):
         return b.shape
     if b.numel() == 1:
         return torch.Size([])  # Caffe2's legacy broadcast takes a one-element B as a scalar

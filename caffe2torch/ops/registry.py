@@ -20,11 +20,12 @@ NOT_TRACEABLE = {
     "MSRAFill": "it draws random numbers at run time (a predict net reads fixed weights)",
     "GaussianFill": "it draws random numbers at run time (a predict net reads fixed weights)",
     "UniformFill": "it draws random numbers at run time (a predict net reads fixed weights)",
-    # Training and evaluation ops that read tensor values in Python (checks, counters).
-    "Accuracy": "it checks the label values in Python (data-dependent)",
-    "LabelCrossEntropy": "it checks the label values in Python (data-dependent)",
-    "SoftmaxWithLoss": "it checks the label values in Python (data-dependent)",
+    "UniformIntFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    # Training ops that read tensor values in Python.
     "LearningRate": "it computes the rate from the iteration counter's value (data-dependent)",
+    # Detection ops whose loops run over values read in Python.
+    "BBoxTransform": "it loops over the images in Python, reading im_info and the RoIs' image "
+                     "indices (data-dependent)",
 }
 
 

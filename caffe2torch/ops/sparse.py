@@ -8,11 +8,14 @@ it as a GradientSlice, which caffe2torch's gradient builder does not have).
 """
 import torch
 
+from caffe2torch.ops._helpers import tracing
 from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 
 
 def _lengths(ctx, lengths, rows):
     lengths = lengths.reshape(-1).long()
+    if tracing():  # the checks read values; the segment ids below are sized by DATA's rows
+        return lengths
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"operator {ctx.op.type}: lengths must not be negative")
     total = int(lengths.sum()) if lengths.numel() else 0
@@ -22,8 +25,10 @@ def _lengths(ctx, lengths, rows):
     return lengths
 
 
-def _segment_ids(lengths):
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+def _segment_ids(lengths, rows=None):
+    """Each row's segment; ``rows`` (the lengths' sum, when known) keeps the size traceable."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                   output_size=rows)
 
 
 def _segment_sum(data, ids, segments):
@@ -57,7 +62,7 @@ def lengths_sum(ctx, inputs):
     """(DATA, LENGTHS) -> OUTPUT[i] = Σ of segment i's rows (len(LENGTHS) rows)."""
     data, lengths = inputs[0].to(ctx.device), inputs[1]
     lengths = _lengths(ctx, lengths, data.shape[0]).to(data.device)
-    return [_segment_sum(data, _segment_ids(lengths), lengths.numel())]
+    return [_segment_sum(data, _segment_ids(lengths, data.shape[0]), lengths.numel())]
 
 
 @register_op("LengthsSumGradient", cpu_only_inputs=True)
@@ -72,7 +77,7 @@ def lengths_mean(ctx, inputs):
     """(DATA, LENGTHS) -> OUTPUT[i] = mean of segment i's rows (0 for an empty segment)."""
     data, lengths = inputs[0].to(ctx.device), inputs[1]
     lengths = _lengths(ctx, lengths, data.shape[0]).to(data.device)
-    total = _segment_sum(data, _segment_ids(lengths), lengths.numel())
+    total = _segment_sum(data, _segment_ids(lengths, data.shape[0]), lengths.numel())
     return [total / _per_row(lengths.clamp(min=1).to(data.dtype), total)]
 
 
@@ -91,7 +96,8 @@ def lengths_weighted_sum(ctx, inputs):
     """(DATA, SCALARS, LENGTHS) -> OUTPUT[i] = Σ SCALARS[r]·DATA[r] over segment i's rows r."""
     data, scalars = inputs[0].to(ctx.device), inputs[1].to(ctx.device)
     lengths = _lengths(ctx, inputs[2], data.shape[0]).to(data.device)
-    return [_segment_sum(data * _per_row(scalars, data), _segment_ids(lengths), lengths.numel())]
+    return [_segment_sum(data * _per_row(scalars, data), _segment_ids(lengths, data.shape[0]),
+                         lengths.numel())]
 
 
 @register_op("LengthsWeightedSumGradient", cpu_only_inputs=True)
@@ -184,6 +190,8 @@ def unsorted_segment_sum_gradient(ctx, inputs):
 
 def _gather(ctx, data, indices):
     indices = indices.reshape(-1).long().to(data.device)
+    if tracing():  # the range check reads values; indexing checks them in the exported program
+        return data[indices]
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= data.shape[0]):
         raise ValueError(f"operator {ctx.op.type}: INDICES must lie in [0, {data.shape[0]}), got "
                          f"{int(indices.min())}..{int(indices.max())}")

@@ -286,7 +286,7 @@ def _expand_grad(op, g_output):
     return [gradient_op(op, "ExpandGradient", [g_output[0], op.input[0]], [g])], [g, None]
 
 
-@register_op("Expand", gradient=_expand_grad, cpu_only_inputs=True)
+@register_op("Expand", gradient=_expand_grad, cpu_only_inputs=True, data_dependent=True)
 def expand(ctx, inputs):
     """(X, shape) -> X broadcast against ``shape`` both ways (numpy rules; dims <= 0 count as 1)."""
     x = inputs[0].to(ctx.device)
