@@ -13,6 +13,8 @@ NO_GRADIENT = "NO_GRADIENT"
 _REGISTRY = {}
 
 # Ops that torch.export cannot trace although they have neither flag, and why (one line each).
+_OPTIMIZER = "it updates parameters in place (an optimizer op: export the predict net, not training)"
+
 NOT_TRACEABLE = {
     "CreateMutex": "it makes a mutex object, not a tensor",
     "GivenTensorStringFill": "it makes a string tensor, which torch cannot hold",
@@ -23,6 +25,19 @@ NOT_TRACEABLE = {
     "UniformIntFill": "it draws random numbers at run time (a predict net reads fixed weights)",
     # Training ops that read tensor values in Python.
     "LearningRate": "it computes the rate from the iteration counter's value (data-dependent)",
+    # Optimizer updates: training ops that overwrite parameters in place (export the predict net).
+    "Adagrad": _OPTIMIZER,
+    "Adam": _OPTIMIZER,
+    "Ftrl": _OPTIMIZER,
+    "MomentumSGD": _OPTIMIZER,
+    "MomentumSGDUpdate": _OPTIMIZER,
+    "RmsProp": _OPTIMIZER,
+    "ScatterAssign": _OPTIMIZER,
+    "ScatterWeightedSum": _OPTIMIZER,
+    "SparseAdagrad": _OPTIMIZER,
+    "SparseAdam": _OPTIMIZER,
+    "SparseFtrl": _OPTIMIZER,
+    "SparseMomentumSGDUpdate": _OPTIMIZER,
     # Detection ops whose loops run over values read in Python.
     "BBoxTransform": "it loops over the images in Python, reading im_info and the RoIs' image "
                      "indices (data-dependent)",
