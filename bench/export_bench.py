@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from caffe2torch import convert  # noqa: E402
 from caffe2torch.proto import caffe2_pb2  # noqa: E402
 from caffe2torch.python import core, workspace  # noqa: E402
-from caffe2torch.python.model_helper import ModelHelper  # noqa: E402
+from tutorial_nets import build_nets, load_net  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                          "shared", "caffe2-artifacts")
@@ -34,15 +34,19 @@ CPU = core.DeviceOption(caffe2_pb2.CPU)
 
 
 def lenet_nets():
-    """(init net, predict net, input names, input shape per sample) of the tutorial's LeNet."""
-    from mnist_tutorial.lenet import AddLeNetModel
+    """(init net, predict net, input names, input shape per sample) of the tutorial's LeNet.
 
-    model = ModelHelper(name="mnist_deploy", arg_scope={"order": "NCHW"})
-    AddLeNetModel(model, "data")
-    predict = model.net.Proto()
-    predict.external_input[:] = ["data"] + [str(p) for p in model.params]
-    predict.external_output[:] = ["softmax"]
-    return model.param_init_net.Proto(), predict, ["data"], [(1, 28, 28)]
+    The nets are 02_build's own (tutorial_nets runs the download and build notebooks): its deploy
+    net, and the ops of its train init net that make the deploy net's parameters.
+    """
+    nets_dir = build_nets(os.path.abspath("data"), "cpu")
+    predict = load_net(nets_dir, "deploy_net")
+    init = load_net(nets_dir, "train_init_net")
+    params = set(predict.external_input)
+    kept = [op for op in init.op if set(op.output) <= params]
+    del init.op[:]
+    init.op.extend(kept)
+    return init, predict, ["data"], [(1, 28, 28)]
 
 
 def file_nets(name, inputs, shapes):
