@@ -36,7 +36,8 @@ test: $(VENV)/.kernel
 # Jupyter refuses to run as root unless told; containers and these machines often are root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(VENV)/.kernel
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --no-browser $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=. --no-browser $(LAB_ARGS) \
+	    --LabApp.default_url=/lab/tree/notebooks
 
 # The published figures: each script prints its ratios measured side by side.
 bench: $(VENV)/.kernel

@@ -1,4 +1,4 @@
-"""The committed notebooks: no outputs, a parameters cell that agrees with run_all.py's schema."""
+"""The committed notebooks: no outputs, a parameters cell the pipeline can read."""
 import ast
 import re
 from pathlib import Path
@@ -7,21 +7,20 @@ import nbformat
 import papermill
 import pytest
 
-from mnist_tutorial import runner
+from pipeline import params
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-TYPES = {int: "int", float: "float", str: "str"}
 
 
 def _notebook(step):
-    return nbformat.read(str(NOTEBOOKS / runner.NOTEBOOKS[step]), as_version=4)
+    return nbformat.read(str(NOTEBOOKS / params.notebook_path(step).name), as_version=4)
 
 
 def test_the_notebooks_are_exactly_the_steps():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(runner.NOTEBOOKS.values())
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(params.notebook_path(s).name for s in params.STEPS)
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
+@pytest.mark.parametrize("step", params.STEPS)
 def test_committed_without_outputs(step):
     nb = _notebook(step)
     nbformat.validate(nb)
@@ -31,10 +30,10 @@ def test_committed_without_outputs(step):
             assert cell.execution_count is None, f"{step}: a code cell carries an execution count"
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
+@pytest.mark.parametrize("step", params.STEPS)
 def test_layout_markdown_then_parameters_then_thin_code(step):
     nb = _notebook(step)
-    assert nb.metadata.kernelspec.name == runner.KERNEL_NAME
+    assert nb.metadata.kernelspec.name == "caffe2torch"
     assert nb.cells[0].cell_type == "markdown"
     assert nb.cells[1].cell_type == "code" and "parameters" in nb.cells[1].metadata.get("tags", [])
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -46,26 +45,17 @@ def test_layout_markdown_then_parameters_then_thin_code(step):
             ast.parse(cell.source)
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
-def test_parameters_agree_with_the_schema(step):
-    declared = papermill.inspect_notebook(str(NOTEBOOKS / runner.NOTEBOOKS[step]))
+@pytest.mark.parametrize("step", params.STEPS)
+def test_parameters_are_typed_literals_with_help(step):
+    declared = papermill.inspect_notebook(str(NOTEBOOKS / params.notebook_path(step).name))
     assert "run_dir" in declared
+    schema = params.schema()  # the pipeline's schema is read from these cells
     for name, info in declared.items():
-        if name in runner.INJECTED:
+        if name in params.INJECTED:
             continue
-        spec = runner.SCHEMA[name]
-        assert not spec.runner_only, f"{name} is runner-only but {step} declares it"
-        assert info["inferred_type_name"] == TYPES[spec.type], name
-        assert ast.literal_eval(info["default"]) == spec.default, name
+        assert info["inferred_type_name"] == schema[name].type.__name__, name
+        assert ast.literal_eval(info["default"]) == schema[name].default, name
         assert info["help"], f"{step}: {name} has no comment"
-
-
-def test_every_notebook_parameter_of_the_schema_is_declared_somewhere():
-    declared = set()
-    for step in runner.STEPS:
-        declared |= set(papermill.inspect_notebook(str(NOTEBOOKS / runner.NOTEBOOKS[step])))
-    wanted = {name for name, spec in runner.SCHEMA.items() if not spec.runner_only}
-    assert wanted <= declared, wanted - declared
 
 
 def test_the_defaults_run_as_is_in_jupyter():

@@ -1,29 +1,23 @@
-"""Jupyter kernels forked from a process that has already imported torch: a fork server.
+"""A kernel provisioner that forks Jupyter kernels from a process that has imported torch.
 
-Every notebook of a run gets a fresh kernel, as with papermill alone. Booting one costs a new
-Python that imports ipykernel, torch, caffe2torch's ops and matplotlib: about 2 CPU seconds, five
-times per run, which on a 2-core machine is most of what run_all.py costs over plain Python. The
-fork server pays for those imports once; each kernel is then an ``os.fork()`` of it that runs
-ipykernel's launcher exactly as ``python -m ipykernel_launcher -f CONNECTION_FILE ...`` would, in
-its own session, working directory and environment. Nothing runs in the server before a fork but
-imports (no notebook code, no torch operation, no CUDA), so every kernel starts from the same
-clean state a new process would have, minus the import time.
+Every notebook gets a fresh kernel, as with papermill alone. Booting one costs a new Python that
+imports ipykernel, torch, caffe2torch's ops and matplotlib: about 2 CPU seconds, five times per
+run. The fork server pays for those imports once; each kernel is then an ``os.fork()`` of it that
+runs ipykernel's launcher exactly as ``python -m ipykernel_launcher -f CONNECTION_FILE ...`` would,
+in its own session, working directory and environment. Nothing runs in the server before a fork
+but imports (no notebook code, no torch operation, no CUDA).
 
-Two parts:
-
-- the server, ``python -m mnist_tutorial.kernelfork FD STAGES_JSON``: runs each stage (import
-  code) in order and answers fork requests on the socket FD once the stage a request names is
-  loaded, so the light kernel of the download step is forked before torch is imported. It
-  refuses to fork if anything started a thread (forking threads is unsafe), reaps its kernels and
-  reports their exit status, and exits when the runner closes the socket.
-- the runner's side: ``ForkServer`` (starts the server, sends requests, reads replies in a thread)
-  and ``ForkProvisioner``, a jupyter_client provisioner whose kernel process is a fork. When the
-  server cannot fork (a stage failed, a thread appeared, the server died) the kernel is launched
-  the usual way, so a run never fails because of the fork server.
+jupyter_client finds ``ForkProvisioner`` through the entry point group
+``jupyter_client.kernel_provisioners`` (name ``caffe2torch-fork``) when a kernelspec's metadata
+names it (``python -m pipeline.kernelspec`` installs such a kernelspec): Jupyter Lab, papermill
+and run_all.py all get it the same way. One server per Python, preload and environment lives as
+long as the process that started it (Jupyter's server, run_all.py). When the server cannot fork
+(its preload failed, it left a thread running, it died) the kernel is launched the usual way, so
+nothing fails because of it. ``CAFFE2TORCH_FORK_KERNELS=0`` turns forking off.
 """
+import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -85,16 +79,15 @@ def _become_kernel(fds, request):
         os._exit(code)
 
 
-def serve(fd, exits_fd, stages):
-    """The fork server's main loop; ``stages`` is a list of [name, import code, hold].
+def serve(fd, exits_fd, preload):
+    """The fork server's main loop: run ``preload`` (import code), then fork kernels on request.
 
     Requests and answers are JSON lines on the socket ``fd``. Exits of kernels are reported as
     ``PID CODE`` lines on the pipe ``exits_fd`` by the SIGCHLD handler, which runs between any two
-    bytecodes, so a kernel's exit is known at once even while a stage is importing torch (one
-    short write: atomic on a pipe, never interleaved with the socket's messages).
+    bytecodes, so a kernel's exit is known at once (one short write: atomic on a pipe).
     """
     sock = socket.socket(fileno=fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def reap(*_):
         while True:
@@ -107,28 +100,28 @@ def serve(fd, exits_fd, stages):
             try:
                 os.write(exits_fd, f"{pid} {os.waitstatus_to_exitcode(status)}\n".encode())
             except OSError:
-                pass  # the runner is gone
+                pass  # the parent is gone
 
     signal.signal(signal.SIGCHLD, reap)
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]  # as ipykernel_launcher does; IPython puts the kernel's cwd back
-    loaded, failed, pending, buffer = set(), {}, [], b""
-    names = [name for name, _, _ in stages]
+    failed = None
+    try:
+        exec(compile("import ipykernel.kernelapp, IPython\n" + preload, "<fork server preload>",
+                     "exec"), {"__name__": "__preload__"})
+    except BaseException as e:  # noqa: BLE001 - a failed preload means "launch normally"
+        failed = f"its preload failed: {type(e).__name__}: {' '.join(str(e).split())}"
+    _send(sock, {"ready": failed is None, "error": failed})
 
     def answer(request):
-        stage = request["stage"]
-        if stage in failed:
-            _send(sock, {"id": request["id"], "error": failed[stage]})
-            return
         threads = _python_threads()
-        if threads:
-            _send(sock, {"id": request["id"], "error": f"stage {stage} left {threads} Python "
-                         "thread(s) running; forking is unsafe"})
-            return
         torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
-            _send(sock, {"id": request["id"], "error": f"stage {stage} initialized CUDA, which a "
-                         "forked process cannot use"})
+        cuda = torch is not None and torch.cuda.is_initialized()
+        why = failed or (f"its preload left {threads} Python thread(s) running; forking is unsafe"
+                         if threads else "its preload initialized CUDA, which a forked process "
+                         "cannot use" if cuda else None)
+        if why:
+            _send(sock, {"id": request["id"], "error": why})
             return
         for stream in (sys.stdout, sys.stderr):  # nothing buffered gets written twice
             stream.flush()
@@ -137,55 +130,15 @@ def serve(fd, exits_fd, stages):
             _become_kernel((sock.fileno(), exits_fd), request)
         _send(sock, {"id": request["id"], "pid": pid})
 
-    def handle(blocking):
-        """Read what the runner sent; False once it has closed the socket."""
-        nonlocal buffer
-        readable, _, _ = select.select([sock], [], [], None if blocking else 0)
-        if readable:
-            data = sock.recv(1 << 20)
-            if not data:
-                return False
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                request = json.loads(line)
-                if request.get("stage") not in names:
-                    _send(sock, {"id": request.get("id"), "error": "unknown stage "
-                                 f"{request.get('stage')!r}"})
-                else:
-                    pending.append(request)
-        return True
-
-    served = set()  # stages that have had a kernel forked (or refused)
-
-    def serve_ready():
-        for request in [r for r in pending if r["stage"] in loaded or r["stage"] in failed]:
-            pending.remove(request)
-            answer(request)
-            served.add(request["stage"])
-
-    open_ = True
-    for name, code, hold in stages:
-        try:
-            exec(compile(code, f"<fork server stage {name}>", "exec"), {"__name__": "__stage__"})
-            loaded.add(name)
-        except BaseException as e:  # noqa: BLE001 - a failed stage means "launch normally"
-            failed[name] = f"stage {name} failed: {type(e).__name__}: {' '.join(str(e).split())}"
-            for later, _, _ in stages[names.index(name) + 1:]:
-                failed[later] = failed[name]
-        _send(sock, {"stage": name, "ok": name in loaded, "error": failed.get(name)})
-        open_ = open_ and handle(blocking=False)
-        serve_ready()
-        # hold: a kernel of this stage is wanted first (the runner said so): fork it before
-        # spending the CPU on the next stage's imports
-        while open_ and hold and name in loaded and name not in served:
-            open_ = handle(blocking=True)
-            serve_ready()
-        if failed or not open_:
-            break
-    while open_:
-        open_ = handle(blocking=True)
-        serve_ready()
+    buffer = b""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return  # the parent closed the socket
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            answer(json.loads(line))
 
 
 # --- the runner's side -------------------------------------------------------------------------
@@ -277,26 +230,25 @@ class ForkedKernel:
 
 
 class ForkServer:
-    """The runner's end of a fork server process (see the module docstring)."""
+    """The parent's end of a fork server process (see the module docstring)."""
 
-    def __init__(self, python_argv, stages, env=None, cwd=None):
+    def __init__(self, python_argv, preload, env=None, cwd=None):
         import subprocess
         ours, theirs = socket.socketpair()
         exits_r, exits_w = os.pipe()
-        self._stage_names = [name for name, _, _ in stages]
         self._sock = ours
         self._exits_r = exits_r
         self._lock = threading.Lock()
         self._next_id = 0
         self._waiting = {}  # request id -> ForkedKernel
         self._exits = {}  # pid -> exit code
-        self.stages = {}  # stage name -> the server's report
+        self.ready = None  # the server's report once its preload ran
         self.closed = False
         try:
             self.process = subprocess.Popen(
-                [*python_argv, "-m", "mnist_tutorial.kernelfork", str(theirs.fileno()),
-                 str(exits_w), json.dumps(stages)], pass_fds=[theirs.fileno(), exits_w],
-                stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+                [*python_argv, "-m", "pipeline.kernelfork", str(theirs.fileno()), str(exits_w),
+                 preload], pass_fds=[theirs.fileno(), exits_w], stdin=subprocess.DEVNULL,
+                env=env, cwd=cwd)
         except BaseException:
             ours.close()
             os.close(exits_r)
@@ -308,7 +260,7 @@ class ForkServer:
         self._reader.start()
 
     def _read(self):
-        """The reader thread: answers and stage reports from the socket, exits from the pipe."""
+        """The reader thread: answers from the socket, exits from the pipe."""
         import selectors
         selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, "socket")
@@ -346,8 +298,8 @@ class ForkServer:
             kernel._fallback("the fork server exited")
 
     def _dispatch(self, message):
-        if "stage" in message:
-            self.stages[message["stage"]] = message
+        if "ready" in message:
+            self.ready = message
             return
         with self._lock:
             kernel = self._waiting.pop(message.get("id"), None)
@@ -371,12 +323,9 @@ class ForkServer:
                 return 0
         return None
 
-    def request(self, stage, args, env, cwd, launch):
-        """Ask for a kernel forked after ``stage``; returns its ForkedKernel at once."""
+    def request(self, args, env, cwd, launch):
+        """Ask for a forked kernel; returns its ForkedKernel at once (``launch``: the fallback)."""
         kernel = ForkedKernel(self, launch)
-        if stage not in self._stage_names:
-            kernel._fallback(f"the fork server has no stage {stage!r}")
-            return kernel
         with self._lock:
             closed = self.closed
             if not closed:
@@ -387,7 +336,7 @@ class ForkServer:
             kernel._fallback("the fork server is not running")
             return kernel
         try:
-            _send(self._sock, {"id": rid, "stage": stage, "args": args, "env": env, "cwd": cwd})
+            _send(self._sock, {"id": rid, "args": args, "env": env, "cwd": cwd})
         except OSError as e:
             with self._lock:
                 self._waiting.pop(rid, None)
@@ -396,13 +345,15 @@ class ForkServer:
 
     def close(self, timeout=5):
         """Stop the server (its kernels should be shut down first)."""
+        if self.ready is None:  # still importing (a run that ended early): nothing to finish
+            self.process.kill()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # the server sees EOF and exits
         except OSError:
             pass
         try:
             self.process.wait(timeout)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - still importing: it has nothing to finish
             self.process.kill()
             self.process.wait()
         self._reader.join(timeout)
@@ -421,47 +372,129 @@ def launcher_command(argv):
     return None
 
 
-def provisioner_class():
-    """ForkProvisioner, defined on first use so that importing this module needs no Jupyter."""
-    global ForkProvisioner
-    if ForkProvisioner is not None:
-        return ForkProvisioner
-    from jupyter_client.launcher import launch_kernel
-    from jupyter_client.provisioning import LocalProvisioner
-
-    class _ForkProvisioner(LocalProvisioner):
-        """LocalProvisioner whose kernel process comes from a ForkServer (see the module)."""
-
-        server = None  # set by the runner before start_kernel
-        stage = None
-
-        async def launch_kernel(self, cmd, **kwargs):
-            """Ask the server for the kernel; launch it normally when the command is unusual."""
-            split = launcher_command(cmd)
-            scrubbed = LocalProvisioner._scrub_kwargs(kwargs)
-            if split is None or self.server is None:
-                return await super().launch_kernel(cmd, **kwargs)
-            env = dict(scrubbed.get("env") or os.environ)
-            cwd = str(scrubbed.get("cwd") or os.getcwd())
-            self.process = self.server.request(
-                self.stage, split[1], env, cwd, lambda: launch_kernel(cmd, **scrubbed))
-            self.pid = None  # known once the server answers; signals go through the process
-            self.pgid = None
-            self.cwd = cwd
-            return self.connection_info
-
-        async def send_signal(self, signum):
-            if isinstance(self.process, ForkedKernel):
-                self.process.send_signal(signum)
-                return
-            await super().send_signal(signum)
-
-    ForkProvisioner = _ForkProvisioner
-    return ForkProvisioner
+NAME = "caffe2torch-fork"  # the entry point's name, in kernelspecs' metadata
+DISABLE = "CAFFE2TORCH_FORK_KERNELS"  # "0": launch every kernel as a new process
+_servers = {}  # (python argv, preload, environment) -> ForkServer
+_servers_lock = threading.Lock()
+_launches = []  # the ForkedKernels (or None: a normal launch) started in this process, in order
 
 
-ForkProvisioner = None
+def _env_key(env):
+    # jupyter_server and jupyter_client set JPY_* per kernel; the rest is what the imports saw
+    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith("JPY_")))
+
+
+def server_for(python_argv, preload, env):
+    """The fork server for this Python, preload and environment, started on first use."""
+    key = (tuple(python_argv), preload, _env_key(env))
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is None or server.closed:
+            if not _servers:
+                import atexit
+                atexit.register(close_all)
+            server = _servers[key] = ForkServer(
+                python_argv, preload, env={k: v for k, v in env.items()
+                                           if not k.startswith("JPY_")})
+        return server
+
+
+def close_all(timeout=1):
+    """Stop every fork server this process started (at exit: forked kernels are gone by then)."""
+    with _servers_lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        server.close(timeout)
+
+
+def _config(kernel_spec):
+    provisioner = (getattr(kernel_spec, "metadata", None) or {}).get("kernel_provisioner") or {}
+    if provisioner.get("provisioner_name") != NAME:
+        return None
+    return provisioner.get("config") or {}
+
+
+def warm(kernel_spec, env=None):
+    """Start the fork server that ``kernel_spec``'s kernels will use, so that its imports run
+    while the caller does other work; nothing when the kernelspec names another provisioner."""
+    config = _config(kernel_spec)
+    split = launcher_command(kernel_spec.argv)
+    if config is None or split is None or os.environ.get(DISABLE) == "0":
+        return None
+    try:
+        return server_for(split[0], config.get("preload", ""), dict(env or os.environ))
+    except OSError as e:
+        print(f"kernelfork: cannot start the kernel fork server ({e})", file=sys.stderr)
+        return None
+
+
+def last_launch(timeout=60):
+    """How the last kernel started in this process came to be: "forked", "new process" (the
+    reason is printed on stderr when forking was tried), or None when none was started."""
+    if not _launches:
+        return None
+    process = _launches[-1]
+    if process is None:
+        return "new process"
+    with contextlib.suppress(TimeoutError):
+        process.wait_started(timeout=timeout)
+    if process.forked:
+        return "forked"
+    print(f"kernelfork: the kernel was started as a new process, not forked: "
+          f"{process.why_not_forked}", file=sys.stderr, flush=True)
+    return "new process"
+
+
+from jupyter_client.launcher import launch_kernel  # noqa: E402  (after the server's code)
+from jupyter_client.provisioning import LocalProvisioner  # noqa: E402
+from traitlets import Unicode  # noqa: E402
+
+
+class ForkProvisioner(LocalProvisioner):
+    """LocalProvisioner whose kernel process is forked from a fork server (see the module).
+
+    Its kernelspec says ``"metadata": {"kernel_provisioner": {"provisioner_name":
+    "caffe2torch-fork", "config": {"preload": "import torch"}}}``.
+    """
+
+    preload = Unicode("", config=True, help="Python code the fork server runs before any fork: "
+                      "imports only")
+
+    async def launch_kernel(self, cmd, **kwargs):
+        """Ask the fork server for the kernel; launch it normally when that cannot work."""
+        split = launcher_command(cmd)
+        scrubbed = LocalProvisioner._scrub_kwargs(kwargs)
+        env = dict(scrubbed.get("env") or os.environ)
+        if split is None or os.environ.get(DISABLE) == "0" or env.get(DISABLE) == "0":
+            connection = await super().launch_kernel(cmd, **kwargs)
+            _launches.append(None)
+            return connection
+        cwd = str(scrubbed.get("cwd") or os.getcwd())
+        try:
+            server = server_for(split[0], self.preload, env)
+        except OSError as e:
+            server = None
+            why = f"cannot start the fork server: {e}"
+        if server is None:
+            self.process = ForkedKernel(None, lambda: launch_kernel(cmd, **scrubbed))
+            self.process._fallback(why)
+        else:
+            self.process = server.request(split[1], env, cwd,
+                                          lambda: launch_kernel(cmd, **scrubbed))
+        _launches.append(self.process)
+        self.pid = None  # known once the server answers; signals go through the process
+        self.pgid = None
+        self.cwd = cwd
+        return self.connection_info
+
+    async def send_signal(self, signum):
+        """Signal the kernel's process group (a fork leads its own session)."""
+        if isinstance(self.process, ForkedKernel):
+            self.process.send_signal(signum)
+            return
+        await super().send_signal(signum)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
