@@ -5,10 +5,10 @@ Exit codes: 0 success; 1 a step failed (or the test accuracy is below ``min_test
 Everything that can be checked without a kernel is checked before the first kernel starts.
 """
 import argparse
-import contextlib
 import logging
 import os
 import sys
+import unittest.mock
 from pathlib import Path
 
 from pipeline import execute, params
@@ -54,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("-y", "--parameters-yaml", dest="layers", action=_Layer, metavar="YAML",
                         help="YAML string of parameters, e.g. -y 'train_iters: 500'")
     parser.add_argument("-p", "--parameters", dest="layers", action=_Param, nargs="+",
-                        metavar="KEY VALUE", help="one parameter: -p KEY VALUE or -p KEY=VALUE")
+                        metavar=("KEY", "VALUE"), help="-p KEY VALUE or -p KEY=VALUE")
     parser.add_argument("--run-id", help="name of the run folder (default: UTC time + suffix); "
                         "an existing run is resumed in place")
     order = parser.add_mutually_exclusive_group()
@@ -129,11 +129,7 @@ def _run(args):
         if probe is not None and probe.poll() is None:
             probe.kill()
             probe.communicate()
-    plan = {}
-    for step in steps:
-        plan[step] = params.for_step(step, values)
-        if "device" in plan[step]:
-            plan[step]["device"] = device
+    plan = {step: params.for_step(step, {**values, "device": device}) for step in steps}
     if args.dry_run:
         print(f"run {run_id} in {run_dir} on {device}")
         for step, step_values in plan.items():
@@ -159,37 +155,17 @@ def _execute(args, outputs, run_id, run_dir, values, plan, device, previous):
     from pipeline import kernelfork
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run_dir / ".lock"), timeout=0).acquire()
+    except Timeout:  # an OSError too
+        raise UsageError(f"run folder {run_dir} is in use by another run (lock {run_dir}/.lock "
+                         "is held); wait for it or pick another --run-id") from None
     except OSError as e:
         raise UsageError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    lock = FileLock(str(run_dir / ".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UsageError(f"run folder {run_dir} is in use by another run (lock {lock.lock_file} "
-                         "is held); wait for it or pick another --run-id") from None
-    with contextlib.ExitStack() as stack:
-        stack.callback(lock.release)
-        if args.fresh_kernels:
-            stack.enter_context(_environ(kernelfork.DISABLE, "0"))
-        run = execute.Run(
+    fresh = {kernelfork.DISABLE: "0"} if args.fresh_kernels else {}
+    with lock, unittest.mock.patch.dict(os.environ, fresh):
+        return execute.Run(
             outputs, run_id, values, plan, device, previous,
             params_files=[rest[0] for kind, *rest in args.layers if kind in FILE_OPTIONS],
             overrides=[f"{rest[0]}={rest[1]}" if kind == "-p" else f"-y {rest[0]}"
                        for kind, *rest in args.layers if kind not in FILE_OPTIONS],
-            console=execute.CellOutput(sys.stdout, enabled=not args.quiet),
-            errors=execute.CellOutput(sys.stderr, enabled=not args.quiet),
-            launches=kernelfork.last_launch)
-        return run.execute()
-
-
-@contextlib.contextmanager
-def _environ(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+            quiet=args.quiet, launches=kernelfork.last_launch).execute()

@@ -91,10 +91,10 @@ def resolve_device(device, probe):
     return "cpu"
 
 
-def kernel_spec(step, notebook_dir=None):
+def kernel_spec(step):
     """The kernelspec the step's notebook names (papermill starts its kernel from it)."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-    path = notebook_path(step, notebook_dir)
+    path = notebook_path(step)
     name = (((read_json(path) or {}).get("metadata") or {}).get("kernelspec") or {}).get("name")
     if not name:
         raise UsageError(f"notebook {path} names no kernel (metadata.kernelspec.name)")
@@ -239,92 +239,50 @@ class Run:
     """One batch run: ``plan`` maps each step to run to its notebook's parameters."""
 
     def __init__(self, outputs, run_id, values, plan, device, previous=None, params_files=(),
-                 overrides=(), notebook_dir=None, console=None, errors=None, launches=None):
+                 overrides=(), quiet=False, launches=None):
         self.outputs, self.run_id, self.run_dir = Path(outputs), run_id, Path(outputs) / run_id
-        self.values, self.plan, self.previous = values, plan, previous or {}
-        self.notebook_dir = notebook_dir
-        self.console = console or CellOutput(sys.stdout)
-        self.errors = errors or CellOutput(sys.stderr)
+        self.values, self.plan, self.quiet = values, plan, quiet
+        self.console, self.errors = CellOutput(sys.stdout, not quiet), CellOutput(sys.stderr,
+                                                                                 not quiet)
         self.launches = launches  # callable: how the last kernel was started, or None
-        self.records = {s["name"]: s for s in self.previous.get("steps", []) if "name" in s}
+        self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
         self.run = {"run_id": run_id, "status": "running", "params": values,
                     "params_files": [str(p) for p in params_files], "overrides": list(overrides),
                     "device": device, "versions": versions(), "git_commit": git_commit(),
                     "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
 
-    def write_run_json(self):
-        """run.json, the steps in pipeline order."""
-        steps = [self.records[s] for s in STEPS if s in self.records]
-        history.write_atomic(self.run_dir / "run.json",
-                             json.dumps({**self.run, "steps": steps}, indent=2) + "\n")
+    def steps(self):
+        """The step records in pipeline order."""
+        return [self.records[s] for s in STEPS if s in self.records]
 
-    def say(self, text, file=None):
+    def write_run_json(self):
+        """run.json (written through a temporary file)."""
+        history.write_atomic(self.run_dir / "run.json",
+                             json.dumps({**self.run, "steps": self.steps()}, indent=2) + "\n")
+
+    def say(self, text):
         """A line of the pipeline's own (not a cell's) on the console."""
-        if self.console.enabled:
-            print(text, file=file or sys.stdout, flush=True)
+        if not self.quiet:
+            print(text, flush=True)
 
     def execute(self):
         """Run the planned steps; the exit code (0, 1 a step failed, 130 interrupted)."""
-        import papermill
-        from traitlets.config import Config
         workspace = self.run_dir / "workspace"
         workspace.mkdir(parents=True, exist_ok=True)
         started, code, failure = time.perf_counter(), 0, None
         renderer, pages = concurrent.futures.ThreadPoolExecutor(max_workers=1), []
         renderer.submit(_import_renderers)  # while the first kernel boots
         self.say(f"run {self.run_id}: {self.run_dir} (device {self.run['device']})")
-        for number, (step, values) in enumerate(self.plan.items(), 1):
-            counter = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step}"
-            notebook = self.run_dir / notebook_path(step).name
+        for step, values in self.plan.items():
             if failure is not None:
                 self.records[step] = {"name": step, "status": "not_run", "seconds": None,
                                       "notebook": None, "html": None}
                 continue
             (workspace / f"metrics_{step}.json").unlink(missing_ok=True)  # no stale metrics
-            record = self.records[step] = {"name": step, "status": "running", "seconds": None,
-                                           "notebook": notebook.name,
-                                           "html": notebook.with_suffix(".html").name}
-            self.write_run_json()
-            self.say(f"{counter} ... notebooks/{notebook.name}")
-            for out in (self.console, self.errors):
-                out.step = step
-            t0 = time.perf_counter()
-            try:
-                papermill.execute_notebook(
-                    str(notebook_path(step, self.notebook_dir)), str(notebook),
-                    parameters={**values, "run_dir": str(self.run_dir)}, progress_bar=False,
-                    stdout_file=self.console, stderr_file=self.errors,
-                    request_save_on_cell_execute=True, cwd=str(self.run_dir),
-                    execution_timeout=self.values["cell_timeout"],
-                    start_timeout=self.values["start_timeout"],
-                    on_cell_execute=lambda **_: self._new_cell(notebook),
-                    config=Config(KERNEL_CONFIG))
-                record["status"] = "succeeded"
-            except papermill.PapermillExecutionError as e:
-                record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
-                failure = (f"step {step} failed at cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                           f"failed notebook saved: {notebook}")
-                code = 1
-            except KeyboardInterrupt:
-                record.update(status="failed", error="interrupted")
-                failure, code = f"step {step} interrupted; partial notebook: {notebook}", 130
-            except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
-                message = " ".join(str(e).split())
-                record.update(status="failed", error=f"{type(e).__name__}: {message}")
-                failure = (f"step {step} failed: {type(e).__name__}: {message}\n"
-                           f"notebook (as far as it ran): {notebook}")
-                code = 1
-            self._new_cell(notebook)
-            if self.launches is not None:
-                record["kernel"] = self.launches() or "new process"
-            record["seconds"] = round(time.perf_counter() - t0, 2)
+            code, failure, notebook = self.execute_step(step, values)
             if notebook.exists():  # rendered while the next step runs
-                pages.append((record, renderer.submit(render_html, notebook,
-                                                      notebook.with_suffix(".html"))))
-            else:
-                record["notebook"] = record["html"] = None
-            outcome = "" if record["status"] == "succeeded" else f" {record['status']} after"
-            self.say(f"{counter} ...{outcome} {record['seconds']:.1f} s")
+                html = notebook.with_suffix(".html")
+                pages.append((self.records[step], renderer.submit(render_html, notebook, html)))
         for record, page in pages:
             try:
                 page.result()
@@ -336,18 +294,61 @@ class Run:
                         seconds=round(time.perf_counter() - started, 2),
                         metrics=collect_metrics(workspace))
         self.write_run_json()
-        key = [name for name, p in params.schema(self.notebook_dir).items() if p.key]
-        history.record(self.outputs, {**self.run, "steps": [self.records[s] for s in STEPS
-                                                            if s in self.records]}, key)
-        if failure:
-            print(f"run_all.py: {failure}", file=sys.stderr, flush=True)
-        else:
-            acc = self.run["metrics"].get("test_accuracy")
-            print(f"run {self.run_id} succeeded in {self.run['seconds']:.1f} s"
-                  + (f"; test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
-                  + f"; see {self.run_dir / 'run.json'}", flush=True)
+        key = [name for name, p in params.schema().items() if p.key]
+        history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        acc = self.run["metrics"].get("test_accuracy")
+        print(f"run_all.py: {failure}" if failure else
+              f"run {self.run_id} succeeded in {self.run['seconds']:.1f} s"
+              + (f"; test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
+              + f"; see {self.run_dir / 'run.json'}", file=sys.stderr if failure else sys.stdout,
+              flush=True)
         return code
 
-    def _new_cell(self, notebook):
+    def execute_step(self, step, values):
+        """Execute one notebook with papermill: (exit code, failure message or None, notebook)."""
+        import papermill
+        from traitlets.config import Config
+        counter = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step}"
+        notebook = self.run_dir / notebook_path(step).name
+        record = self.records[step] = {"name": step, "status": "running", "seconds": None,
+                                       "notebook": notebook.name,
+                                       "html": notebook.with_suffix(".html").name}
+        self.write_run_json()
+        self.say(f"{counter} ... notebooks/{notebook.name}")
+        self.console.step = self.errors.step = step
+        code, failure, t0 = 0, None, time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook_path(step)), str(notebook), cwd=str(self.run_dir),
+                parameters={**values, "run_dir": str(self.run_dir)}, progress_bar=False,
+                stdout_file=self.console, stderr_file=self.errors,
+                request_save_on_cell_execute=True, execution_timeout=self.values["cell_timeout"],
+                start_timeout=self.values["start_timeout"], config=Config(KERNEL_CONFIG),
+                on_cell_execute=lambda **_: self.new_cell(notebook))
+            record["status"] = "succeeded"
+        except papermill.PapermillExecutionError as e:
+            record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
+            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {e.ename}: "
+                                f"{e.evalue}\nfailed notebook saved: {notebook}")
+        except KeyboardInterrupt:
+            record.update(status="failed", error="interrupted")
+            code, failure = 130, f"step {step} interrupted; partial notebook: {notebook}"
+        except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
+            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            record.update(status="failed", error=message)
+            code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
+                f"{notebook}"
+        self.new_cell(notebook)
+        if self.launches is not None:
+            record["kernel"] = self.launches() or "new process"
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        if not notebook.exists():
+            record["notebook"] = record["html"] = None
+        outcome = "" if record["status"] == "succeeded" else f" {record['status']} after"
+        self.say(f"{counter} ...{outcome} {record['seconds']:.1f} s")
+        return code, failure, notebook
+
+    def new_cell(self, notebook):
+        """A cell starts (or the notebook ends): reset the console's line budgets."""
         self.console.new_cell(notebook)
         self.errors.new_cell(notebook)

@@ -185,10 +185,6 @@ class ForkedKernel:
             raise TimeoutError("the fork server did not answer")
         return self._pid
 
-    @property
-    def pid(self):
-        return self.wait_started()
-
     def poll(self):
         """None while the kernel runs (or is being forked), else its exit code."""
         if self.returncode is not None:
@@ -202,15 +198,8 @@ class ForkedKernel:
         return self.returncode
 
     def wait(self, timeout=None):
-        """Block until the kernel has exited; its exit code."""
-        import time
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                import subprocess
-                raise subprocess.TimeoutExpired("forked kernel", timeout)
-            time.sleep(0.05)
-        return self.returncode
+        """The exit code (LocalProvisioner calls this once poll() has one)."""
+        return self.poll()
 
     def send_signal(self, signum):
         """Signal the kernel's process group (it leads its own session)."""
@@ -232,7 +221,7 @@ class ForkedKernel:
 class ForkServer:
     """The parent's end of a fork server process (see the module docstring)."""
 
-    def __init__(self, python_argv, preload, env=None, cwd=None):
+    def __init__(self, python_argv, preload, env=None):
         import subprocess
         ours, theirs = socket.socketpair()
         exits_r, exits_w = os.pipe()
@@ -248,7 +237,7 @@ class ForkServer:
             self.process = subprocess.Popen(
                 [*python_argv, "-m", "pipeline.kernelfork", str(theirs.fileno()), str(exits_w),
                  preload], pass_fds=[theirs.fileno(), exits_w], stdin=subprocess.DEVNULL,
-                env=env, cwd=cwd)
+                env=env)
         except BaseException:
             ours.close()
             os.close(exits_r)
@@ -415,7 +404,7 @@ def _config(kernel_spec):
     return provisioner.get("config") or {}
 
 
-def warm(kernel_spec, env=None):
+def warm(kernel_spec):
     """Start the fork server that ``kernel_spec``'s kernels will use, so that its imports run
     while the caller does other work; nothing when the kernelspec names another provisioner."""
     config = _config(kernel_spec)
@@ -423,7 +412,7 @@ def warm(kernel_spec, env=None):
     if config is None or split is None or os.environ.get(DISABLE) == "0":
         return None
     try:
-        return server_for(split[0], config.get("preload", ""), dict(env or os.environ))
+        return server_for(split[0], config.get("preload", ""), dict(os.environ))
     except OSError as e:
         print(f"kernelfork: cannot start the kernel fork server ({e})", file=sys.stderr)
         return None

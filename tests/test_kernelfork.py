@@ -99,8 +99,8 @@ def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):
         assert isinstance(km.provisioner, kernelfork.ForkProvisioner)
         process = km.provisioner.process
         server = process._server
-        assert process.wait_started(30) and process.forked is True
-        assert kernelfork.last_launch() == "forked"
+        pid = process.wait_started(30)
+        assert process.forked is True and kernelfork.last_launch() == "forked"
         out, reply = _run(kc, "import os, sys, subprocess, signal\n"
                           "print(os.getcwd(), os.environ['C2T_FORK_TEST'], "
                           "'c2t_preloaded' in sys.modules, os.getppid(), "
@@ -113,7 +113,7 @@ def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):
         assert cwd == str(tmp_path) and env == "hello"
         assert preloaded == "True"  # the server's imports are there: it was forked
         assert int(ppid) == server.process.pid and leader == "True"
-        assert int(pid) == process.pid
+        assert int(pid) == process.wait_started()
         assert second == "3 True"  # its children are its own: SIGCHLD is back to the default
         km2, kc2 = _start(spec, tmp_path, C2T_FORK_TEST="hello")  # the same server again
         assert km2.provisioner.process._server is server
@@ -122,7 +122,7 @@ def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    assert not km.is_alive() and _gone(process.pid)
+    assert not km.is_alive() and _gone(process.wait_started())
     assert process.poll() == -signal.SIGKILL  # the exit status the server reported
 
 

@@ -17,7 +17,8 @@ def _notebook(step):
 
 
 def test_the_notebooks_are_exactly_the_steps():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(params.notebook_path(s).name for s in params.STEPS)
+    names = sorted(params.notebook_path(s).name for s in params.STEPS)
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == names
 
 
 @pytest.mark.parametrize("step", params.STEPS)
