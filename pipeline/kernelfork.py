@@ -37,14 +37,13 @@ def _send(sock, message):
     sock.sendall((json.dumps(message) + "\n").encode())
 
 
-def _become_kernel(fds, request):
+def _become_kernel(fd, request):
     """In the forked child: the kernel process ``request`` asks for; never returns."""
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for fd in fds:  # the server's socket and exits pipe
-            os.close(fd)
+        os.close(fd)  # the server's socket
         os.setsid()  # its own process group, as jupyter_client's launcher gives a kernel
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -79,28 +78,19 @@ def _become_kernel(fds, request):
         os._exit(code)
 
 
-def serve(fd, exits_fd, preload):
+def serve(fd, preload):
     """The fork server's main loop: run ``preload`` (import code), then fork kernels on request.
 
-    Requests and answers are JSON lines on the socket ``fd``. Exits of kernels are reported as
-    ``PID CODE`` lines on the pipe ``exits_fd`` by the SIGCHLD handler, which runs between any two
-    bytecodes, so a kernel's exit is known at once (one short write: atomic on a pipe).
+    Requests and answers are JSON lines on the socket ``fd``. Kernels that exit are reaped at
+    once (SIGCHLD): the parent sees them gone.
     """
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def reap(*_):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            try:
-                os.write(exits_fd, f"{pid} {os.waitstatus_to_exitcode(status)}\n".encode())
-            except OSError:
-                pass  # the parent is gone
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
 
     signal.signal(signal.SIGCHLD, reap)
     if sys.path and sys.path[0] in ("", os.getcwd()):
@@ -127,7 +117,7 @@ def serve(fd, exits_fd, preload):
             stream.flush()
         pid = os.fork()
         if pid == 0:
-            _become_kernel((sock.fileno(), exits_fd), request)
+            _become_kernel(sock.fileno(), request)
         _send(sock, {"id": request["id"], "pid": pid})
 
     buffer = b""
@@ -160,6 +150,7 @@ class ForkedKernel:
         self._pid = None
         self._popen = None
         self.returncode = None
+        self._signalled = None
         self.forked = None  # True: a fork; False: launched normally
         self.why_not_forked = None
 
@@ -194,7 +185,11 @@ class ForkedKernel:
         if self._popen is not None:
             self.returncode = self._popen.poll()
         elif self._pid is not None:
-            self.returncode = self._server.exit_code(self._pid)
+            try:
+                os.kill(self._pid, 0)  # the server reaps its kernels: a dead one is gone
+            except ProcessLookupError:
+                # its status went to the server; what we know: the signal we sent it
+                self.returncode = -self._signalled if self._signalled else 0
         return self.returncode
 
     def wait(self, timeout=None):
@@ -206,6 +201,8 @@ class ForkedKernel:
         pid = self.wait_started(timeout=60)
         if pid is None or self.poll() is not None:
             return
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            self._signalled = signum
         try:
             os.killpg(pid, signum)
         except OSError:
@@ -223,63 +220,29 @@ class ForkServer:
 
     def __init__(self, python_argv, preload, env=None):
         import subprocess
-        ours, theirs = socket.socketpair()
-        exits_r, exits_w = os.pipe()
-        self._sock = ours
-        self._exits_r = exits_r
+        self._sock, theirs = socket.socketpair()
         self._lock = threading.Lock()
         self._next_id = 0
         self._waiting = {}  # request id -> ForkedKernel
-        self._exits = {}  # pid -> exit code
         self.ready = None  # the server's report once its preload ran
         self.closed = False
         try:
             self.process = subprocess.Popen(
-                [*python_argv, "-m", "pipeline.kernelfork", str(theirs.fileno()), str(exits_w),
-                 preload], pass_fds=[theirs.fileno(), exits_w], stdin=subprocess.DEVNULL,
-                env=env)
+                [*python_argv, "-m", "pipeline.kernelfork", str(theirs.fileno()), preload],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         except BaseException:
-            ours.close()
-            os.close(exits_r)
+            self._sock.close()
             raise
         finally:
             theirs.close()
-            os.close(exits_w)
         self._reader = threading.Thread(target=self._read, name="kernelfork-reader", daemon=True)
         self._reader.start()
 
     def _read(self):
-        """The reader thread: answers from the socket, exits from the pipe."""
-        import selectors
-        selector = selectors.DefaultSelector()
-        selector.register(self._sock, selectors.EVENT_READ, "socket")
-        selector.register(self._exits_r, selectors.EVENT_READ, "exits")
-        buffers = {"socket": b"", "exits": b""}
-        while selector.get_map():
-            for key, _ in selector.select():
-                try:
-                    data = (self._sock.recv(1 << 16) if key.data == "socket"
-                            else os.read(self._exits_r, 1 << 16))
-                except OSError:
-                    data = b""
-                if not data:
-                    selector.unregister(key.fileobj)
-                    if key.data == "socket":
-                        self._server_gone()
-                    continue
-                buffers[key.data] += data
-                while b"\n" in buffers[key.data]:
-                    line, buffers[key.data] = buffers[key.data].split(b"\n", 1)
-                    if key.data == "socket":
-                        self._dispatch(json.loads(line))
-                    else:
-                        pid, code = map(int, line.split())
-                        with self._lock:
-                            self._exits[pid] = code
-        selector.close()
-        os.close(self._exits_r)
-
-    def _server_gone(self):
+        """The reader thread: the server's answers, until it closes the socket."""
+        with contextlib.suppress(OSError), self._sock.makefile("rb") as lines:
+            for line in lines:
+                self._dispatch(json.loads(line))
         with self._lock:
             self.closed = True
             waiting, self._waiting = list(self._waiting.values()), {}
@@ -298,19 +261,6 @@ class ForkServer:
             kernel._forked(message["pid"])
         else:
             kernel._fallback(message.get("error") or "no reason given")
-
-    def exit_code(self, pid):
-        """A forked kernel's exit code, or None while it runs."""
-        with self._lock:
-            if pid in self._exits:
-                return self._exits[pid]
-            server_gone = self.closed
-        if server_gone:  # nobody reaps it any more: an orphan, adopted by init
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return 0
-        return None
 
     def request(self, args, env, cwd, launch):
         """Ask for a forked kernel; returns its ForkedKernel at once (``launch``: the fallback)."""
@@ -486,4 +436,4 @@ class ForkProvisioner(LocalProvisioner):
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    serve(int(sys.argv[1]), sys.argv[2])
