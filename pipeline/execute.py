@@ -102,7 +102,8 @@ def kernel_spec(step):
         return name, KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
         raise UsageError(f"Jupyter kernel {name!r} (named by {path.name}) is not installed: run "
-                         "`make kernel` (python -m pipeline.kernelspec --sys-prefix)") from None
+                         f"`make kernel` (jupyter kernelspec install --sys-prefix --name {name} "
+                         "pipeline/kernel)") from None
 
 
 def select_steps(from_step=None, only=None):

@@ -9,7 +9,7 @@ but imports (no notebook code, no torch operation, no CUDA).
 
 jupyter_client finds ``ForkProvisioner`` through the entry point group
 ``jupyter_client.kernel_provisioners`` (name ``caffe2torch-fork``) when a kernelspec's metadata
-names it (``python -m pipeline.kernelspec`` installs such a kernelspec): Jupyter Lab, papermill
+names it (``pipeline/kernel/kernel.json``, which `make kernel` installs): Jupyter Lab, papermill
 and run_all.py all get it the same way. One server per Python, preload and environment lives as
 long as the process that started it (Jupyter's server, run_all.py). When the server cannot fork
 (its preload failed, it left a thread running, it died) the kernel is launched the usual way, so

@@ -10,12 +10,15 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
 from jupyter_client import KernelManager
 
-from pipeline import kernelfork, kernelspec
+from pipeline import kernelfork
+
+KERNEL = Path(kernelfork.__file__).with_name("kernel")  # make kernel installs it
 
 MARK = ("import sys, types\n"
         "sys.modules['c2t_preloaded'] = types.ModuleType('c2t_preloaded')")
@@ -36,12 +39,19 @@ def ensure_entry_point(folder, monkeypatch):
     monkeypatch.syspath_prepend(str(folder))
 
 
-def fork_kernelspec(tmp_path, monkeypatch, name, preload):
-    """Install kernelspec ``name`` (this Python's ipykernel, forked after ``preload``) into a
-    temporary JUPYTER_PATH."""
+def fork_kernelspec(tmp_path, monkeypatch, name, preload=None):
+    """Install the project's kernelspec as ``name`` into a temporary JUPYTER_PATH, with another
+    ``preload`` if given, as `make kernel` does (``jupyter kernelspec install``)."""
+    from jupyter_client.kernelspec import KernelSpecManager
     ensure_entry_point(tmp_path / "site", monkeypatch)
+    spec = json.loads((KERNEL / "kernel.json").read_text())
+    if preload is not None:
+        spec["metadata"]["kernel_provisioner"]["config"]["preload"] = preload
+    source = tmp_path / "source" / name
+    source.mkdir(parents=True)
+    (source / "kernel.json").write_text(json.dumps(spec))
     prefix = tmp_path / "prefix"
-    kernelspec.install(name, display_name=name, prefix=str(prefix), preload=preload)
+    KernelSpecManager().install_kernel_spec(str(source), name, prefix=str(prefix))
     monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
     return prefix / "share" / "jupyter" / "kernels" / name
 
@@ -85,12 +95,13 @@ def _gone(pid, within=10.0):
 
 
 def test_the_kernelspec_names_the_provisioner(tmp_path, monkeypatch):
-    folder = fork_kernelspec(tmp_path, monkeypatch, "c2t-spec-test", "import json")
-    spec = json.loads((folder / "kernel.json").read_text())
-    assert spec["metadata"]["kernel_provisioner"] == {
-        "provisioner_name": "caffe2torch-fork", "config": {"preload": "import json"}}
-    assert spec["metadata"]["debugger"] is True  # ipykernel's own metadata stays
-    assert spec["argv"][:3] == [sys.executable, "-m", "ipykernel_launcher"]
+    fork_kernelspec(tmp_path, monkeypatch, "c2t-spec-test")
+    km = KernelManager(kernel_name="c2t-spec-test")
+    assert km.kernel_spec.metadata["kernel_provisioner"]["provisioner_name"] == "caffe2torch-fork"
+    # jupyter_client runs "python" as the Python it runs in: the venv's, for Jupyter and run_all
+    assert km.format_kernel_cmd()[0] == sys.executable
+    split = kernelfork.launcher_command(km.format_kernel_cmd())
+    assert split[0] == [sys.executable, "-Xfrozen_modules=off"]
 
 
 def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):

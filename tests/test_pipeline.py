@@ -14,7 +14,7 @@ from mnist_idx import load_mnist_test
 from test_kernelfork import fork_kernelspec
 
 from caffe2torch.binaries.make_mnist_db import write_mnist_db
-from pipeline import history, kernelspec, params
+from pipeline import history, params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def env(tmp_path_factory):
     """The environment of a run_all.py whose ``caffe2torch`` kernelspec names the provisioner."""
     tmp = tmp_path_factory.mktemp("kernels")
     with pytest.MonkeyPatch.context() as mp:
-        fork_kernelspec(tmp, mp, "caffe2torch", kernelspec.PRELOAD)
+        fork_kernelspec(tmp, mp, "caffe2torch")  # the project's, as `make kernel` installs it
         site = [str(tmp / "site")] if (tmp / "site").exists() else []  # the entry point
         yield {**os.environ, "JUPYTER_PATH": os.environ["JUPYTER_PATH"], "PYTHONPATH": os.pathsep
                .join([str(REPO), *site, *filter(None, [os.environ.get("PYTHONPATH")])])}
