@@ -10,13 +10,16 @@ work with the same parameters (default: params/default.yaml, i.e. the notebooks'
 A third side, ``run_all.py --fresh-kernels`` (every kernel a new Python process instead of a
 fork of the kernel fork server), shows what the fork provisioner saves. They run alternately,
 ``--repeats`` times each; the best time of each side is compared (the least disturbed on a
-shared machine). Target: pipeline / plain <= 1.3.
+shared machine). Target: pipeline / plain <= 1.3. The CPU seconds of each side (its whole process
+tree: every process is waited for by its parent) are printed too: on a busy machine they say
+more than wall time.
 
 Usage: python bench/pipeline_overhead.py [-f params/default.yaml] [--repeats 3]
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,13 +50,36 @@ for step in params.STEPS:
 
 
 def timed(cmd, env):
-    """Wall seconds of a command (it must succeed)."""
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of its process tree) of a command (it must succeed)."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} ... failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def kernel_start(kernel_name, fork):
+    """(wall s until a kernel has imported what the notebooks import, that kernel's CPU s)."""
+    from jupyter_client import KernelManager
+    os.environ["CAFFE2TORCH_FORK_KERNELS"] = "1" if fork else "0"
+    start = time.perf_counter()
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    out = []
+    try:
+        kc.wait_for_ready(120)
+        kc.execute_interactive(
+            "import time, torch, matplotlib.pyplot, caffe2torch.ops; print(time.process_time())",
+            timeout=300, output_hook=lambda m: out.append(m["content"].get("text", ""))
+            if m["msg_type"] == "stream" else None)
+        return time.perf_counter() - start, float("".join(out))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        del os.environ["CAFFE2TORCH_FORK_KERNELS"]
 
 
 def main():
@@ -66,8 +92,15 @@ def main():
     from jupyter_client.kernelspec import KernelSpecManager
 
     from pipeline import execute, kernelfork
-    spec = KernelSpecManager().get_kernel_spec(execute.kernel_spec("download")[0])
+    spec_name = execute.kernel_spec("download")[0]
+    spec = KernelSpecManager().get_kernel_spec(spec_name)
     forks = kernelfork._config(spec) is not None
+    kernelfork.warm(spec)
+    starts = {True: [], False: []}
+    for _ in range(args.repeats):
+        for fork in (True, False):
+            starts[fork].append(kernel_start(spec_name, fork))
+    kernelfork.close_all()
     env = dict(os.environ, MPLBACKEND="Agg")
     run_all = [sys.executable, "run_all.py", "-f", args.params_file, "-p", "device=cpu", "-q"]
     times = {"pipeline": [], "plain": [], "fresh": []}
@@ -81,12 +114,12 @@ def main():
             times["fresh"].append(timed(
                 [*run_all, "--outputs", f"{tmp}/fresh", "--run-id", f"fresh{i}",
                  "--fresh-kernels"], env))
-            print(f"repeat {i}: pipeline {times['pipeline'][-1]:.1f} s, plain "
-                  f"{times['plain'][-1]:.1f} s, pipeline --fresh-kernels "
-                  f"{times['fresh'][-1]:.1f} s",
-                  flush=True)
+            print(f"repeat {i} (wall s, CPU s): " + ", ".join(
+                f"{side} {times[side][-1][0]:.1f}, {times[side][-1][1]:.1f}" for side in times),
+                flush=True)
         run = json.loads(Path(f"{tmp}/outputs/bench{args.repeats - 1}/run.json").read_text())
-    best = {side: min(values) for side, values in times.items()}
+    best = {side: min(w for w, _ in values) for side, values in times.items()}
+    cpu = {side: min(c for _, c in values) for side, values in times.items()}
     ratio = best["pipeline"] / best["plain"]
     steps = ", ".join(f"{s['name']} {s['seconds']:.1f} ({s.get('kernel')})" for s in run["steps"])
     print(f"params: {args.params_file}; cpus: {os.cpu_count()}; load average "
@@ -97,7 +130,14 @@ def main():
     print(f"plain Python (best of {args.repeats}): {best['plain']:.1f} s")
     print(f"run_all.py --fresh-kernels (best of {args.repeats}): {best['fresh']:.1f} s; "
           f"ratio {best['fresh'] / best['plain']:.2f} (no fork server)")
-    paired = sorted(a / b for a, b in zip(times["pipeline"], times["plain"]))
+    print(f"CPU seconds (best of {args.repeats}): pipeline {cpu['pipeline']:.1f}, plain "
+          f"{cpu['plain']:.1f}, --fresh-kernels {cpu['fresh']:.1f}; ratios "
+          f"{cpu['pipeline'] / cpu['plain']:.2f} and {cpu['fresh'] / cpu['plain']:.2f}")
+    for fork, name in ((True, "forked"), (False, "new process")):
+        print(f"one kernel, {name} (best of {args.repeats}): "
+              f"{min(w for w, _ in starts[fork]):.2f} s until it has imported torch, matplotlib "
+              f"and caffe2torch.ops, {min(c for _, c in starts[fork]):.2f} CPU s in the kernel")
+    paired = sorted(a[0] / b[0] for a, b in zip(times["pipeline"], times["plain"]))
     print(f"ratio pipeline / plain: {ratio:.2f} (target <= {TARGET}: "
           f"{'met' if ratio <= TARGET else 'NOT met'}); median of the paired ratios "
           f"{paired[len(paired) // 2]:.2f}")

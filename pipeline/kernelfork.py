@@ -320,7 +320,8 @@ _launches = []  # the ForkedKernels (or None: a normal launch) started in this p
 
 def _env_key(env):
     # jupyter_server and jupyter_client set JPY_* per kernel; the rest is what the imports saw
-    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith("JPY_")))
+    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith("JPY_")
+                        and k != DISABLE))
 
 
 def server_for(python_argv, preload, env):
@@ -358,7 +359,11 @@ def warm(kernel_spec):
     """Start the fork server that ``kernel_spec``'s kernels will use, so that its imports run
     while the caller does other work; nothing when the kernelspec names another provisioner."""
     config = _config(kernel_spec)
-    split = launcher_command(kernel_spec.argv)
+    argv = list(kernel_spec.argv)
+    if argv and argv[0] in {"python", f"python{sys.version_info[0]}",
+                            "python{}.{}".format(*sys.version_info[:2])}:
+        argv[0] = sys.executable  # as jupyter_client's KernelManager.format_kernel_cmd does
+    split = launcher_command(argv)
     if config is None or split is None or os.environ.get(DISABLE) == "0":
         return None
     try:

@@ -104,12 +104,15 @@ def test_the_kernelspec_names_the_provisioner(tmp_path, monkeypatch):
     assert split[0] == [sys.executable, "-Xfrozen_modules=off"]
 
 
-def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):
-    km, kc = _start(spec, tmp_path, C2T_FORK_TEST="hello")
+def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("C2T_FORK_TEST", "hello")
+    warmed = kernelfork.warm(KernelManager(kernel_name=spec).kernel_spec)
+    km, kc = _start(spec, tmp_path)
     try:
         assert isinstance(km.provisioner, kernelfork.ForkProvisioner)
         process = km.provisioner.process
         server = process._server
+        assert server is warmed and warmed.ready == {"ready": True, "error": None}
         pid = process.wait_started(30)
         assert process.forked is True and kernelfork.last_launch() == "forked"
         out, reply = _run(kc, "import os, sys, subprocess, signal\n"
@@ -126,7 +129,7 @@ def test_a_forked_kernel_runs_where_and_as_a_new_one_would(spec, tmp_path):
         assert int(ppid) == server.process.pid and leader == "True"
         assert int(pid) == process.wait_started()
         assert second == "3 True"  # its children are its own: SIGCHLD is back to the default
-        km2, kc2 = _start(spec, tmp_path, C2T_FORK_TEST="hello")  # the same server again
+        km2, kc2 = _start(spec, tmp_path)  # the same server again
         assert km2.provisioner.process._server is server
         kc2.stop_channels()
         km2.shutdown_kernel(now=True)
