@@ -15,6 +15,7 @@ long as the process that started it (Jupyter's server, run_all.py). When the ser
 (its preload failed, it left a thread running, it died) the kernel is launched the usual way, so
 nothing fails because of it. ``CAFFE2TORCH_FORK_KERNELS=0`` turns forking off.
 """
+import collections
 import contextlib
 import json
 import os
@@ -315,7 +316,7 @@ NAME = "caffe2torch-fork"  # the entry point's name, in kernelspecs' metadata
 DISABLE = "CAFFE2TORCH_FORK_KERNELS"  # "0": launch every kernel as a new process
 _servers = {}  # (python argv, preload, environment) -> ForkServer
 _servers_lock = threading.Lock()
-_launches = []  # the ForkedKernels (or None: a normal launch) started in this process, in order
+_launches = collections.deque(maxlen=1)  # the last ForkedKernel, or None: a normal launch
 
 
 def _env_key(env):
