@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-mnist.txt $(wild
 venv: $(VENV)/.installed
 
 # The Jupyter kernel the notebooks run on (papermill and `make lab` both use it).
-$(VENV)/.kernel: $(VENV)/.installed
-	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (caffe2torch)" >/dev/null
+$(VENV)/.kernel: $(VENV)/.installed pipeline/kernel/kernel.json
+	$(VENV)/bin/jupyter kernelspec install --sys-prefix --replace --name $(KERNEL) pipeline/kernel >/dev/null
 	touch $@
 
 kernel: $(VENV)/.kernel
@@ -57,7 +57,8 @@ dist: $(VENV)/.installed
 # Jupyter refuses to run as root unless told; containers and these machines often are root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(VENV)/.kernel
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --no-browser $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=. --no-browser $(LAB_ARGS) \
+	    --LabApp.default_url=/lab/tree/notebooks
 
 # The published figures: each script prints its ratios measured side by side.
 bench: $(VENV)/.kernel

@@ -22,7 +22,7 @@ from caffe2torch.db import open_db
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, workspace
 from caffe2torch.python.predictor import predictor_exporter as pe
-from mnist_tutorial import runner
+from pipeline import params
 from tutorial import NET_FILES, NOTEBOOKS, PARAMS, cell_texts, run_notebook, write_small_mnist
 
 TYPES = {int: "int", float: "float", str: "str"}
@@ -49,7 +49,7 @@ CAFFE2_CALLS = {
 
 
 def _notebook(step):
-    return nbformat.read(str(NOTEBOOKS / runner.NOTEBOOKS[step]), as_version=4)
+    return nbformat.read(str(NOTEBOOKS / params.notebook_path(step).name), as_version=4)
 
 
 def _code(step):
@@ -59,10 +59,11 @@ def _code(step):
 # --- the committed notebooks -------------------------------------------------------------------
 
 def test_the_notebooks_are_exactly_the_steps():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(runner.NOTEBOOKS.values())
+    names = sorted(params.notebook_path(s).name for s in params.STEPS)
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == names
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
+@pytest.mark.parametrize("step", params.STEPS)
 def test_committed_without_outputs(step):
     nb = _notebook(step)
     nbformat.validate(nb)
@@ -72,10 +73,10 @@ def test_committed_without_outputs(step):
             assert cell.execution_count is None, f"{step}: a code cell carries an execution count"
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
+@pytest.mark.parametrize("step", params.STEPS)
 def test_layout_markdown_then_parameters_then_the_tutorials_cells(step):
     nb = _notebook(step)
-    assert nb.metadata.kernelspec.name == runner.KERNEL_NAME
+    assert nb.metadata.kernelspec.name == "caffe2torch"
     assert nb.cells[0].cell_type == "markdown"
     assert nb.cells[1].cell_type == "code" and "parameters" in nb.cells[1].metadata.get("tags", [])
     assert len([c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]) == 1
@@ -90,7 +91,7 @@ def test_layout_markdown_then_parameters_then_the_tutorials_cells(step):
 
 def test_the_model_is_defined_once_in_the_build_notebook():
     defined = {}
-    for step in runner.STEPS:
+    for step in params.STEPS:
         for source in _code(step):
             # IPython magics (%matplotlib inline) are not Python
             tree = ast.parse(re.sub(r"^%.*$", "", source, flags=re.M))
@@ -100,28 +101,27 @@ def test_the_model_is_defined_once_in_the_build_notebook():
     assert defined == dict.fromkeys(MODEL_FUNCTIONS, "build")
 
 
-@pytest.mark.parametrize("step", runner.STEPS)
-def test_parameters_agree_with_the_schema(step):
-    declared = papermill.inspect_notebook(str(NOTEBOOKS / runner.NOTEBOOKS[step]))
+@pytest.mark.parametrize("step", params.STEPS)
+def test_parameters_are_typed_literals_with_help(step):
+    declared = papermill.inspect_notebook(str(NOTEBOOKS / params.notebook_path(step).name))
     assert "run_dir" in declared
+    schema = params.schema()  # the pipeline's schema is read from these cells
     for name, info in declared.items():
-        if name in runner.INJECTED:
+        if name in params.INJECTED:
             continue
-        spec = runner.SCHEMA[name]
-        assert not spec.runner_only, f"{name} is runner-only but {step} declares it"
-        assert info["inferred_type_name"] == TYPES[spec.type], name
-        assert ast.literal_eval(info["default"]) == spec.default, name
+        assert info["inferred_type_name"] == schema[name].type.__name__, name
+        assert ast.literal_eval(info["default"]) == schema[name].default, name
         assert info["help"], f"{step}: {name} has no comment"
 
 
 def test_a_parameter_has_one_default_and_help_in_every_notebook():
     seen = {}
-    for step in runner.STEPS:
+    for step in params.STEPS:
         for name, info in papermill.inspect_notebook(
-                str(NOTEBOOKS / runner.NOTEBOOKS[step])).items():
+                str(params.notebook_path(step))).items():
             entry = (info["inferred_type_name"], info["default"], info["help"])
             assert seen.setdefault(name, entry) == entry, f"{name} differs in {step}"
-    wanted = {name for name, spec in runner.SCHEMA.items() if not spec.runner_only}
+    wanted = {name for name, spec in params.schema().items() if spec.steps}
     assert wanted <= set(seen), wanted - set(seen)
 
 

@@ -1,9 +1,5 @@
-"""run_all.py: parameter checks (exit 2 before any kernel), papermill wiring, history, locks.
-
-The whole pipeline with kernels is in test_pipeline.py; here no test starts a kernel except the
-one CLI subprocess, which fails before it would.
-"""
-import fcntl
+"""run_all.py: parameters from the notebooks (exit 2 before any kernel), papermill wiring,
+run.json, the console, locks. No test here starts a kernel; test_pipeline.py runs real ones."""
 import json
 import shutil
 import subprocess
@@ -12,29 +8,29 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from filelock import FileLock
 
-from mnist_tutorial import runner
+from pipeline import cli, execute, history, kernelfork, params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    """Fail the test if any notebook would be executed."""
+    """Fail the test if any notebook would be executed; no fork server is warmed either (a real
+    one is warmed before the checks, so that its imports overlap papermill's)."""
     import papermill
 
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was started")
     monkeypatch.setattr(papermill, "execute_notebook", refuse)
-    monkeypatch.setattr(runner, "run_step", refuse)
-    monkeypatch.setattr(runner.KernelStarter, "_start", refuse)
-    monkeypatch.setattr(runner.KernelStarter, "prepare", refuse)  # no kernel fork server either
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
 
 
 def _main(capsys, *args):
     try:
-        code = runner.main(list(args))
-    except SystemExit as e:  # argparse's own usage errors
+        code = cli.main(list(args))
+    except SystemExit as e:  # argparse's own usage errors, --version
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -42,10 +38,11 @@ def _main(capsys, *args):
 
 BAD = [
     (["-p", "train_iters=0"], "train_iters"),
-    (["-p", "train_iters=abc"], "train_iters"),
+    (["-p", "train_iters", "abc"], "train_iters"),
     (["-p", "train_iters=1.5"], "train_iters"),
     (["-p", "seed=true"], "seed"),
     (["-p", "base_lr=0.1"], "base_lr"),
+    (["-p", "base_lr=nan"], "base_lr"),
     (["-p", "gamma=0"], "gamma"),
     (["-p", "min_test_accuracy=1.5"], "min_test_accuracy"),
     (["-p", "lr_policy=multistep"], "lr_policy"),
@@ -55,14 +52,18 @@ BAD = [
     (["-p", "start_timeout=-5"], "start_timeout"),
     (["-p", "data_dir="], "data_dir"),
     (["-p", "trian_iters=5"], "trian_iters"),
+    (["-p", "run_dir=/elsewhere"], "run_dir"),
     (["-p", "api_key=abc123"], "api_key"),
-    (["-p", "db_password=hunter2"], "db_password"),
+    (["-p", "db_password", "hunter2"], "db_password"),
     (["-p", "GITHUB_TOKEN=x"], "GITHUB_TOKEN"),
-    (["-p", "aws_secret_access=x"], "aws_secret_access"),
-    (["-p", "train_iters"], "train_iters"),
+    (["-y", "train_iters: -3"], "train_iters"),
+    (["-y", "[1, 2]"], "-y"),
     (["--only", "build,bogus"], "bogus"),
     (["--run-id", "../escape"], "--run-id"),
     (["--run-id", "latest"], "--run-id"),
+    (["--run-id", "index.html"], "--run-id"),
+    (["--run-id", "runs.jsonl"], "--run-id"),
+    (["--run-id", "r1\n"], "--run-id"),
 ]
 
 
@@ -73,6 +74,12 @@ def test_bad_parameters_exit_2_before_any_kernel(args, key, tmp_path, capsys, no
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run_all.py: error:") and key in lines[0]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args", [["-p", "train_iters"], ["-p", "a", "b", "c"], ["-p", "=5"]])
+def test_malformed_p_is_a_usage_error(args, capsys, no_kernel):
+    code, _, err = _main(capsys, *args)
+    assert code == 2 and "expected -p KEY VALUE or -p KEY=VALUE" in err
 
 
 @pytest.mark.parametrize("content,key", [
@@ -90,24 +97,51 @@ def test_bad_params_files_exit_2(content, key, tmp_path, capsys, no_kernel):
     assert code == 2 and key in err and str(path) in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_params_file_and_bad_step_names(tmp_path, capsys, no_kernel):
-    code, _, err = _main(capsys, "-f", str(tmp_path / "nope.yaml"))
-    assert code == 2 and "nope.yaml" in err
-    code, _, err = _main(capsys, "--from", "bogus")
-    assert code == 2 and "bogus" in err
+def test_papermill_forms_and_order_of_layers(tmp_path, capsys, no_kernel):
+    """-p KEY VALUE, -p KEY=VALUE, -y and -f layer in the order given: the last one wins."""
+    code, out, _ = _main(capsys, "-f", str(REPO / "params/smoke.yaml"), "-p", "train_iters", "7",
+                         "-y", "seed: 5\ntest_iters: 2", "-p", "test_iters=3", "--dry-run",
+                         "--run-id", "plan", "--outputs", str(tmp_path / "out"))
+    assert code == 0
+    assert "train: notebooks/03_train.ipynb with {'seed': 5, 'train_iters': 7, 'print_every': 5}" \
+        in out
+    assert "test: notebooks/04_test.ipynb with {'test_iters': 3, 'min_test_accuracy': 0.0}" in out
+    assert "export: notebooks/05_export.ipynb with {}" in out  # only what each notebook declares
+    assert not (tmp_path / "out").exists()
+    code, out, _ = _main(capsys, "-y", "train_iters: 9", "-f", str(REPO / "params/smoke.yaml"),
+                         "--dry-run", "--only", "download,build,train")
+    assert code == 0 and "'train_iters': 20" in out  # the file came last
+
+
+def test_version_and_list(capsys, no_kernel):
+    code, out, _ = _main(capsys, "--version")
+    assert code == 0 and out.startswith("run_all.py (caffe2torch ") and "papermill 2." in out
+    code, out, _ = _main(capsys, "--list")
+    assert code == 0 and all(f"notebooks/{params.notebook_path(s).name}" in out
+                             for s in params.STEPS)
+    assert "train_iters        int   200" in out and "cell_timeout" in out
 
 
 def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
-    monkeypatch.setattr(runner, "cuda_available", lambda probe: False)
+    fake_probe = subprocess.Popen([sys.executable, "-c", "print(False)"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    monkeypatch.setattr(execute, "cpu_only_torch", lambda: False)
+    monkeypatch.setattr(execute, "probe_cuda", lambda: fake_probe)
     code, _, err = _main(capsys, "-f", str(REPO / "params/gpu.yaml"), "--outputs", str(tmp_path))
     assert code == 2 and "cuda" in err and "no GPU" in err
-    code, out, _ = _main(capsys, "-p", "device=auto", "--dry-run", "--outputs", str(tmp_path))
-    assert code == 0 and "on cpu" in out
     # a CPU-only torch build ("+cpu") needs no probe at all
-    monkeypatch.setattr(runner, "cpu_only_torch", lambda: True)
-    monkeypatch.setattr(runner, "probe_cuda", lambda: pytest.fail("probed a CPU-only torch"))
+    monkeypatch.setattr(execute, "cpu_only_torch", lambda: True)
+    monkeypatch.setattr(execute, "probe_cuda", lambda: pytest.fail("probed a CPU-only torch"))
     code, _, err = _main(capsys, "-p", "device=cuda", "--outputs", str(tmp_path))
     assert code == 2 and "CPU-only build" in err
+    code, out, _ = _main(capsys, "-p", "device=auto", "--dry-run", "--outputs", str(tmp_path))
+    assert code == 0 and "on cpu" in out and "'device': 'cpu'" in out
+
+
+def test_the_gpu_probe_asks_torch_in_a_child_process():
+    import torch
+    assert execute.resolve_device("auto", execute.probe_cuda()) == (
+        "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_starting_mid_pipeline_needs_the_earlier_steps(tmp_path, capsys, no_kernel):
@@ -117,129 +151,189 @@ def test_starting_mid_pipeline_needs_the_earlier_steps(tmp_path, capsys, no_kern
     assert code == 2 and "step build has not succeeded" in err
 
 
-def test_the_gpu_probe_asks_torch_in_a_child_process():
-    probe = runner.probe_cuda()
-    import torch
-    assert runner.cuda_available(probe) == torch.cuda.is_available()
-
-
 def test_cli_exit_code_and_message():
-    result = subprocess.run([sys.executable, "run_all.py", "-p", "train_iters=-1"], cwd=REPO,
+    result = subprocess.run([sys.executable, "run_all.py", "-p", "train_iters", "-1"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("run_all.py: error: parameter 'train_iters' (from -p) must be "
                                      ">= 1 and <= 10,000,000, got -1")
 
 
-def test_overrides_and_files_layer_on_the_defaults(tmp_path):
-    smoke = runner.resolve_params([REPO / "params/smoke.yaml"], ["seed=7", "base_lr=-5e-2"])
-    assert smoke["train_iters"] == 20 and smoke["seed"] == 7 and smoke["base_lr"] == -0.05
-    assert smoke["train_batch_size"] == 64  # schema default
-    default = runner.resolve_params([REPO / "params/default.yaml"])
-    assert default == {name: spec.default for name, spec in runner.SCHEMA.items()}
-    full = runner.resolve_params([REPO / "params/full.yaml"])
-    assert full["train_iters"] > default["train_iters"] and full["min_test_accuracy"] >= 0.99
+def test_defaults_are_the_notebooks_and_files_only_override():
+    defaults = params.defaults()
+    assert params.resolve([("f", params.load_file(REPO / "params/default.yaml"))]) == defaults
+    smoke = params.resolve([("f", params.load_file(REPO / "params/smoke.yaml"))])
+    assert smoke["train_iters"] == 20 and smoke["train_batch_size"] == defaults["train_batch_size"]
+    for path in [*REPO.glob("params/*.yaml"), REPO / "deploy/base/params.yaml"]:
+        for name, value in params.load_file(path).items():  # overrides only, each one checked
+            assert value != defaults[name], f"{path.name} repeats the default of {name}"
+            params.check_param(params.schema(), name, value, path.name)
     # strings stay strings: a data_dir named 2024 is not the integer 2024
-    assert runner.resolve_params([], ["data_dir=2024"])["data_dir"] == "2024"
+    assert params.resolve([("-p", {"data_dir": params.parse_value(params.schema(), "data_dir",
+                                                                  "2024")})])["data_dir"] == "2024"
 
 
-def test_list_and_dry_run(tmp_path, capsys, no_kernel):
+def _edit_parameters_cell(notebook, edit):
+    nb = nbformat.read(str(notebook), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = edit(cell.source)
+    nbformat.write(nb, str(notebook))
+
+
+def test_a_notebook_default_is_the_one_home_of_a_parameter(tmp_path, monkeypatch, capsys,
+                                                           no_kernel):
+    """Change a default (and add a parameter) in a copy of a notebook's parameters cell: --list,
+    validation, the plan and the README table follow with no other edit."""
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(params.NOTEBOOK_DIR, notebooks)
+    train = params.notebook_path("train", notebooks)
+    _edit_parameters_cell(train, lambda s: s
+                          .replace("train_iters: int = 200", "train_iters: int = 321")
+                          .replace("print_every: int = 25", "print_every: float = 2.5")
+                          + "\nmomentum: float = 0.9  # SGD momentum, new in this copy")
+    assert "train_iters: int = 321" in nbformat.read(str(train), as_version=4).cells[1].source
+    monkeypatch.setattr(params, "NOTEBOOK_DIR", notebooks)
     code, out, _ = _main(capsys, "--list")
-    assert code == 0 and all(step in out for step in runner.STEPS) and "min_test_accuracy" in out
-    code, out, _ = _main(capsys, "-f", str(REPO / "params/smoke.yaml"), "--dry-run",
-                         "--run-id", "plan", "--outputs", str(tmp_path / "out"))
-    assert code == 0 and "train_iters': 20" in out
-    # each step gets only what its notebook declares
-    assert "export: notebooks/05_export.ipynb with {'run_dir':" in out
-    assert not (tmp_path / "out").exists()
+    assert "train_iters        int   321" in out and "momentum           float 0.9" in out
+    assert "SGD momentum, new in this copy" in out
+    assert params.defaults()["train_iters"] == 321
+    code, out, _ = _main(capsys, "--dry-run", "-p", "momentum=0.5", "-p", "print_every=0.5")
+    assert code == 0 and "'train_iters': 321, 'print_every': 0.5, 'momentum': 0.5" in out
+    code, _, err = _main(capsys, "-p", "momentum=fast")
+    assert code == 2 and "'momentum' (from -p) must be a number" in err
+    table = params.markdown_table()
+    assert "| `train_iters` | int | `321` | train |" in table and "| `momentum` | float |" in table
+    assert params.readme_with_table((REPO / "README.md").read_text()) != \
+        (REPO / "README.md").read_text()  # the README's table would need regenerating
+
+
+def test_notebooks_that_disagree_on_a_shared_parameter_are_refused(tmp_path, monkeypatch,
+                                                                  capsys, no_kernel):
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(params.NOTEBOOK_DIR, notebooks)
+    _edit_parameters_cell(params.notebook_path("train", notebooks),
+                          lambda s: s.replace("seed: int = 0", "seed: int = 1"))
+    monkeypatch.setattr(params, "NOTEBOOK_DIR", notebooks)
+    code, _, err = _main(capsys, "--list")
+    assert code == 2 and "02_build.ipynb and 03_train.ipynb disagree on 'seed'" in err
+
+
+def test_the_rules_table_names_only_declared_parameters():
+    declared = params.schema()
+    assert set(params.RULES) <= set(declared), set(params.RULES) - set(declared)
+    for name, rules in params.RULES.items():
+        assert rules.get("owner") in (None, *declared[name].steps), name
+    assert all(declared[name].steps == () for name in params.OPTIONS)  # no notebook's
+
+
+def test_the_readme_table_is_generated():
+    readme = (REPO / "README.md").read_text()
+    assert params.readme_with_table(readme) == readme, \
+        "README's parameters table is stale: run python -m pipeline.params --readme"
 
 
 @pytest.fixture
 def fake_papermill(monkeypatch):
-    """Record papermill's arguments; 'execute' by copying the notebook, or fail like papermill."""
+    """Record papermill's arguments; 'execute' by copying the notebook and printing through
+    stdout_file, or fail like papermill when test_iters is 13."""
     import papermill
     calls = []
-    started, stopped = [], []
-    monkeypatch.setattr(runner.KernelStarter, "_start", lambda self, step: started.append(step) or
-                        f"kernel{len(started)}")
-    monkeypatch.setattr(runner.KernelStarter, "stop", staticmethod(stopped.append))
-    monkeypatch.setattr(runner.KernelStarter, "prepare", lambda self, spec: None)
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
 
-    def execute(input_path, output_path, parameters=None, **kwargs):
+    def execute_notebook(input_path, output_path, parameters=None, **kwargs):
         calls.append({"input": input_path, "parameters": parameters, **kwargs})
         nb = nbformat.read(input_path, as_version=4)
         nbformat.write(nb, output_path)
+        kwargs["on_cell_execute"](cell=None, cell_index=0)
+        kwargs["stdout_file"].write("".join(f"line {i}\n" for i in range(45)))
+        kwargs["on_cell_execute"](cell=None, cell_index=1)
+        kwargs["stdout_file"].write("a second cell\n")
+        step = Path(input_path).stem.split("_", 1)[1]
+        ws = Path(parameters["run_dir"]) / "workspace"
+        (ws / f"metrics_{step}.json").write_text(json.dumps({f"{step}_number": 1.5}))
         if parameters.get("test_iters") == 13:
-            raise papermill.PapermillExecutionError(4, 3, "steps.test()", "StepError",
-                                                    "boom", ["Traceback"])
-    monkeypatch.setattr(papermill, "execute_notebook", execute)
-    yield calls
-    assert sorted(stopped) == sorted(f"kernel{i}" for i in range(1, len(started) + 1))  # none left
+            raise papermill.PapermillExecutionError(4, 3, "check()", "AccuracyTooLow", "boom",
+                                                    ["Traceback"])
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    return calls
 
 
-def test_papermill_gets_the_kernel_timeouts_and_only_declared_parameters(
-        tmp_path, capsys, fake_papermill):
+def test_papermill_gets_timeouts_parameters_and_the_console(tmp_path, capsys, fake_papermill):
     out = tmp_path / "out"
-    code, stdout, _ = _main(capsys, "-p", "cell_timeout=77", "-p", "start_timeout=9",
+    code, stdout, _ = _main(capsys, "-p", "cell_timeout=77", "-p", "start_timeout", "9",
                             "--only", "download", "--run-id", "r1", "--outputs", str(out))
     assert code == 0
     (call,) = fake_papermill
-    assert call["km"] == "kernel1"  # the kernel started for it (no next step to start ahead)
-    assert call["kernel_name"] == "caffe2torch" and call["log_output"] is True
+    assert "km" not in call and "kernel_name" not in call  # papermill starts it from the notebook
     assert call["progress_bar"] is False and call["request_save_on_cell_execute"] is True
     assert call["execution_timeout"] == 77 and call["start_timeout"] == 9
+    assert call["cwd"] == str(out / "r1")
     assert call["parameters"] == {"run_dir": str(out / "r1"), "data_dir": "data",
                                   "data_source": "auto", "data_url": ""}
+    lines = stdout.splitlines()
+    assert lines[1] == "[1/5] download ... notebooks/01_download.ipynb"
+    assert lines[2] == "[download] line 0"
+    assert f"[download] line {execute.CONSOLE_LINES - 1}" in lines
+    assert f"[download] ... {45 - execute.CONSOLE_LINES} more lines in {out}/r1/01_download.ipynb" \
+        in lines
+    assert "[download] a second cell" in lines and "Executing" not in stdout
+    assert lines[-2].startswith("[1/5] download ... ") and lines[-2].endswith(" s")
     run = json.loads((out / "r1/run.json").read_text())
     assert run["status"] == "succeeded" and run["params"]["cell_timeout"] == 77
-    assert [s["name"] for s in run["steps"]] == ["download"]
+    assert [s["name"] for s in run["steps"]] == ["download"] and run["metrics"] == {
+        "download_number": 1.5}
+    assert run["overrides"] == ["cell_timeout=77", "start_timeout=9"]
     assert (out / "r1/01_download.html").exists()
     assert (out / "latest").resolve() == (out / "r1").resolve()
-    history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert history[0]["run_id"] == "r1" and history[0]["status"] == "succeeded"
-    assert "r1" in (out / "index.html").read_text()
+    assert [r["run_id"] for r in history.read_runs(out)] == ["r1"]
+    assert "r1/01_download.html" in (out / "index.html").read_text()
+    code, stdout, _ = _main(capsys, "-q", "--only", "download", "--run-id", "r0", "--outputs",
+                            str(out))
+    assert code == 0 and stdout.splitlines() == [stdout.splitlines()[-1]]  # only the result
+
+
+def test_run_json_says_running_while_a_step_runs(tmp_path, capsys, monkeypatch):
+    import papermill
+    seen = []
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
+
+    def execute_notebook(input_path, output_path, parameters=None, **kwargs):
+        seen.append(json.loads((Path(parameters["run_dir"]) / "run.json").read_text()))
+        nbformat.write(nbformat.read(input_path, as_version=4), output_path)
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    code, *_ = _main(capsys, "--only", "download", "--run-id", "r", "--outputs", str(tmp_path))
+    assert code == 0 and seen[0]["status"] == "running"
+    assert seen[0]["steps"][0] == {"name": "download", "status": "running", "seconds": None,
+                                   "notebook": "01_download.ipynb", "html": "01_download.html"}
 
 
 def test_a_failing_step_exits_1_naming_step_cell_and_notebook(tmp_path, capsys, fake_papermill):
     out = tmp_path / "out"
-    for step in runner.STEPS[:3]:  # pretend download, build and train ran in run r2
-        code, *_ = _main(capsys, "--only" if step == "download" else "--from", step,
-                         "--run-id", "r2", "--outputs", str(out))
+    code, *_ = _main(capsys, "--only", "download,build,train", "--run-id", "r2",
+                     "--outputs", str(out))
+    assert code == 0
     code, _, err = _main(capsys, "--from", "test", "-p", "test_iters=13", "--run-id", "r2",
                          "--outputs", str(out))
     assert code == 1, err
-    assert fake_papermill[-1]["km"] == "kernel9"  # kernel10, started for export, is stopped unused
-    assert "step test failed at cell 3: StepError: boom" in err
+    assert "step test failed at cell 3: AccuracyTooLow: boom" in err
     assert str(out / "r2" / "04_test.ipynb") in err
     run = json.loads((out / "r2/run.json").read_text())
-    assert run["status"] == "failed"
+    assert run["status"] == "failed" and run["params"]["test_iters"] == 13
     steps = {s["name"]: s for s in run["steps"]}
     assert steps["test"]["status"] == "failed" and steps["test"]["cell"] == 3
     assert steps["export"]["status"] == "not_run" and steps["train"]["status"] == "succeeded"
-    lines = (out / "runs.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["status"] == "failed"
+    (row,) = history.read_runs(out)  # one row per run id: the resumption replaced it
+    assert row["status"] == "failed" and [s["name"] for s in row["steps"]] == list(params.STEPS)
 
 
-def test_a_locked_run_folder_is_refused(tmp_path, capsys, no_kernel):
+def test_a_locked_run_folder_is_refused(tmp_path, capsys, monkeypatch, no_kernel):
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
     run_dir = tmp_path / "out" / "busy"
     run_dir.mkdir(parents=True)
-    with open(run_dir / ".lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with FileLock(str(run_dir / ".lock")):
         code, _, err = _main(capsys, "--only", "download", "--run-id", "busy",
                              "--outputs", str(tmp_path / "out"))
-    assert code == 2 and "in use by another run_all.py" in err
-
-
-def test_history_page_lists_runs_and_plots_accuracy(tmp_path):
-    runs = [{"run_id": f"r{i}", "status": "succeeded", "test_accuracy": 0.94 + i / 1000,
-             "seconds": 60.0, "started": "2025-01-01T00:00:00+00:00", "steps": list(runner.STEPS),
-             "device": "cpu"} for i in range(3)]
-    runs.append({"run_id": "bad<x>", "status": "failed", "test_accuracy": None, "seconds": 3.0,
-                 "steps": ["download"], "device": "cpu"})
-    page = runner.index_html(runs)
-    assert page.count("<tr>") == 5 and "0.9420" in page and "bad&lt;x&gt;" in page
-    assert 'src="data:image/png;base64,' in page
-    assert "http://" not in page and "https://" not in page
+    assert code == 2 and "in use by another run" in err
 
 
 def test_a_missing_kernel_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
@@ -252,29 +346,30 @@ def test_a_missing_kernel_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
     assert code == 2 and "make kernel" in err and not (tmp_path / "out").exists()
 
 
-def test_a_broken_notebook_exits_2_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    """Checks that need papermill run while the kernel fork server starts (and the run folder is
-    locked): a failing one still exits 2, stops the server and removes the folder it made."""
-    import papermill
+def test_a_notebook_without_a_parameters_cell_exits_2(tmp_path, capsys, monkeypatch, no_kernel):
     notebooks = tmp_path / "notebooks"
-    shutil.copytree(runner.NOTEBOOK_DIR, notebooks)
-    nb = nbformat.read(str(notebooks / runner.NOTEBOOKS["train"]), as_version=4)
-    nb.cells[1].source += "\nlearning_rate_typo: float = 0.1"
-    nbformat.write(nb, str(notebooks / runner.NOTEBOOKS["train"]))
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", notebooks)
-    calls = []
-    monkeypatch.setattr(runner.KernelStarter, "prepare", lambda self, spec: calls.append("prepare"))
-    monkeypatch.setattr(runner.KernelStarter, "close", lambda self: calls.append("close"))
-    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("executed"))
-    code, _, err = _main(capsys, "--run-id", "r", "--outputs", str(tmp_path / "out" / "runs"))
-    assert code == 2 and "'learning_rate_typo'" in err and "03_train.ipynb" in err
-    assert calls == ["prepare", "close"]
-    assert not (tmp_path / "out").exists()
+    shutil.copytree(params.NOTEBOOK_DIR, notebooks)
+    nb = nbformat.read(str(params.notebook_path("export", notebooks)), as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("tags", None)
+    nbformat.write(nb, str(params.notebook_path("export", notebooks)))
+    monkeypatch.setattr(params, "NOTEBOOK_DIR", notebooks)
+    code, _, err = _main(capsys, "--dry-run")
+    assert code == 2 and "05_export.ipynb has no cell tagged 'parameters'" in err
 
 
-def test_data_url_may_be_empty_or_a_location():
-    assert runner.resolve_params(overrides=["data_url="])["data_url"] == ""
-    assert runner.resolve_params(overrides=["data_url=/srv/mnist-lmdb.zip"])["data_url"] == \
-        "/srv/mnist-lmdb.zip"
-    with pytest.raises(runner.UsageError, match="data_dir.*must not be empty"):
-        runner.resolve_params(overrides=["data_dir="])
+def test_cell_output_lines_and_budget():
+    import io
+    stream = io.StringIO()
+    console = execute.CellOutput(stream)
+    console.step = "train"
+    console.write("partial ")
+    console.write("line\nnext\n")
+    console.new_cell("nb.ipynb")
+    for i in range(execute.CONSOLE_LINES + 2):
+        console.write(f"{i}\n")
+    console.new_cell("nb.ipynb")
+    lines = stream.getvalue().splitlines()
+    assert lines[:2] == ["[train] partial line", "[train] next"]
+    assert lines[-1] == "[train] ... 2 more lines in nb.ipynb"
+    assert len(lines) == 2 + execute.CONSOLE_LINES + 1

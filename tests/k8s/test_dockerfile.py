@@ -39,7 +39,7 @@ def test_image_runs_as_a_numeric_non_root_user_and_starts_jupyter():
 def test_image_installs_the_project_with_the_pinned_runtime_extra_graphviz_and_the_kernel():
     copied = " ".join(arg for keyword, arg in instructions() if keyword == "COPY")
     for path in ("pyproject.toml", "constraints.txt", "requirements-mnist.txt", "caffe2torch/",
-                 "mnist_tutorial/", "notebooks/", "params/", "run_all.py"):
+                 "mnist_tutorial/", "pipeline/", "notebooks/", "params/", "run_all.py"):
         assert path in copied, path
         assert (REPO / path).exists(), path
     assert '-c constraints.txt --no-build-isolation -e ".[tutorial]"' in DOCKERFILE

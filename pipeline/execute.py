@@ -1,0 +1,355 @@
+"""The ordered steps: each notebook executed by papermill into ``<outputs>/<run-id>/``.
+
+A run folder holds the executed notebooks and their HTML, ``run.json`` (``status`` is
+``running`` while a batch run executes: the notebooks use it to tell a batch run from
+exploration) and ``workspace/``, where the steps write; ``workspace/metrics_<step>.json`` are the
+numbers a step reports (merged into run.json's ``metrics``).
+"""
+import concurrent.futures
+import datetime
+import importlib.metadata
+import json
+import platform
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline import history, params
+from pipeline.params import STEPS, UsageError, notebook_path
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED = {"latest", "index.html", "runs.jsonl"}  # names the history uses in <outputs>/
+# Kernels talk over TCP on 127.0.0.1: CurveZMQ-encrypted where the kernel supports it
+KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
+CONSOLE_LINES = 40  # per cell; the rest (e.g. the protobuf printouts) stays in the notebook
+
+
+def check_run_id(run_id):
+    """A run id given by the user, or a UsageError (the one place run ids are checked)."""
+    if not RUN_ID.fullmatch(run_id) or run_id in RESERVED:
+        raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (up to 100, "
+                         f"starting with a letter or digit; not {', '.join(sorted(RESERVED))})")
+    return run_id
+
+
+def new_run_id():
+    """UTC time plus a short random suffix, e.g. 20250101T120000Z-3fa9."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def utc_now():
+    """The current UTC time in ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path):
+    """A JSON object from a file, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --- checks before any kernel --------------------------------------------------------------------
+
+def probe_cuda():
+    """Ask torch in a child process whether it sees a GPU (the pipeline never imports torch)."""
+    code = "import torch; print(torch.cuda.is_available())"
+    return subprocess.Popen([sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cpu_only_torch():
+    """True when the installed torch is a CPU-only build (version "+cpu"): no GPU to look for."""
+    try:
+        return importlib.metadata.version("torch").endswith("+cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def resolve_device(device, probe):
+    """The device the steps will use (``probe``: a probe_cuda() process or None)."""
+    if device == "cpu":
+        return "cpu"
+    if probe is not None:
+        out, err = probe.communicate(timeout=600)
+        if probe.returncode != 0:
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise UsageError(f"cannot import torch to look for a GPU ({last}); check the venv")
+        if out.strip() == "True":
+            return "cuda"
+    if device == "cuda":
+        why = "this torch is a CPU-only build" if probe is None else \
+            "torch.cuda.is_available() is False"
+        raise UsageError(f"parameter 'device' is cuda but PyTorch sees no GPU ({why}); "
+                         "use device=cpu or device=auto")
+    return "cpu"
+
+
+def kernel_spec(step):
+    """The kernelspec the step's notebook names (papermill starts its kernel from it)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    path = notebook_path(step)
+    name = (((read_json(path) or {}).get("metadata") or {}).get("kernelspec") or {}).get("name")
+    if not name:
+        raise UsageError(f"notebook {path} names no kernel (metadata.kernelspec.name)")
+    try:
+        return name, KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        raise UsageError(f"Jupyter kernel {name!r} (named by {path.name}) is not installed: run "
+                         f"`make kernel` (jupyter kernelspec install --sys-prefix --name {name} "
+                         "pipeline/kernel)") from None
+
+
+def select_steps(from_step=None, only=None):
+    """The steps to run, in order."""
+    if from_step:
+        return list(STEPS[STEPS.index(from_step):])
+    if only:
+        names = [s.strip() for s in only.split(",") if s.strip()]
+        unknown = [s for s in names if s not in STEPS] or ([""] if not names else [])
+        if unknown:
+            raise UsageError(f"--only {only!r}: unknown step {unknown[0]!r}; steps are "
+                             f"{', '.join(STEPS)}")
+        return [s for s in STEPS if s in names]
+    return list(STEPS)
+
+
+def check_order(steps, previous, run_id):
+    """Every earlier step has succeeded in this run or runs now."""
+    done = {s.get("name") for s in (previous or {}).get("steps", [])
+            if s.get("status") == "succeeded"}
+    for step in steps:
+        missing = [s for s in STEPS[:STEPS.index(step)] if s not in steps and s not in done]
+        if missing:
+            raise UsageError(f"cannot run step {step}: step {missing[0]} has not succeeded in run "
+                             f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
+
+
+# --- the console ---------------------------------------------------------------------------------
+
+class CellOutput:
+    """papermill's ``stdout_file``/``stderr_file``: each line of a cell's output as ``[step] line``.
+
+    After CONSOLE_LINES lines of one cell the rest is counted, not shown (``new_cell`` says how
+    many lines stayed in the notebook).
+    """
+
+    def __init__(self, stream, enabled=True):
+        self.stream, self.enabled = stream, enabled
+        self.step, self.shown, self.hidden, self.at_start = "-", 0, 0, True
+
+    def write(self, text):
+        """Show ``text`` (part of a cell's stream output), line by line."""
+        if not self.enabled:
+            return
+        for line in text.splitlines(keepends=True):
+            if self.at_start and self.shown >= CONSOLE_LINES:
+                self.hidden += 1
+                continue
+            if self.at_start:
+                self.stream.write(f"[{self.step}] ")
+                self.shown += 1
+            self.stream.write(line)
+            self.at_start = line.endswith("\n")
+
+    def flush(self):
+        """Flush the console."""
+        self.stream.flush()
+
+    def new_cell(self, notebook=None):
+        """Start counting a new cell's lines; report what the last one kept in the notebook."""
+        if not self.at_start:
+            self.write("\n")
+        if self.hidden and self.enabled:
+            self.stream.write(f"[{self.step}] ... {self.hidden} more lines in "
+                              f"{notebook or 'the notebook'}\n")
+        self.shown = self.hidden = 0
+
+
+# --- HTML ----------------------------------------------------------------------------------------
+
+# The lab template minus its scripts from CDNs (require.js, MathJax, mermaid): the pages are
+# static (outputs are HTML, text and embedded images) and must render the same offline.
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def _import_renderers():
+    import matplotlib.figure  # noqa: F401  (index.html's chart)
+    import nbconvert  # noqa: F401
+
+
+def render_html(notebook, html_path):
+    """A self-contained HTML page of an executed notebook: images embedded, no remote scripts."""
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+    loader = jinja2.DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})
+    exporter = HTMLExporter(template_name="lab", template_file="offline.html.j2",
+                            extra_loaders=[loader])
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    history.write_atomic(html_path, body)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def versions():
+    """Versions of Python and of the installed torch, caffe2torch and papermill."""
+    found = {"python": platform.python_version()}
+    for name in ("torch", "caffe2torch", "papermill"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit():
+    """The repository's HEAD commit (with "-dirty" when tracked files changed), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=params.REPO_ROOT,
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=params.REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout
+        return head + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect_metrics(workspace):
+    """The numbers in the steps' ``metrics_<step>.json`` files, merged."""
+    metrics = {}
+    for step in STEPS:
+        for key, value in (read_json(workspace / f"metrics_{step}.json") or {}).items():
+            if isinstance(value, (int, float, bool)):
+                metrics[key] = value
+    return metrics
+
+
+class Run:
+    """One batch run: ``plan`` maps each step to run to its notebook's parameters."""
+
+    def __init__(self, outputs, run_id, values, plan, device, previous=None, params_files=(),
+                 overrides=(), quiet=False, launches=None):
+        self.outputs, self.run_id, self.run_dir = Path(outputs), run_id, Path(outputs) / run_id
+        self.values, self.plan, self.quiet = values, plan, quiet
+        self.console, self.errors = CellOutput(sys.stdout, not quiet), CellOutput(sys.stderr,
+                                                                                 not quiet)
+        self.launches = launches  # callable: how the last kernel was started, or None
+        self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
+        self.run = {"run_id": run_id, "status": "running", "params": values,
+                    "params_files": [str(p) for p in params_files], "overrides": list(overrides),
+                    "device": device, "versions": versions(), "git_commit": git_commit(),
+                    "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
+
+    def steps(self):
+        """The step records in pipeline order."""
+        return [self.records[s] for s in STEPS if s in self.records]
+
+    def write_run_json(self):
+        """run.json (written through a temporary file)."""
+        history.write_atomic(self.run_dir / "run.json",
+                             json.dumps({**self.run, "steps": self.steps()}, indent=2) + "\n")
+
+    def say(self, text):
+        """A line of the pipeline's own (not a cell's) on the console."""
+        if not self.quiet:
+            print(text, flush=True)
+
+    def execute(self):
+        """Run the planned steps; the exit code (0, 1 a step failed, 130 interrupted)."""
+        workspace = self.run_dir / "workspace"
+        workspace.mkdir(parents=True, exist_ok=True)
+        started, code, failure = time.perf_counter(), 0, None
+        renderer, pages = concurrent.futures.ThreadPoolExecutor(max_workers=1), []
+        renderer.submit(_import_renderers)  # while the first kernel boots
+        self.say(f"run {self.run_id}: {self.run_dir} (device {self.run['device']})")
+        for step, values in self.plan.items():
+            if failure is not None:
+                self.records[step] = {"name": step, "status": "not_run", "seconds": None,
+                                      "notebook": None, "html": None}
+                continue
+            (workspace / f"metrics_{step}.json").unlink(missing_ok=True)  # no stale metrics
+            code, failure, notebook = self.execute_step(step, values)
+            if notebook.exists():  # rendered while the next step runs
+                html = notebook.with_suffix(".html")
+                pages.append((self.records[step], renderer.submit(render_html, notebook, html)))
+        for record, page in pages:
+            try:
+                page.result()
+            except Exception as e:  # a rendering problem must not hide the step's result
+                print(f"run_all.py: could not render {record['html']}: {e}", file=sys.stderr)
+                record["html"] = None
+        renderer.shutdown()
+        self.run.update(status="failed" if failure else "succeeded", finished=utc_now(),
+                        seconds=round(time.perf_counter() - started, 2),
+                        metrics=collect_metrics(workspace))
+        self.write_run_json()
+        key = [name for name, p in params.schema().items() if p.key]
+        history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        acc = self.run["metrics"].get("test_accuracy")
+        print(f"run_all.py: {failure}" if failure else
+              f"run {self.run_id} succeeded in {self.run['seconds']:.1f} s"
+              + (f"; test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
+              + f"; see {self.run_dir / 'run.json'}", file=sys.stderr if failure else sys.stdout,
+              flush=True)
+        return code
+
+    def execute_step(self, step, values):
+        """Execute one notebook with papermill: (exit code, failure message or None, notebook)."""
+        import papermill
+        from traitlets.config import Config
+        counter = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step}"
+        notebook = self.run_dir / notebook_path(step).name
+        record = self.records[step] = {"name": step, "status": "running", "seconds": None,
+                                       "notebook": notebook.name,
+                                       "html": notebook.with_suffix(".html").name}
+        self.write_run_json()
+        self.say(f"{counter} ... notebooks/{notebook.name}")
+        self.console.step = self.errors.step = step
+        code, failure, t0 = 0, None, time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook_path(step)), str(notebook), cwd=str(self.run_dir),
+                parameters={**values, "run_dir": str(self.run_dir)}, progress_bar=False,
+                stdout_file=self.console, stderr_file=self.errors,
+                request_save_on_cell_execute=True, execution_timeout=self.values["cell_timeout"],
+                start_timeout=self.values["start_timeout"], config=Config(KERNEL_CONFIG),
+                on_cell_execute=lambda **_: self.new_cell(notebook))
+            record["status"] = "succeeded"
+        except papermill.PapermillExecutionError as e:
+            record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
+            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {e.ename}: "
+                                f"{e.evalue}\nfailed notebook saved: {notebook}")
+        except KeyboardInterrupt:
+            record.update(status="failed", error="interrupted")
+            code, failure = 130, f"step {step} interrupted; partial notebook: {notebook}"
+        except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
+            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            record.update(status="failed", error=message)
+            code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
+                f"{notebook}"
+        self.new_cell(notebook)
+        if self.launches is not None:
+            record["kernel"] = self.launches() or "new process"
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        if not notebook.exists():
+            record["notebook"] = record["html"] = None
+        outcome = "" if record["status"] == "succeeded" else f" {record['status']} after"
+        self.say(f"{counter} ...{outcome} {record['seconds']:.1f} s")
+        return code, failure, notebook
+
+    def new_cell(self, notebook):
+        """A cell starts (or the notebook ends): reset the console's line budgets."""
+        self.console.new_cell(notebook)
+        self.errors.new_cell(notebook)

@@ -1,0 +1,299 @@
+"""The pipeline's parameters: read from the notebooks' ``parameters`` cells, plus a small table.
+
+Each notebook's ``parameters`` cell is the one home of its parameters' names, types, defaults and
+help (``name: type = default  # help``, read with ``papermill.inspect_notebook``). ``RULES`` adds
+only what a cell cannot say: bounds, choices, whether an empty string is allowed, which step owns
+a key that several notebooks declare, and which keys the history page shows. ``OPTIONS`` are the
+pipeline's own settings (no notebook sees them). ``params/*.yaml`` and ``-p`` only override.
+"""
+import ast
+import contextlib
+import dataclasses
+import difflib
+import functools
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+STEPS = ("download", "build", "train", "test", "export")  # in order; notebooks/NN_<step>.ipynb
+INJECTED = ("run_dir",)  # set by the pipeline itself; the notebooks declare it for Jupyter
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+# What a parameters cell cannot say. ge/gt/lt/le: inclusive/exclusive bounds; owner: the step
+# whose default counts when several notebooks declare the key; key: shown on the history page.
+RULES = {
+    "data_dir": {},
+    "data_source": {"choices": ("auto", "package", "caffe2-zip", "idx", "existing")},
+    "data_url": {"may_be_empty": True},
+    "device": {"choices": ("auto", "cpu", "cuda")},  # the history shows the resolved device
+    "seed": {"ge": 0, "le": 2 ** 32 - 1, "key": True},
+    "train_batch_size": {"ge": 1, "le": 60000, "key": True},
+    "test_batch_size": {"ge": 1, "le": 10000, "key": True},
+    "train_iters": {"ge": 1, "le": 10_000_000, "key": True},
+    "test_iters": {"ge": 1, "le": 1_000_000, "key": True},
+    "base_lr": {"ge": -10.0, "lt": 0.0, "key": True},
+    "lr_policy": {"choices": ("fixed", "step", "exp", "inv"), "key": True},
+    "stepsize": {"ge": 1},
+    "gamma": {"gt": 0.0, "le": 1.0},
+    "power": {"gt": 0.0, "le": 10.0},
+    "print_every": {"ge": 0},
+    "net_type": {"choices": ("simple", "compiled"), "key": True},
+    "min_test_accuracy": {"ge": 0.0, "le": 1.0},
+}
+# The pipeline's own settings: these lines are their one home.
+OPTIONS = {
+    "cell_timeout": (3600, "seconds one notebook cell may run", {"ge": 1}),
+    "start_timeout": (120, "seconds a kernel may take to start", {"ge": 1}),
+}
+SECRET_WORDS = {"key", "keys", "apikey", "token", "tokens", "password", "passwd", "pwd", "secret",
+                "secrets", "credential", "credentials", "auth", "private", "privatekey"}
+SECRET_PARTS = ("passw", "secret", "token", "credential", "apikey", "api_key", "privatekey")
+
+
+class UsageError(Exception):
+    """Bad usage or parameters: the command prints the one-line message and exits with 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter: type, default and help from a notebook (or OPTIONS), rules from RULES."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    steps: tuple  # the steps whose notebooks declare it; () for a pipeline option
+    choices: tuple = None
+    ge: float = None
+    gt: float = None
+    lt: float = None
+    le: float = None
+    may_be_empty: bool = False
+    owner: str = None
+    key: bool = False
+
+    def allowed(self):
+        """The allowed values in words, e.g. ">= 1 and <= 60,000" (empty: any of its type)."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        bounds = ((">=", self.ge), (">", self.gt), ("<", self.lt), ("<=", self.le))
+        return " and ".join(f"{op} {b:,}" if isinstance(b, int) else f"{op} {b:g}"
+                            for op, b in bounds if b is not None)
+
+
+def notebook_path(step, notebook_dir=None):
+    """notebooks/NN_<step>.ipynb."""
+    return Path(notebook_dir or NOTEBOOK_DIR) / f"{STEPS.index(step) + 1:02d}_{step}.ipynb"
+
+
+def _declared(path):
+    import papermill
+    if not path.exists():
+        raise UsageError(f"notebook {path} is missing")
+    try:
+        declared = papermill.inspect_notebook(str(path))
+    except Exception as e:  # a notebook that is not valid JSON or has a broken cell
+        raise UsageError(f"notebook {path} cannot be read: {' '.join(str(e).split())}") from None
+    if not declared:
+        raise UsageError(f"notebook {path} has no cell tagged 'parameters'")
+    return declared
+
+
+def _typed_default(path, info):
+    """(type, default) of one inspected parameter: its annotation, else its literal's type."""
+    where = f"notebook {path.name}: parameter {info['name']!r}"
+    try:
+        default = ast.literal_eval(info["default"])
+    except (ValueError, SyntaxError):
+        raise UsageError(f"{where} must default to a literal, got {info['default']}") from None
+    kind = TYPES.get(info["inferred_type_name"]) or type(default)
+    if kind not in TYPES.values() or not isinstance(default, kind) or (
+            kind is int and isinstance(default, bool)):
+        if not (kind is float and type(default) is int):
+            raise UsageError(f"{where} = {info['default']}: use an int, float, str or bool "
+                             "literal that matches its annotation")
+        default = float(default)
+    return kind, default
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(notebook_dir, stamps):
+    seen = {}
+    for step in STEPS:
+        path = notebook_path(step, notebook_dir)
+        for name, info in _declared(path).items():
+            if name in INJECTED:
+                continue
+            if name in OPTIONS:
+                raise UsageError(f"notebook {path.name} declares {name!r}, a pipeline option")
+            seen.setdefault(name, []).append((step, path, *_typed_default(path, info),
+                                              info["help"].strip()))
+    params = {}
+    for name, declarations in seen.items():
+        rules = RULES.get(name, {})
+        owner = rules.get("owner") or declarations[0][0]
+        # a test keeps RULES' owners among the declaring steps
+        _, path, kind, default, help_ = ([d for d in declarations if d[0] == owner]
+                                         or declarations)[0]
+        for step, other, other_kind, other_default, _ in declarations:
+            if (other_kind, other_default) != (kind, default):
+                raise UsageError(f"notebooks {path.name} and {other.name} disagree on {name!r}: "
+                                 f"{kind.__name__} {default!r} vs {other_kind.__name__} "
+                                 f"{other_default!r}; {owner} owns it: make them agree")
+        params[name] = Param(name, kind, default, help_, tuple(d[0] for d in declarations),
+                             **{k: v for k, v in rules.items() if k != "owner"}, owner=owner)
+    for name, (default, help_, rules) in OPTIONS.items():
+        params[name] = Param(name, type(default), default, help_, (), **rules)
+    return params
+
+
+def schema():
+    """Every parameter by name: the notebooks' (in step order), then the pipeline's options."""
+    folder = Path(NOTEBOOK_DIR)
+    stamps = tuple(notebook_path(s, folder).stat().st_mtime_ns
+                   if notebook_path(s, folder).exists() else None for s in STEPS)
+    return _schema(folder, stamps)
+
+
+def defaults():
+    """Every parameter's default."""
+    return {name: p.default for name, p in schema().items()}
+
+
+def looks_secret(name):
+    """True for names like api_key, token, db_password: papermill writes values into notebooks."""
+    lowered = name.lower()
+    return bool(set(re.split(r"[^a-z0-9]+", lowered)) & SECRET_WORDS) or any(
+        part in lowered for part in SECRET_PARTS)
+
+
+def check_param(params, name, value, origin):
+    """``value`` converted to ``name``'s type, or a UsageError naming it and ``origin``."""
+    if looks_secret(name):
+        raise UsageError(f"parameter {name!r} ({origin}) looks like a secret; papermill writes "
+                         "parameters into the output notebooks: pass secrets through the "
+                         "environment instead")
+    spec = params.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, params, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see run_all.py --list"
+        raise UsageError(f"unknown parameter {name!r} ({origin}){hint}")
+    if spec.type is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+    ok = (isinstance(value, spec.type) and not (spec.type is int and isinstance(value, bool))
+          or spec.type is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        raise UsageError(f"parameter {name!r} ({origin}) must be {kind[spec.type]}, got {value!r}")
+    value = spec.type(value)
+    if spec.type is float and not math.isfinite(value):
+        raise UsageError(f"parameter {name!r} ({origin}) must be a finite number, got {value!r}")
+    if ((spec.choices and value not in spec.choices)
+            or (spec.ge is not None and value < spec.ge)
+            or (spec.gt is not None and value <= spec.gt)
+            or (spec.lt is not None and value >= spec.lt)
+            or (spec.le is not None and value > spec.le)):
+        raise UsageError(f"parameter {name!r} ({origin}) must be {spec.allowed()}, got {value!r}")
+    if spec.type is str and not value and not spec.may_be_empty:
+        raise UsageError(f"parameter {name!r} ({origin}) must not be empty")
+    return value
+
+
+def load_yaml(text, origin):
+    """The mapping in a YAML document (no checks on its keys yet)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"{origin} is not readable YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin} must hold a mapping of parameter: value")
+    return data
+
+
+def load_file(path):
+    """The mapping in a YAML params file."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"params file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"params file {path} is not readable: {e}") from None
+    return load_yaml(text, f"params file {path}")
+
+
+def parse_value(params, key, raw):
+    """A -p value: read as a YAML scalar, except for string parameters (a data_dir named 2024)."""
+    spec = params.get(key)
+    if spec is not None and spec.type is str:
+        return raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"-p {key}: expected a single value, got {raw!r}")
+    return value
+
+
+def resolve(layers):
+    """Defaults, then each (origin, mapping) layer in order, every value checked."""
+    params = schema()
+    values = {name: p.default for name, p in params.items()}
+    for origin, layer in layers:
+        for name, value in layer.items():
+            values[str(name)] = check_param(params, str(name), value, origin)
+    return values
+
+
+def for_step(step, values):
+    """What the step's notebook gets: the parameters it declares (the caller adds run_dir)."""
+    return {name: values[name] for name, p in schema().items() if step in p.steps}
+
+
+def list_text():
+    """``run_all.py --list``: the steps with their notebooks, then every parameter."""
+    lines = ["steps:"] + [f"  {s:9s} notebooks/{notebook_path(s).name}" for s in STEPS]
+    lines.append("parameters (name, type, default, steps, allowed: help):")
+    for p in schema().values():
+        allowed = p.allowed()
+        lines.append(f"  {p.name:18s} {p.type.__name__:5s} {p.default!r:10} "
+                     f"{','.join(p.steps) or 'pipeline':15s} {allowed + ': ' if allowed else ''}"
+                     f"{p.help}")
+    return "\n".join(lines)
+
+
+def markdown_table():
+    """README's parameters table, generated from the same source as --list."""
+    rows = ["| parameter | type | default | step | allowed | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for p in schema().values():
+        default = "(empty)" if p.default == "" else f"`{p.default!r}`".replace("'", "")
+        rows.append(f"| `{p.name}` | {p.type.__name__} | {default} | "
+                    f"{', '.join(p.steps) or '(pipeline)'} | {p.allowed()} | "
+                    f"{p.help.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+README_BEGIN = "<!-- parameters table: generated by python -m pipeline.params --readme -->"
+README_END = "<!-- end of the parameters table -->"
+
+
+def readme_with_table(text):
+    """README text with the generated table between its two marker lines."""
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    return text[:start] + "\n" + markdown_table() + "\n" + text[end:]
+
+
+if __name__ == "__main__":  # python -m pipeline.params --readme: regenerate README's table
+    import sys
+    readme = REPO_ROOT / "README.md"
+    if sys.argv[1:] != ["--readme"]:
+        sys.exit("usage: python -m pipeline.params --readme")
+    readme.write_text(readme_with_table(readme.read_text()))
