@@ -139,7 +139,7 @@ def _schema(notebook_dir, stamps):
         # a test keeps RULES' owners among the declaring steps
         _, path, kind, default, help_ = ([d for d in declarations if d[0] == owner]
                                          or declarations)[0]
-        for step, other, other_kind, other_default, _ in declarations:
+        for _step, other, other_kind, other_default, _ in declarations:
             if (other_kind, other_default) != (kind, default):
                 raise UsageError(f"notebooks {path.name} and {other.name} disagree on {name!r}: "
                                  f"{kind.__name__} {default!r} vs {other_kind.__name__} "
