@@ -101,12 +101,13 @@ def test_batch_runs_read_params_from_the_configmap_and_write_to_the_outputs_volu
 
 
 def test_configmap_params_are_valid_pipeline_parameters(docs, tmp_path):
-    from mnist_tutorial import runner
+    from pipeline import params as pipeline_params
 
     (cm,) = by_kind(docs, "ConfigMap").values()
     path = tmp_path / "params.yaml"
     path.write_text(cm["data"]["params.yaml"])
-    params = runner.resolve_params(files=[path])  # raises UsageError for a bad name or value
+    # raises UsageError for a bad name or value
+    params = pipeline_params.resolve([(str(path), pipeline_params.load_file(path))])
     data_mount = "/data"
     assert params["data_dir"] == data_mount
     for obj in batch(docs):
