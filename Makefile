@@ -29,7 +29,7 @@ venv: $(VENV)/.installed
 
 # The Jupyter kernel the notebooks run on (papermill and `make lab` both use it).
 $(VENV)/.kernel: $(VENV)/.installed pipeline/kernel/kernel.json
-	$(VENV)/bin/jupyter kernelspec install --sys-prefix --replace --name $(KERNEL) pipeline/kernel >/dev/null
+	$(PY) -m pipeline.kernelspec >/dev/null
 	touch $@
 
 kernel: $(VENV)/.kernel

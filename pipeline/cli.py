@@ -39,8 +39,8 @@ class _Layer(argparse.Action):
 def version():
     """This pipeline's version line (the installed caffe2torch distribution's and papermill's)."""
     found = execute.versions()
-    return (f"{PROG} (caffe2torch {found['caffe2torch'] or 'not installed'}, "
-            f"papermill {found['papermill']}, Python {found['python']})")
+    return (f"{PROG} {found['caffe2torch'] or '(caffe2torch not installed)'} "
+            f"(papermill {found['papermill']}, Python {found['python']})")
 
 
 def parse_args(argv):

@@ -101,9 +101,10 @@ def kernel_spec(step):
     try:
         return name, KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
-        raise UsageError(f"Jupyter kernel {name!r} (named by {path.name}) is not installed: run "
-                         f"`make kernel` (jupyter kernelspec install --sys-prefix --name {name} "
-                         "pipeline/kernel)") from None
+        raise UsageError(f"Jupyter kernel {name!r} (named by {path.name}) is not installed, or "
+                         "the kernel provisioner it names is not (the caffe2torch-fork entry "
+                         "point): run `make kernel` (pip install -e . and python -m "
+                         "pipeline.kernelspec)") from None
 
 
 def select_steps(from_step=None, only=None):

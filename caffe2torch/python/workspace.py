@@ -248,13 +248,13 @@ def _parse(message_type, data):
     return message
 
 
-def GlobalInit(args):
+def GlobalInit(args: list[str]) -> bool:
     """Accept Caffe2's command-line flags (the same as core.GlobalInit)."""
     from caffe2torch.python import core
     return core.GlobalInit(args)
 
 
-def FetchBlobs(names):
+def FetchBlobs(names: "list[str | BlobReference]") -> list:
     """FetchBlob of each name, as a list."""
     return [FetchBlob(name) for name in names]
 
@@ -305,7 +305,7 @@ class _BlobDict:
 blobs = _BlobDict()
 
 
-def NumCudaDevices():
+def NumCudaDevices() -> int:
     """How many CUDA devices PyTorch sees (0 without CUDA)."""
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -314,13 +314,13 @@ def NumCudaDevices():
 NumGpuDevices = NumCudaDevices
 
 
-def NumHipDevices():
+def NumHipDevices() -> int:
     """How many ROCm devices PyTorch sees (0 unless torch is a ROCm build)."""
     import torch
     return NumCudaDevices() if torch.version.hip else 0
 
 
-def GetCUDAVersion():
+def GetCUDAVersion() -> int:
     """CUDA runtime version as Caffe2's CUDA_VERSION (12.1 -> 12010); 0 without CUDA."""
     import torch
     if not torch.version.cuda:
@@ -329,7 +329,7 @@ def GetCUDAVersion():
     return major * 1000 + minor * 10
 
 
-def GetCuDNNVersion():
+def GetCuDNNVersion() -> int:
     """cuDNN version as its CUDNN_VERSION macro (torch.backends.cudnn.version()); 0 without it."""
     import torch
     if not torch.cuda.is_available():
@@ -337,7 +337,7 @@ def GetCuDNNVersion():
     return torch.backends.cudnn.version() or 0
 
 
-def GetDeviceProperties(device_id):
+def GetDeviceProperties(device_id: int) -> dict:
     """Caffe2's dict for GPU ``device_id``: name, major, minor, totalGlobalMem."""
     import torch
     if device_id >= NumCudaDevices():
@@ -348,7 +348,7 @@ def GetDeviceProperties(device_id):
             "totalGlobalMem": p.total_memory, "multiProcessorCount": p.multi_processor_count}
 
 
-def GetGpuPeerAccessPattern():
+def GetGpuPeerAccessPattern() -> np.ndarray:
     """A numpy bool matrix: can GPU i access GPU j's memory."""
     import torch
     n = NumCudaDevices()
@@ -356,7 +356,7 @@ def GetGpuPeerAccessPattern():
                      for i in range(n)], dtype=bool).reshape(n, n)
 
 
-def GetGPUMemoryInfo():
+def GetGPUMemoryInfo() -> dict:
     """{'total_by_gpu': [...], 'max_by_gpu': [...]} bytes allocated by PyTorch on each GPU."""
     import torch
     n = NumCudaDevices()
@@ -390,7 +390,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'workspace' has no attribute {name!r}")
 
 
-def StringifyProto(obj):
+def StringifyProto(obj: Any) -> str:
     """A proto (or anything with Proto()) as protobuf text; strings pass through."""
     if isinstance(obj, (str, bytes)):
         return obj
@@ -398,34 +398,35 @@ def StringifyProto(obj):
     return text_format.MessageToString(obj.Proto() if hasattr(obj, "Proto") else obj)
 
 
-def StringifyBlobName(name):
+def StringifyBlobName(name: Any) -> str:
     """The blob name of a string or BlobReference."""
     return str(name)
 
 
-def StringifyNetName(name):
+def StringifyNetName(name: Any) -> str:
     """The net name of a string, core.Net or NetDef."""
     return name if isinstance(name, str) else _proto(name).name
 
 
-def GetNetName(net):
+def GetNetName(net: Any) -> str:
     """The name of a core.Net or NetDef."""
     return _proto(net).name
 
 
-def RunPlan(plan_or_step):
+def RunPlan(plan_or_step: Any) -> bool:
     """Run a PlanDef, core.Plan, ExecutionStep or core.ExecutionStep (or a serialized PlanDef)."""
     from caffe2torch.python import plan_runner
     return plan_runner.run_plan(plan_or_step, C())
 
 
-def InferShapesAndTypes(nets, blob_dimensions=None, nets_proto=False, blob_types=None):
+def InferShapesAndTypes(nets: list, blob_dimensions: dict | None = None, nets_proto: bool = False,
+                        blob_types: dict | None = None) -> tuple[dict, dict]:
     """({blob: shape}, {blob: DataType}) of the nets' blobs, found by running them on a copy."""
     from caffe2torch.python import shape_inference
     return shape_inference.infer_shapes_and_types(nets, C(), blob_dimensions, blob_types)
 
 
-def Predictor(init_net, predict_net):
+def Predictor(init_net: Any, predict_net: Any) -> Any:
     """Caffe2's Predictor: runs ``init_net`` once, then ``predict_net`` on each run()."""
     from caffe2torch.python.predictor.eager_predictor import Predictor as impl
     return impl(init_net, predict_net)

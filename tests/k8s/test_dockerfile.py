@@ -47,7 +47,7 @@ def test_image_installs_the_project_with_the_pinned_runtime_extra_graphviz_and_t
     # the installed package is what the kernel and run_all.py import, not a path
     assert "PYTHONPATH" not in DOCKERFILE
     assert re.search(r"apt-get install .*graphviz", DOCKERFILE)
-    assert "--name caffe2torch" in DOCKERFILE  # the kernel the notebooks ask for
+    assert "python -m pipeline.kernelspec" in DOCKERFILE  # the kernel the notebooks ask for
 
 
 def test_no_secrets_go_into_the_image():
