@@ -134,8 +134,9 @@ def build_image(base):
 def dev_distributions():
     """The names of pyproject.toml's dev extra: the tools the image must not carry."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [req.split(">")[0].split("=")[0].split("[")[0].strip()
-            for req in project["optional-dependencies"]["dev"]]
+    names = [req.split(">")[0].split("=")[0].split("[")[0].strip()
+             for req in project["optional-dependencies"]["dev"]]
+    return [n for n in names if n != project["name"]]  # dev also names the project's own extras
 
 
 # Run in the image: which dev distributions and commands it holds, and what the installed

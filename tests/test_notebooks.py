@@ -183,7 +183,7 @@ def test_each_notebook_prints_the_tutorials_output(tutorial_run):
     assert re.search(r"iteration    10: loss \d\.\d{4}", texts["train"])
     assert re.search(r"test_accuracy: 0\.\d{6}", texts["test"])
     assert "The blobs in the workspace after reset: []" in texts["export"]
-    assert re.search(r"image 10: prediction \d, confidence [\d.]+ \(true label \d\)",
+    assert re.search(r"image 10: prediction \d, confidence [\d.]+, onnxruntime \d \(true label \d\)",
                      texts["export"])
 
 
