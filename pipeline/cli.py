@@ -107,7 +107,8 @@ def _layers(args):
 
 
 def _run(args):
-    outputs = Path(args.outputs).resolve() if args.outputs else params.REPO_ROOT / "outputs"
+    outputs = execute.check_outputs(Path(args.outputs).resolve() if args.outputs
+                                    else params.REPO_ROOT / "outputs")
     run_id = execute.check_run_id(args.run_id) if args.run_id is not None else \
         execute.new_run_id()
     run_dir = outputs / run_id
@@ -119,6 +120,7 @@ def _run(args):
     layers = [("resumed run.json", (previous or {}).get("params") or {})] if previous else []
     values = params.resolve(layers + list(_layers(args)))
     execute.check_order(steps, previous, run_id)
+    execute.check_resumed(steps, previous, values)
     wants_gpu = values.get("device", "cpu") != "cpu"
     probe = execute.probe_cuda() if wants_gpu and not execute.cpu_only_torch() else None
     try:
@@ -133,7 +135,8 @@ def _run(args):
     if args.dry_run:
         print(f"run {run_id} in {run_dir} on {device}")
         for step, step_values in plan.items():
-            print(f"  {step}: notebooks/{params.notebook_path(step).name} with {step_values}")
+            shown = {k: params.redact(v) for k, v in step_values.items()}
+            print(f"  {step}: notebooks/{params.notebook_path(step).name} with {shown}")
         return 0
     _logging(args.log_level)
     return _execute(args, outputs, run_id, run_dir, values, plan, device, previous)

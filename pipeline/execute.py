@@ -9,11 +9,13 @@ import concurrent.futures
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from pipeline import history, params
 from pipeline.params import STEPS, UsageError, notebook_path
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-RESERVED = {"latest", "index.html", "runs.jsonl"}  # names the history uses in <outputs>/
+# Names the history uses in <outputs>/, and the notebooks' own run_dir (outputs/jupyter) and
+# exploration folder; compared without case (case-insensitive volumes: macOS, Windows shares)
+RESERVED = {"latest", "index.html", "runs.jsonl", "jupyter", "explore"}
 # Kernels talk over TCP on 127.0.0.1: CurveZMQ-encrypted where the kernel supports it
 KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
 CONSOLE_LINES = 40  # per cell; the rest (e.g. the protobuf printouts) stays in the notebook
@@ -29,10 +33,31 @@ CONSOLE_LINES = 40  # per cell; the rest (e.g. the protobuf printouts) stays in 
 
 def check_run_id(run_id):
     """A run id given by the user, or a UsageError (the one place run ids are checked)."""
-    if not RUN_ID.fullmatch(run_id) or run_id in RESERVED:
+    if not RUN_ID.fullmatch(run_id) or run_id.lower() in RESERVED:
         raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (up to 100, "
                          f"starting with a letter or digit; not {', '.join(sorted(RESERVED))})")
     return run_id
+
+
+def check_outputs(outputs):
+    """``outputs`` when it is (or can be made) a writable folder, else a UsageError.
+
+    Writability is probed by creating and removing a file: permission bits alone say nothing to
+    root, read-only mounts and ACLs; the probe is the only write a dry run makes.
+    """
+    outputs = Path(outputs)
+    existing = next(p for p in (outputs, *outputs.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        what = "is a file" if existing == outputs else f"is under {existing}, a file"
+        raise UsageError(f"--outputs {outputs} {what}; name a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--outputs {outputs}: cannot write in {existing} "
+                         f"({e.strerror or e}); name a writable folder") from None
+    return outputs
 
 
 def new_run_id():
@@ -131,6 +156,27 @@ def check_order(steps, previous, run_id):
                              f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
 
 
+def check_resumed(steps, previous, values):
+    """A resumed run changes no parameter of a step it keeps (run.json then tells what every kept
+    step used) and re-runs no step with a value run.json keeps redacted."""
+    if not previous:
+        return
+    old = previous.get("params") if isinstance(previous.get("params"), dict) else {}
+    kept = [s.get("name") for s in previous.get("steps", []) if isinstance(s, dict)
+            and s.get("status") == "succeeded" and s.get("name") not in steps]
+    for name, spec in params.schema().items():
+        used = [s for s in spec.steps if s in kept]
+        if used and name in old and old[name] != params.redact(values[name]):
+            raise UsageError(f"parameter {name!r} changed ({old[name]!r} -> {values[name]!r}) but "
+                             f"step {used[0]}, which used it, does not re-run: add --from "
+                             f"{used[0]} or leave {name} as it was")
+        rerun = [s for s in spec.steps if s in steps]
+        if rerun and isinstance(values[name], str) and params.REDACTED in values[name] \
+                and old.get(name) == values[name]:
+            raise UsageError(f"parameter {name!r} is kept redacted in run.json and step "
+                             f"{rerun[0]} re-runs: pass -p {name}=... again")
+
+
 # --- the console ---------------------------------------------------------------------------------
 
 class CellOutput:
@@ -155,7 +201,7 @@ class CellOutput:
             if self.at_start:
                 self.stream.write(f"[{self.step}] ")
                 self.shown += 1
-            self.stream.write(line)
+            self.stream.write(params.redact(line))  # a printed signed URL keeps its token out
             self.at_start = line.endswith("\n")
 
     def flush(self):
@@ -247,8 +293,10 @@ class Run:
                                                                                  not quiet)
         self.launches = launches  # callable: how the last kernel was started, or None
         self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
-        self.run = {"run_id": run_id, "status": "running", "params": values,
-                    "params_files": [str(p) for p in params_files], "overrides": list(overrides),
+        self.run = {"run_id": run_id, "status": "running",  # URLs' tokens redacted: a test
+                    "params": {k: params.redact(v) for k, v in values.items()},
+                    "params_files": [str(p) for p in params_files],
+                    "overrides": [params.redact(o) for o in overrides],
                     "device": device, "versions": versions(), "git_commit": git_commit(),
                     "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
 
@@ -296,7 +344,11 @@ class Run:
                         metrics=collect_metrics(workspace))
         self.write_run_json()
         key = [name for name, p in params.schema().items() if p.key]
-        history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        try:  # the run's result is run.json's and the exit code's; the history only shows it
+            history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        except Exception as e:
+            print(f"run_all.py: warning: could not update the history in {self.outputs}: "
+                  f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         acc = self.run["metrics"].get("test_accuracy")
         print(f"run_all.py: {failure}" if failure else
               f"run {self.run_id} succeeded in {self.run['seconds']:.1f} s"
@@ -328,14 +380,15 @@ class Run:
                 on_cell_execute=lambda **_: self.new_cell(notebook))
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
-            record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
-            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {e.ename}: "
-                                f"{e.evalue}\nfailed notebook saved: {notebook}")
+            error = params.redact(f"{e.ename}: {e.evalue}")
+            record.update(status="failed", cell=e.exec_count, error=error)
+            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {error}\n"
+                                f"failed notebook saved: {notebook}")
         except KeyboardInterrupt:
             record.update(status="failed", error="interrupted")
             code, failure = 130, f"step {step} interrupted; partial notebook: {notebook}"
         except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
-            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            message = params.redact(f"{type(e).__name__}: {' '.join(str(e).split())}")
             record.update(status="failed", error=message)
             code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
                 f"{notebook}"

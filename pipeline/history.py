@@ -25,15 +25,42 @@ def read_runs(outputs):
     for number, text in enumerate(lines, 1):
         try:
             line = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             line = None
-        if not (isinstance(line, dict) and isinstance(line.get("run_id"), str)):
+        odd = "not a run record" if not isinstance(line, dict) else odd_field(line)
+        if odd:
             if text.strip():
                 print(f"run_all.py: warning: skipping line {number} of "
-                      f"{Path(outputs) / 'runs.jsonl'}: not a run record", file=sys.stderr)
+                      f"{Path(outputs) / 'runs.jsonl'}: {odd}", file=sys.stderr)
             continue
         runs[line["run_id"]] = line  # dicts keep the first insertion's position
     return list(runs.values())
+
+
+NUMBER = (int, float)
+FIELDS = {"run_id": (str,), "status": (str,), "started": (str,), "finished": (str,),
+          "seconds": NUMBER, "device": (str,), "params": (dict,), "params_files": (list,),
+          "overrides": (list,), "metrics": (dict,), "git_commit": (str,), "steps": (list,)}
+
+
+def odd_field(line):
+    """Why a parsed runs.jsonl line is not a run record the page can show, or None."""
+    if not isinstance(line.get("run_id"), str):
+        return "no run_id"
+    for name, kinds in FIELDS.items():
+        value = line.get(name)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{name} is {type(value).__name__}, not {kinds[0].__name__}"
+    for name in ("params_files", "overrides"):
+        if not all(isinstance(v, str) for v in line.get(name) or []):
+            return f"{name} holds a non-string"
+    steps = line.get("steps") or []
+    if not all(isinstance(s, dict) and isinstance(s.get("name", ""), str)
+               and isinstance(s.get("status", ""), str)
+               and isinstance(s.get("seconds") or 0, NUMBER)
+               and isinstance(s.get("html") or "", str) for s in steps):
+        return "a step is not a step record"
+    return None
 
 
 def history_line(run):
