@@ -1,7 +1,8 @@
 """``run_all.py`` / ``caffe2torch-pipeline``: run the notebooks in order with papermill.
 
 Exit codes: 0 success; 1 a step failed (or the test accuracy is below ``min_test_accuracy``);
-2 bad usage or parameters, or the run folder is locked by another run; 130 interrupted.
+2 bad usage or parameters, or the run folder is locked by another run; 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
 Everything that can be checked without a kernel is checked before the first kernel starts.
 """
 import argparse

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,11 @@ def collect_metrics(workspace):
     return metrics
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes stopping the Job), raised like SIGINT's KeyboardInterrupt: papermill
+    and nbclient then stop the kernel as they do for Ctrl-C."""
+
+
 class Run:
     """One batch run: ``plan`` maps each step to run to its notebook's parameters."""
 
@@ -292,6 +298,7 @@ class Run:
         self.console, self.errors = CellOutput(sys.stdout, not quiet), CellOutput(sys.stderr,
                                                                                  not quiet)
         self.launches = launches  # callable: how the last kernel was started, or None
+        self.terminated = self.in_step = False
         self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
         self.run = {"run_id": run_id, "status": "running",  # URLs' tokens redacted: a test
                     "params": {k: params.redact(v) for k, v in values.items()},
@@ -314,8 +321,28 @@ class Run:
         if not self.quiet:
             print(text, flush=True)
 
+    def on_sigterm(self, signum, frame):
+        """SIGTERM: stop the running step now (once), or run no further step."""
+        self.terminated = True
+        if self.in_step:
+            self.in_step = False  # a second SIGTERM must not break the kernel's shutdown
+            raise Terminated()
+
     def execute(self):
-        """Run the planned steps; the exit code (0, 1 a step failed, 130 interrupted)."""
+        """Run the planned steps; the exit code (0, 1 a step failed, 130 SIGINT, 143 SIGTERM).
+
+        As PID 1 of a container an unhandled SIGTERM is ignored until SIGKILL: handle it here.
+        """
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self._execute()
+        before = signal.signal(signal.SIGTERM, self.on_sigterm)
+        try:
+            return self._execute()
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    def _execute(self):
         workspace = self.run_dir / "workspace"
         workspace.mkdir(parents=True, exist_ok=True)
         started, code, failure = time.perf_counter(), 0, None
@@ -323,6 +350,8 @@ class Run:
         renderer.submit(_import_renderers)  # while the first kernel boots
         self.say(f"run {self.run_id}: {self.run_dir} (device {self.run['device']})")
         for step, values in self.plan.items():
+            if self.terminated and failure is None:  # between steps
+                code, failure = 143, f"terminated (SIGTERM) before step {step}"
             if failure is not None:
                 self.records[step] = {"name": step, "status": "not_run", "seconds": None,
                                       "notebook": None, "html": None}
@@ -339,7 +368,8 @@ class Run:
                 print(f"run_all.py: could not render {record['html']}: {e}", file=sys.stderr)
                 record["html"] = None
         renderer.shutdown()
-        self.run.update(status="failed" if failure else "succeeded", finished=utc_now(),
+        status = "interrupted" if code in (130, 143) else "failed" if failure else "succeeded"
+        self.run.update(status=status, finished=utc_now(),
                         seconds=round(time.perf_counter() - started, 2),
                         metrics=collect_metrics(workspace))
         self.write_run_json()
@@ -370,6 +400,7 @@ class Run:
         self.say(f"{counter} ... notebooks/{notebook.name}")
         self.console.step = self.errors.step = step
         code, failure, t0 = 0, None, time.perf_counter()
+        self.in_step = True
         try:
             papermill.execute_notebook(
                 str(notebook_path(step)), str(notebook), cwd=str(self.run_dir),
@@ -384,14 +415,17 @@ class Run:
             record.update(status="failed", cell=e.exec_count, error=error)
             code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {error}\n"
                                 f"failed notebook saved: {notebook}")
-        except KeyboardInterrupt:
-            record.update(status="failed", error="interrupted")
-            code, failure = 130, f"step {step} interrupted; partial notebook: {notebook}"
+        except KeyboardInterrupt as e:
+            how = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            record.update(status="interrupted", error=f"interrupted ({how})")
+            code = 143 if isinstance(e, Terminated) else 130
+            failure = f"step {step} interrupted ({how}); partial notebook: {notebook}"
         except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
             message = params.redact(f"{type(e).__name__}: {' '.join(str(e).split())}")
             record.update(status="failed", error=message)
             code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
                 f"{notebook}"
+        self.in_step = False
         self.new_cell(notebook)
         if self.launches is not None:
             record["kernel"] = self.launches() or "new process"

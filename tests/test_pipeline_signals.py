@@ -1,0 +1,98 @@
+"""run_all.py with real kernels under what a cluster does to it (issue 11): SIGTERM, as an
+ordinary process and as a container's PID 1; a TMPDIR too long for Unix sockets."""
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_pipeline import env  # noqa: F401 (the fixture: the project's kernelspec installed)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def hanging_mirror():
+    """A URL whose server accepts connections and never answers: a download cell that blocks."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield server, f"http://127.0.0.1:{server.getsockname()[1]}/"
+    server.close()
+
+
+def _can_unshare():
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                          capture_output=True).returncode == 0
+
+
+def _pid1(process):
+    """The pid (outside the namespace) of unshare's child: run_all.py as PID 1."""
+    for _ in range(200):
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        if children.exists() and children.read_text().split():
+            return int(children.read_text().split()[0])
+        time.sleep(0.05)
+    raise AssertionError("unshare started no child")
+
+
+@pytest.mark.parametrize("as_pid1", [False, True], ids=["process", "pid1"])
+def test_sigterm_stops_the_kernel_and_records_the_run_interrupted(as_pid1, env, hanging_mirror,
+                                                                  tmp_path):
+    if as_pid1 and not _can_unshare():
+        pytest.skip("unshare --pid is not available here")
+    server, url = hanging_mirror
+    outputs = tmp_path / "out"
+    command = [sys.executable, "run_all.py", "--only", "download", "-p", "data_source=idx",
+               "-p", f"data_url={url}", "-p", f"data_dir={tmp_path / 'data'}", "--run-id", "t",
+               "--outputs", str(outputs)]
+    if as_pid1:
+        command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
+    tag = f"{os.getpid()}-{as_pid1}"
+    mark = f"SIGTERM_TEST_RUN={tag}"
+    process = subprocess.Popen(command, cwd=REPO, env={**env, "SIGTERM_TEST_RUN": tag}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # the download cell is running once the kernel connects to the mirror
+        assert select.select([server], [], [], 300)[0], "the download cell never started"
+        target = _pid1(process) if as_pid1 else process.pid
+        os.kill(target, signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = process.communicate(timeout=30)  # Kubernetes' grace period
+        assert time.monotonic() - t0 < 30
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 143, err[-2000:]
+    assert "step download interrupted (SIGTERM)" in err
+    run = json.loads((outputs / "t/run.json").read_text())
+    assert run["status"] == "interrupted" and run["steps"][0]["status"] == "interrupted"
+    line = json.loads((outputs / "runs.jsonl").read_text().splitlines()[-1])
+    assert line["run_id"] == "t" and line["status"] == "interrupted"
+    assert '<td class="interrupted">interrupted</td>' in (outputs / "index.html").read_text()
+    assert _left(mark) == []  # the kernel (and its fork server) stopped
+
+
+def _left(mark, wait=5.0):
+    """Pids of processes whose environment holds ``mark`` (kernels inherit it), after ``wait``."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if mark.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
