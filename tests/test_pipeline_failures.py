@@ -254,3 +254,19 @@ def test_resuming_a_redacted_url_asks_for_it_again(tmp_path, capsys, fake_paperm
     assert code == 0
     code, *_ = _main(capsys, "--from", "build", "--run-id", "R", "--outputs", str(out))
     assert code == 0  # build does not use it
+
+
+# --- case 13: batch sizes within the Job's memory -------------------------------------------------
+
+@pytest.mark.parametrize("value,ok", [("train_batch_size=60000", False),
+                                      ("train_batch_size=20001", False),
+                                      ("test_batch_size=10001", False),
+                                      ("train_batch_size=20000", True),
+                                      ("test_batch_size=10000", True)])
+def test_batch_sizes_fit_the_memory_limit(value, ok, tmp_path, capsys, no_kernel):
+    """bench/train_memory.py measures the bounds (see RULES); 60,000 was OOMKilled at 8 GiB."""
+    code, _, err = _main(capsys, "--dry-run", "-p", value, "--outputs", str(tmp_path))
+    if ok:
+        assert code == 0, err
+    else:
+        _one_error_line(code, err, value.split("=")[0])
