@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import env  # noqa: F401 (the fixture: the project's kernelspec installed)
+from test_pipeline import env, small_data  # noqa: F401 (fixtures: the kernelspec, two LMDBs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +96,48 @@ def _left(mark, wait=5.0):
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def test_a_long_tmpdir_does_not_break_kernel_start(env, small_data, tmp_path):
+    """A ~90-character TMPDIR would put a kernel's Unix socket past the 107-byte limit: kernels
+    talk TCP on 127.0.0.1 and the fork server a socketpair, so nothing is named under TMPDIR."""
+    tmpdir = tmp_path / ("t" * (90 - len(str(tmp_path)) - 1))
+    tmpdir.mkdir()
+    assert len(str(tmpdir)) == 90
+    outputs = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "run_all.py", "--only", "download", "-p", "data_source=existing",
+         "-p", f"data_dir={small_data}", "--run-id", "t", "--outputs", str(outputs)],
+        cwd=REPO, env={**env, "TMPDIR": str(tmpdir)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((outputs / "t/run.json").read_text())
+    assert run["status"] == "succeeded" and run["steps"][0]["kernel"] != "new process"
+
+
+BROKEN_KERNELS = {
+    "missing executable": (["/nonexistent/python", "{connection_file}"], "No such file"),
+    "exits at once": ([sys.executable, "-c", "raise SystemExit(3)", "{connection_file}"],
+                      "Kernel died"),
+    "never answers": ([sys.executable, "-c", "import time; time.sleep(600)", "{connection_file}"],
+                      "didn't respond in 3 seconds"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_KERNELS)
+def test_a_kernel_that_cannot_start_exits_1_with_its_cause(case, env, tmp_path):
+    argv, cause = BROKEN_KERNELS[case]
+    spec = tmp_path / "jupyter" / "kernels" / "caffe2torch"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "broken",
+                                                  "language": "python"}))
+    outputs, tag = tmp_path / "out", f"{os.getpid()}-{case}"
+    result = subprocess.run(
+        [sys.executable, "run_all.py", "--only", "download", "-p", "start_timeout=3",
+         "--run-id", "t", "--outputs", str(outputs)], cwd=REPO, capture_output=True, text=True,
+        env={**env, "JUPYTER_PATH": str(tmp_path / "jupyter"), "SIGTERM_TEST_RUN": tag},
+        timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "step download failed:" in result.stderr and cause in result.stderr
+    run = json.loads((outputs / "t/run.json").read_text())
+    assert run["status"] == "failed" and run["steps"][0]["status"] == "failed"
+    assert _left(f"SIGTERM_TEST_RUN={tag}") == []  # no kernel left behind
