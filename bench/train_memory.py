@@ -8,10 +8,11 @@ import tempfile
 from pathlib import Path
 
 CHILD = """
-import resource, sys
+import resource, sys, tempfile
 from caffe2torch.python import workspace
 from mnist_tutorial import lenet
 net_kind, batch, train_db, test_db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+workspace.ResetWorkspace(tempfile.mkdtemp())  # the Print/Summarize ops' files go there
 train, test, _ = lenet.build_models(train_db, test_db, train_batch_size=batch,
                                     test_batch_size=batch)
 model = train if net_kind == "train" else test

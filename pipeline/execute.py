@@ -7,6 +7,7 @@ numbers a step reports (merged into run.json's ``metrics``).
 """
 import concurrent.futures
 import datetime
+import errno
 import importlib.metadata
 import json
 import os
@@ -230,6 +231,27 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 """
 
 
+def atomic_notebook_writes():
+    """papermill writes the notebooks under absolute paths through a temporary file (its own
+    LocalHandler truncates the notebook in place: a full disk left invalid JSON)."""
+    from papermill.iorw import LocalHandler, papermill_io
+
+    class AtomicLocalHandler(LocalHandler):
+        def write(self, buf, path):
+            history.write_atomic(Path(path), buf)
+
+    if not any(isinstance(h, AtomicLocalHandler) or type(h).__name__ == "AtomicLocalHandler"
+               for _, h in papermill_io._handlers):
+        papermill_io.register("/", AtomicLocalHandler())  # the run folder is absolute
+
+
+def no_space(e):
+    """"no space left on <path>" for a full disk's OSError, else None."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {e.filename or 'the outputs volume'}"
+    return None
+
+
 def _import_renderers():
     import matplotlib.figure  # noqa: F401  (index.html's chart)
     import nbconvert  # noqa: F401
@@ -299,6 +321,7 @@ class Run:
                                                                                  not quiet)
         self.launches = launches  # callable: how the last kernel was started, or None
         self.terminated = self.in_step = False
+        self.unsaved = None  # why run.json could not be written, if it could not
         self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
         self.run = {"run_id": run_id, "status": "running",  # URLs' tokens redacted: a test
                     "params": {k: params.redact(v) for k, v in values.items()},
@@ -312,9 +335,30 @@ class Run:
         return [self.records[s] for s in STEPS if s in self.records]
 
     def write_run_json(self):
-        """run.json (written through a temporary file)."""
-        history.write_atomic(self.run_dir / "run.json",
-                             json.dumps({**self.run, "steps": self.steps()}, indent=2) + "\n")
+        """run.json (written through a temporary file); a failure is kept for the exit code."""
+        path, record = self.run_dir / "run.json", {**self.run, "steps": self.steps()}
+        try:
+            history.write_atomic(path, json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            if no_space(e) and self._overwrite_in_place(path, record):
+                return
+            self.unsaved = no_space(e) or f"cannot write {e.filename}: {e.strerror}"
+            print(f"run_all.py: warning: {self.unsaved}", file=sys.stderr)
+
+    @staticmethod
+    def _overwrite_in_place(path, record):
+        """On a full disk: run.json, compact, in the blocks it already has (a temporary copy
+        needs space there is not), so that it says "failed" rather than "running"."""
+        text = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        try:
+            with open(path, "r+b") as f:
+                if len(text) > os.fstat(f.fileno()).st_size:
+                    return False
+                f.write(text)
+                f.truncate()
+            return True
+        except OSError:
+            return False
 
     def say(self, text):
         """A line of the pipeline's own (not a cell's) on the console."""
@@ -365,14 +409,20 @@ class Run:
             try:
                 page.result()
             except Exception as e:  # a rendering problem must not hide the step's result
-                print(f"run_all.py: could not render {record['html']}: {e}", file=sys.stderr)
+                print(f"run_all.py: could not render {record['html']}: {no_space(e) or e}",
+                      file=sys.stderr)
                 record["html"] = None
+                if no_space(e) and failure is None:  # a full disk fails the run, not a page
+                    code, failure = 1, no_space(e)
         renderer.shutdown()
         status = "interrupted" if code in (130, 143) else "failed" if failure else "succeeded"
         self.run.update(status=status, finished=utc_now(),
                         seconds=round(time.perf_counter() - started, 2),
                         metrics=collect_metrics(workspace))
         self.write_run_json()
+        if self.unsaved and not failure:  # the steps ran, but their record is lost
+            code, failure = 1, f"{self.unsaved}; the run's record {self.run_dir / 'run.json'} " \
+                "is incomplete"
         key = [name for name, p in params.schema().items() if p.key]
         try:  # the run's result is run.json's and the exit code's; the history only shows it
             history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
@@ -391,6 +441,7 @@ class Run:
         """Execute one notebook with papermill: (exit code, failure message or None, notebook)."""
         import papermill
         from traitlets.config import Config
+        atomic_notebook_writes()
         counter = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step}"
         notebook = self.run_dir / notebook_path(step).name
         record = self.records[step] = {"name": step, "status": "running", "seconds": None,
@@ -411,7 +462,8 @@ class Run:
                 on_cell_execute=lambda **_: self.new_cell(notebook))
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
-            error = params.redact(f"{e.ename}: {e.evalue}")
+            full = "[Errno 28]" in str(e.evalue)  # a cell's OSError: ENOSPC, with its path
+            error = params.redact(("no space left: " if full else "") + f"{e.ename}: {e.evalue}")
             record.update(status="failed", cell=e.exec_count, error=error)
             code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {error}\n"
                                 f"failed notebook saved: {notebook}")
@@ -421,7 +473,8 @@ class Run:
             code = 143 if isinstance(e, Terminated) else 130
             failure = f"step {step} interrupted ({how}); partial notebook: {notebook}"
         except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
-            message = params.redact(f"{type(e).__name__}: {' '.join(str(e).split())}")
+            message = params.redact(no_space(e)
+                                    or f"{type(e).__name__}: {' '.join(str(e).split())}")
             record.update(status="failed", error=message)
             code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
                 f"{notebook}"

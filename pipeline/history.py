@@ -3,6 +3,7 @@
 
 Every read of runs.jsonl goes through ``read_runs``; every write through ``record``.
 """
+import errno
 import io
 import json
 import os
@@ -75,11 +76,18 @@ def record(outputs, run, key_params):
     """Append the run to runs.jsonl, point ``latest`` at it and regenerate index.html."""
     outputs = Path(outputs)
     with FileLock(str(outputs / ".history.lock")):
-        with open(outputs / "runs.jsonl", "a+b") as f:
+        with open(outputs / "runs.jsonl", "a+b", buffering=0) as f:
             f.seek(0, os.SEEK_END)  # a cut-off last line must not swallow this record
-            newline = b"\n" if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n" \
+            size = f.tell()
+            newline = b"\n" if size and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n" \
                 else b""
-            f.write(newline + json.dumps(history_line(run)).encode() + b"\n")
+            line = newline + json.dumps(history_line(run)).encode() + b"\n"
+            try:
+                if f.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as e:  # a full disk: no half record (the next append would skip it)
+                f.truncate(size)
+                raise OSError(e.errno, e.strerror, str(outputs / "runs.jsonl")) from None
         tmp_link = outputs / f".latest.tmp-{os.getpid()}"
         tmp_link.unlink(missing_ok=True)
         try:
@@ -92,10 +100,19 @@ def record(outputs, run, key_params):
 
 
 def write_atomic(path, text):
-    """Write ``text`` through a temporary file in the same folder."""
+    """Write ``text`` through a temporary file in the same folder: ``path`` is complete or as it
+    was (a full disk leaves no half file and no temporary one); an OSError names ``path``."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def accuracy(run):

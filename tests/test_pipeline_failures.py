@@ -270,3 +270,99 @@ def test_batch_sizes_fit_the_memory_limit(value, ok, tmp_path, capsys, no_kernel
         assert code == 0, err
     else:
         _one_error_line(code, err, value.split("=")[0])
+
+
+# --- case 6: a full disk under the outputs -------------------------------------------------------
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A 256 KiB tmpfs (root and mount needed; skipped elsewhere)."""
+    import subprocess
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def big_notebook_papermill(monkeypatch):
+    """papermill's own notebook save (its I/O layer), of a 1 MiB notebook: fills the volume."""
+    import nbformat
+    import papermill
+    from papermill.iorw import papermill_io
+
+    from pipeline import kernelfork
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
+
+    def execute_notebook(input_path, output_path, **kwargs):
+        nb = nbformat.read(input_path, as_version=4)
+        nb.cells[0].source += "x" * (1 << 20)
+        papermill_io.write(nbformat.writes(nb), output_path)
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+
+
+def test_a_full_disk_exits_1_leaving_complete_files(tiny_volume, capsys, big_notebook_papermill):
+    out = tiny_volume / "out"
+    code, _, err = _main(capsys, "--only", "download", "--run-id", "r1", "--outputs", str(out))
+    assert code == 1, err
+    notebook = out / "r1" / params.notebook_path("download").name
+    assert f"no space left on {notebook}" in err and "Traceback" not in err
+    assert not notebook.exists()  # complete or absent: no half-written JSON
+    assert [p.name for p in tiny_volume.rglob("*tmp*")] == []  # no temporary files left
+    run = json.loads((out / "r1/run.json").read_text())
+    assert run["status"] == "failed" and "no space left on" in run["steps"][0]["error"]
+    for line in (out / "runs.jsonl").read_text().splitlines() if (out / "runs.jsonl").exists() \
+            else []:
+        json.loads(line)  # whole lines only
+
+
+def test_run_json_says_failed_on_a_disk_too_full_for_a_temporary_copy(tmp_path, monkeypatch):
+    """The final run.json, when even its temporary copy finds no space, is rewritten in place."""
+    import errno
+    run = execute.Run(tmp_path, "r1", {}, {}, "cpu")
+    run.run_dir.mkdir()
+    run.write_run_json()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(history, "write_atomic", full)
+    run.run["status"] = "failed"
+    run.write_run_json()
+    assert json.loads((tmp_path / "r1/run.json").read_text())["status"] == "failed"
+    assert run.unsaved is None
+
+
+def test_a_full_disk_leaves_no_half_history_line(tmp_path, monkeypatch):
+    import errno
+    import builtins
+    (tmp_path / "runs.jsonl").write_text('{"run_id": "old"}\n')
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])  # a short write, as on a full disk
+            return 10
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: Full(real_open(p, *a, **k))
+                        if str(p).endswith("runs.jsonl") and "a" in (a[0] if a else "") else
+                        real_open(p, *a, **k))
+    run = {"run_id": "r1", "steps": []}
+    with pytest.raises(OSError) as raised:
+        history.record(tmp_path, run, [])
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("runs.jsonl")
+    monkeypatch.undo()
+    assert (tmp_path / "runs.jsonl").read_text() == '{"run_id": "old"}\n'
