@@ -231,18 +231,23 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 """
 
 
+_ATOMIC_HANDLER = []  # registered once per process
+
+
 def atomic_notebook_writes():
     """papermill writes the notebooks under absolute paths through a temporary file (its own
     LocalHandler truncates the notebook in place: a full disk left invalid JSON)."""
+    if _ATOMIC_HANDLER:
+        return
     from papermill.iorw import LocalHandler, papermill_io
 
     class AtomicLocalHandler(LocalHandler):
         def write(self, buf, path):
+            """The notebook through a temporary file beside it."""
             history.write_atomic(Path(path), buf)
-
-    if not any(isinstance(h, AtomicLocalHandler) or type(h).__name__ == "AtomicLocalHandler"
-               for _, h in papermill_io._handlers):
-        papermill_io.register("/", AtomicLocalHandler())  # the run folder is absolute
+    _ATOMIC_HANDLER.append(AtomicLocalHandler())
+    # papermill picks the first registered prefix a path starts with; the run folder is absolute
+    papermill_io.register("/", _ATOMIC_HANDLER[0])
 
 
 def no_space(e):

@@ -366,3 +366,30 @@ def test_a_full_disk_leaves_no_half_history_line(tmp_path, monkeypatch):
     assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("runs.jsonl")
     monkeypatch.undo()
     assert (tmp_path / "runs.jsonl").read_text() == '{"run_id": "old"}\n'
+
+
+# --- case 3 (in process; tests/test_pipeline_signals.py sends it to real runs) ------------------
+
+def test_sigterm_during_a_step_exits_143_and_runs_no_further_step(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import nbformat
+    import papermill
+
+    from pipeline import kernelfork
+    monkeypatch.setattr(kernelfork, "warm", lambda spec: None)
+
+    def execute_notebook(input_path, output_path, **kwargs):
+        nbformat.write(nbformat.read(input_path, as_version=4), output_path)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the step")
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = _main(capsys, "--only", "download,build", "--run-id", "r", "--outputs",
+                         str(tmp_path))
+    assert code == 143 and "step download interrupted (SIGTERM)" in err
+    run = json.loads((tmp_path / "r/run.json").read_text())
+    assert run["status"] == "interrupted"
+    assert [s["status"] for s in run["steps"]] == ["interrupted", "not_run"]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
