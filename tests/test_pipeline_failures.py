@@ -48,7 +48,7 @@ FILES = {
     "one alias": (b"train_iters: &n 5\ntest_iters: *n\n", "anchors and aliases"),
     "not UTF-8": (b"data_dir: caf\xe9\n", "not UTF-8"),
     "5000 deep": (b"train_iters: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested"),
-    "5000 deep block": (("train_iters:\n" + "".join(" " * i + "- \n" for i in range(1, 200)))
+    "200 deep block": (("train_iters:\n" + "".join(" " * i + "- \n" for i in range(1, 200)))
                         .encode(), "nested"),
     "duplicate key": (b"train_iters: 5\ntrain_iters: 6\n", "given twice"),
     "hex int": (b"train_iters: 0x10\n", "train_iters"),
@@ -192,7 +192,7 @@ def test_credentials_in_a_url_exit_2_before_any_kernel(url, how, tmp_path, capsy
     value = f"data_url={url}" if how == "-p" else f"data_url: {url}"
     code, out, err = _main(capsys, "--dry-run", how, value, "--outputs", str(tmp_path))
     _one_error_line(code, err, "netrc")
-    assert "password" not in err.replace("user:password", "") and ":pw@" not in err
+    assert url not in err and "@host" not in err  # the message does not repeat the secret
     assert out == ""
 
 
