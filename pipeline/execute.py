@@ -236,7 +236,8 @@ _ATOMIC_HANDLER = []  # registered once per process
 
 def atomic_notebook_writes():
     """papermill writes the notebooks under absolute paths through a temporary file (its own
-    LocalHandler truncates the notebook in place: a full disk left invalid JSON)."""
+    LocalHandler truncates the notebook in place: a full disk left invalid JSON), with URLs'
+    tokens redacted (the kernel got the real parameters; the file and its HTML do not keep them)."""
     if _ATOMIC_HANDLER:
         return
     from papermill.iorw import LocalHandler, papermill_io
@@ -244,7 +245,7 @@ def atomic_notebook_writes():
     class AtomicLocalHandler(LocalHandler):
         def write(self, buf, path):
             """The notebook through a temporary file beside it."""
-            history.write_atomic(Path(path), buf)
+            history.write_atomic(Path(path), params.redact(buf))
     _ATOMIC_HANDLER.append(AtomicLocalHandler())
     # papermill picks the first registered prefix a path starts with; the run folder is absolute
     papermill_io.register("/", _ATOMIC_HANDLER[0])

@@ -57,7 +57,7 @@ SECRET_WORDS = {"key", "keys", "apikey", "token", "tokens", "password", "passwd"
 SECRET_PARTS = ("passw", "secret", "token", "credential", "apikey", "api_key", "privatekey")
 
 
-URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\\]+")  # stops at a JSON escape too
 REDACTED = "REDACTED"
 
 

@@ -23,7 +23,7 @@ def hanging_mirror():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
-    yield server, f"http://127.0.0.1:{server.getsockname()[1]}/"
+    yield server, f"http://127.0.0.1:{server.getsockname()[1]}/?token=s3cr3t"
     server.close()
 
 
@@ -80,6 +80,9 @@ def test_sigterm_stops_the_kernel_and_records_the_run_interrupted(as_pid1, env, 
     assert line["run_id"] == "t" and line["status"] == "interrupted"
     assert '<td class="interrupted">interrupted</td>' in (outputs / "index.html").read_text()
     assert _left(mark) == []  # the kernel (and its fork server) stopped
+    # the URL's token is in no file of the run (notebook and HTML included) nor in the log
+    assert [p for p in outputs.rglob("*") if p.is_file() and b"s3cr3t" in p.read_bytes()] == []
+    assert "s3cr3t" not in out + err
 
 
 def _left(mark, wait=5.0):
