@@ -393,3 +393,20 @@ def test_sigterm_during_a_step_exits_143_and_runs_no_further_step(tmp_path, caps
     assert run["status"] == "interrupted"
     assert [s["status"] for s in run["steps"]] == ["interrupted", "not_run"]
     assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+@pytest.mark.parametrize("name", ["billion laughs", "not UTF-8", "5000 deep", "duplicate key",
+                                  "too big"])
+def test_a_bad_params_document_is_refused_before_papermill_is_imported(name, tmp_path):
+    """papermill's import alone takes over a second: documents are read before it."""
+    import subprocess
+    import sys
+    path = tmp_path / "p.yaml"
+    path.write_bytes(FILES[name][0])
+    code = ("import sys; from pipeline import cli; code = cli.main(['-f', sys.argv[1]]); "
+            "assert 'papermill' not in sys.modules; sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and FILES[name][1] in result.stderr
