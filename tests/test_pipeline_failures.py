@@ -1,5 +1,6 @@
 """What a hostile user, a full disk or Kubernetes does to run_all.py (issue 11): every case exits
 with a one-line message (2: before any kernel), and the run records stay readable and true."""
+# ruff: noqa: F811 (fixtures imported from test_run_all are test arguments of the same name)
 import json
 import os
 import time
@@ -142,7 +143,8 @@ def test_outputs_on_a_read_only_mount_exits_2(tmp_path, capsys, no_kernel):
 POISON = ["42", '["a"]', '"text"', "null", '{"run_id": 7}', '{"run_id": "p1", "seconds": "slow"}',
           '{"run_id": "p2", "started": 20250101}', '{"run_id": "p3", "metrics": "high"}',
           '{"run_id": "p4", "params_files": 5}', '{"run_id": "p5", "overrides": [1, 2]}',
-          '{"run_id": "p6", "steps": ["download"]}', '{"run_id": "p7", "steps": [{"seconds": "x"}]}',
+          '{"run_id": "p6", "steps": ["download"]}',
+          '{"run_id": "p7", "steps": [{"seconds": "x"}]}',
           '{"run_id": "p8", "params": [1]}', "[" * 100000 + "]" * 100000, "\xff\xfe garbage",
           '{"run_id": "cut", "status": "succ']
 
@@ -336,8 +338,8 @@ def test_run_json_says_failed_on_a_disk_too_full_for_a_temporary_copy(tmp_path, 
 
 
 def test_a_full_disk_leaves_no_half_history_line(tmp_path, monkeypatch):
-    import errno
     import builtins
+    import errno
     (tmp_path / "runs.jsonl").write_text('{"run_id": "old"}\n')
     real_open = builtins.open
 

@@ -1,5 +1,6 @@
 """run_all.py with real kernels under what a cluster does to it (issue 11): SIGTERM, as an
 ordinary process and as a container's PID 1; a TMPDIR too long for Unix sockets."""
+# ruff: noqa: F811 (fixtures imported from test_pipeline are test arguments of the same name)
 import json
 import os
 import select
@@ -58,7 +59,8 @@ def test_sigterm_stops_the_kernel_and_records_the_run_interrupted(as_pid1, env, 
         command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
     tag = f"{os.getpid()}-{as_pid1}"
     mark = f"SIGTERM_TEST_RUN={tag}"
-    process = subprocess.Popen(command, cwd=REPO, env={**env, "SIGTERM_TEST_RUN": tag}, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO, env={**env, "SIGTERM_TEST_RUN": tag},
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         # the download cell is running once the kernel connects to the mirror
