@@ -1,7 +1,8 @@
 """``run_all.py`` / ``caffe2torch-pipeline``: run the notebooks in order with papermill.
 
 Exit codes: 0 success; 1 a step failed (or the test accuracy is below ``min_test_accuracy``);
-2 bad usage or parameters, or the run folder is locked by another run; 130 interrupted.
+2 bad usage or parameters, or the run folder is locked by another run; 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
 Everything that can be checked without a kernel is checked before the first kernel starts.
 """
 import argparse
@@ -85,6 +86,7 @@ def main(argv=None):
         if args.list:
             print(params.list_text())
             return 0
+        _read_documents(args)
         return _run(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -92,6 +94,16 @@ def main(argv=None):
 
 
 FILE_OPTIONS = ("-f", "--parameters-file", "--params-file")
+
+
+def _read_documents(args):
+    """Read every -f and -y once before anything imports papermill (~1.4 s): a params file that
+    is not strict YAML (aliases, duplicate keys, deep nesting, not UTF-8) is refused at once."""
+    for kind, *rest in args.layers:
+        if kind in FILE_OPTIONS:
+            params.load_file(rest[0])
+        elif kind != "-p":
+            params.load_yaml(rest[0], "-y")
 
 
 def _layers(args):
@@ -107,7 +119,8 @@ def _layers(args):
 
 
 def _run(args):
-    outputs = Path(args.outputs).resolve() if args.outputs else params.REPO_ROOT / "outputs"
+    outputs = execute.check_outputs(Path(args.outputs).resolve() if args.outputs
+                                    else params.REPO_ROOT / "outputs")
     run_id = execute.check_run_id(args.run_id) if args.run_id is not None else \
         execute.new_run_id()
     run_dir = outputs / run_id
@@ -119,6 +132,7 @@ def _run(args):
     layers = [("resumed run.json", (previous or {}).get("params") or {})] if previous else []
     values = params.resolve(layers + list(_layers(args)))
     execute.check_order(steps, previous, run_id)
+    execute.check_resumed(steps, previous, values)
     wants_gpu = values.get("device", "cpu") != "cpu"
     probe = execute.probe_cuda() if wants_gpu and not execute.cpu_only_torch() else None
     try:
@@ -133,7 +147,8 @@ def _run(args):
     if args.dry_run:
         print(f"run {run_id} in {run_dir} on {device}")
         for step, step_values in plan.items():
-            print(f"  {step}: notebooks/{params.notebook_path(step).name} with {step_values}")
+            shown = {k: params.redact(v) for k, v in step_values.items()}
+            print(f"  {step}: notebooks/{params.notebook_path(step).name} with {shown}")
         return 0
     _logging(args.log_level)
     return _execute(args, outputs, run_id, run_dir, values, plan, device, previous)

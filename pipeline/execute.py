@@ -7,13 +7,17 @@ numbers a step reports (merged into run.json's ``metrics``).
 """
 import concurrent.futures
 import datetime
+import errno
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +25,9 @@ from pipeline import history, params
 from pipeline.params import STEPS, UsageError, notebook_path
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-RESERVED = {"latest", "index.html", "runs.jsonl"}  # names the history uses in <outputs>/
+# Names the history uses in <outputs>/, and the notebooks' own run_dir (outputs/jupyter) and
+# exploration folder; compared without case (case-insensitive volumes: macOS, Windows shares)
+RESERVED = {"latest", "index.html", "runs.jsonl", "jupyter", "explore"}
 # Kernels talk over TCP on 127.0.0.1: CurveZMQ-encrypted where the kernel supports it
 KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
 CONSOLE_LINES = 40  # per cell; the rest (e.g. the protobuf printouts) stays in the notebook
@@ -29,10 +35,31 @@ CONSOLE_LINES = 40  # per cell; the rest (e.g. the protobuf printouts) stays in 
 
 def check_run_id(run_id):
     """A run id given by the user, or a UsageError (the one place run ids are checked)."""
-    if not RUN_ID.fullmatch(run_id) or run_id in RESERVED:
+    if not RUN_ID.fullmatch(run_id) or run_id.lower() in RESERVED:
         raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (up to 100, "
                          f"starting with a letter or digit; not {', '.join(sorted(RESERVED))})")
     return run_id
+
+
+def check_outputs(outputs):
+    """``outputs`` when it is (or can be made) a writable folder, else a UsageError.
+
+    Writability is probed by creating and removing a file: permission bits alone say nothing to
+    root, read-only mounts and ACLs; the probe is the only write a dry run makes.
+    """
+    outputs = Path(outputs)
+    existing = next(p for p in (outputs, *outputs.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        what = "is a file" if existing == outputs else f"is under {existing}, a file"
+        raise UsageError(f"--outputs {outputs} {what}; name a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--outputs {outputs}: cannot write in {existing} "
+                         f"({e.strerror or e}); name a writable folder") from None
+    return outputs
 
 
 def new_run_id():
@@ -132,6 +159,27 @@ def check_order(steps, previous, run_id):
                              f"{run_id} (resume an earlier run with --run-id ID --from STEP)")
 
 
+def check_resumed(steps, previous, values):
+    """A resumed run changes no parameter of a step it keeps (run.json then tells what every kept
+    step used) and re-runs no step with a value run.json keeps redacted."""
+    if not previous:
+        return
+    old = previous.get("params") if isinstance(previous.get("params"), dict) else {}
+    kept = [s.get("name") for s in previous.get("steps", []) if isinstance(s, dict)
+            and s.get("status") == "succeeded" and s.get("name") not in steps]
+    for name, spec in params.schema().items():
+        used = [s for s in spec.steps if s in kept]
+        if used and name in old and old[name] != params.redact(values[name]):
+            raise UsageError(f"parameter {name!r} changed ({old[name]!r} -> {values[name]!r}) but "
+                             f"step {used[0]}, which used it, does not re-run: add --from "
+                             f"{used[0]} or leave {name} as it was")
+        rerun = [s for s in spec.steps if s in steps]
+        if rerun and isinstance(values[name], str) and params.REDACTED in values[name] \
+                and old.get(name) == values[name]:
+            raise UsageError(f"parameter {name!r} is kept redacted in run.json and step "
+                             f"{rerun[0]} re-runs: pass -p {name}=... again")
+
+
 # --- the console ---------------------------------------------------------------------------------
 
 class CellOutput:
@@ -156,7 +204,7 @@ class CellOutput:
             if self.at_start:
                 self.stream.write(f"[{self.step}] ")
                 self.shown += 1
-            self.stream.write(line)
+            self.stream.write(params.redact(line))  # a printed signed URL keeps its token out
             self.at_start = line.endswith("\n")
 
     def flush(self):
@@ -182,6 +230,33 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 """
+
+
+_ATOMIC_HANDLER = []  # registered once per process
+
+
+def atomic_notebook_writes():
+    """papermill writes the notebooks under absolute paths through a temporary file (its own
+    LocalHandler truncates the notebook in place: a full disk left invalid JSON), with URLs'
+    tokens redacted (the kernel got the real parameters; the file and its HTML do not keep them)."""
+    if _ATOMIC_HANDLER:
+        return
+    from papermill.iorw import LocalHandler, papermill_io
+
+    class AtomicLocalHandler(LocalHandler):
+        def write(self, buf, path):
+            """The notebook through a temporary file beside it."""
+            history.write_atomic(Path(path), params.redact(buf))
+    _ATOMIC_HANDLER.append(AtomicLocalHandler())
+    # papermill picks the first registered prefix a path starts with; the run folder is absolute
+    papermill_io.register("/", _ATOMIC_HANDLER[0])
+
+
+def no_space(e):
+    """"no space left on <path>" for a full disk's OSError, else None."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {e.filename or 'the outputs volume'}"
+    return None
 
 
 def _import_renderers():
@@ -237,6 +312,11 @@ def collect_metrics(workspace):
     return metrics
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes stopping the Job), raised like SIGINT's KeyboardInterrupt: papermill
+    and nbclient then stop the kernel as they do for Ctrl-C."""
+
+
 class Run:
     """One batch run: ``plan`` maps each step to run to its notebook's parameters."""
 
@@ -247,9 +327,13 @@ class Run:
         self.console, self.errors = CellOutput(sys.stdout, not quiet), CellOutput(sys.stderr,
                                                                                  not quiet)
         self.launches = launches  # callable: how the last kernel was started, or None
+        self.terminated = self.in_step = False
+        self.unsaved = None  # why run.json could not be written, if it could not
         self.records = {s["name"]: s for s in (previous or {}).get("steps", []) if "name" in s}
-        self.run = {"run_id": run_id, "status": "running", "params": values,
-                    "params_files": [str(p) for p in params_files], "overrides": list(overrides),
+        self.run = {"run_id": run_id, "status": "running",  # URLs' tokens redacted: a test
+                    "params": {k: params.redact(v) for k, v in values.items()},
+                    "params_files": [str(p) for p in params_files],
+                    "overrides": [params.redact(o) for o in overrides],
                     "device": device, "versions": versions(), "git_commit": git_commit(),
                     "started": utc_now(), "finished": None, "seconds": None, "metrics": {}}
 
@@ -258,17 +342,58 @@ class Run:
         return [self.records[s] for s in STEPS if s in self.records]
 
     def write_run_json(self):
-        """run.json (written through a temporary file)."""
-        history.write_atomic(self.run_dir / "run.json",
-                             json.dumps({**self.run, "steps": self.steps()}, indent=2) + "\n")
+        """run.json (written through a temporary file); a failure is kept for the exit code."""
+        path, record = self.run_dir / "run.json", {**self.run, "steps": self.steps()}
+        try:
+            history.write_atomic(path, json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            if no_space(e) and self._overwrite_in_place(path, record):
+                return
+            self.unsaved = no_space(e) or f"cannot write {e.filename}: {e.strerror}"
+            print(f"run_all.py: warning: {self.unsaved}", file=sys.stderr)
+
+    @staticmethod
+    def _overwrite_in_place(path, record):
+        """On a full disk: run.json, compact, in the blocks it already has (a temporary copy
+        needs space there is not), so that it says "failed" rather than "running"."""
+        text = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        try:
+            with open(path, "r+b") as f:
+                if len(text) > os.fstat(f.fileno()).st_size:
+                    return False
+                f.write(text)
+                f.truncate()
+            return True
+        except OSError:
+            return False
 
     def say(self, text):
         """A line of the pipeline's own (not a cell's) on the console."""
         if not self.quiet:
             print(text, flush=True)
 
+    def on_sigterm(self, signum, frame):
+        """SIGTERM: stop the running step now (once), or run no further step."""
+        self.terminated = True
+        if self.in_step:
+            self.in_step = False  # a second SIGTERM must not break the kernel's shutdown
+            raise Terminated()
+
     def execute(self):
-        """Run the planned steps; the exit code (0, 1 a step failed, 130 interrupted)."""
+        """Run the planned steps; the exit code (0, 1 a step failed, 130 SIGINT, 143 SIGTERM).
+
+        As PID 1 of a container an unhandled SIGTERM is ignored until SIGKILL: handle it here.
+        """
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self._execute()
+        before = signal.signal(signal.SIGTERM, self.on_sigterm)
+        try:
+            return self._execute()
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    def _execute(self):
         workspace = self.run_dir / "workspace"
         workspace.mkdir(parents=True, exist_ok=True)
         started, code, failure = time.perf_counter(), 0, None
@@ -276,6 +401,8 @@ class Run:
         renderer.submit(_import_renderers)  # while the first kernel boots
         self.say(f"run {self.run_id}: {self.run_dir} (device {self.run['device']})")
         for step, values in self.plan.items():
+            if self.terminated and failure is None:  # between steps
+                code, failure = 143, f"terminated (SIGTERM) before step {step}"
             if failure is not None:
                 self.records[step] = {"name": step, "status": "not_run", "seconds": None,
                                       "notebook": None, "html": None}
@@ -289,15 +416,26 @@ class Run:
             try:
                 page.result()
             except Exception as e:  # a rendering problem must not hide the step's result
-                print(f"run_all.py: could not render {record['html']}: {e}", file=sys.stderr)
+                print(f"run_all.py: could not render {record['html']}: {no_space(e) or e}",
+                      file=sys.stderr)
                 record["html"] = None
+                if no_space(e) and failure is None:  # a full disk fails the run, not a page
+                    code, failure = 1, no_space(e)
         renderer.shutdown()
-        self.run.update(status="failed" if failure else "succeeded", finished=utc_now(),
+        status = "interrupted" if code in (130, 143) else "failed" if failure else "succeeded"
+        self.run.update(status=status, finished=utc_now(),
                         seconds=round(time.perf_counter() - started, 2),
                         metrics=collect_metrics(workspace))
         self.write_run_json()
+        if self.unsaved and not failure:  # the steps ran, but their record is lost
+            code, failure = 1, f"{self.unsaved}; the run's record {self.run_dir / 'run.json'} " \
+                "is incomplete"
         key = [name for name, p in params.schema().items() if p.key]
-        history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        try:  # the run's result is run.json's and the exit code's; the history only shows it
+            history.record(self.outputs, {**self.run, "steps": self.steps()}, key)
+        except Exception as e:
+            print(f"run_all.py: warning: could not update the history in {self.outputs}: "
+                  f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         acc = self.run["metrics"].get("test_accuracy")
         print(f"run_all.py: {failure}" if failure else
               f"run {self.run_id} succeeded in {self.run['seconds']:.1f} s"
@@ -310,6 +448,7 @@ class Run:
         """Execute one notebook with papermill: (exit code, failure message or None, notebook)."""
         import papermill
         from traitlets.config import Config
+        atomic_notebook_writes()
         counter = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step}"
         notebook = self.run_dir / notebook_path(step).name
         record = self.records[step] = {"name": step, "status": "running", "seconds": None,
@@ -319,6 +458,7 @@ class Run:
         self.say(f"{counter} ... notebooks/{notebook.name}")
         self.console.step = self.errors.step = step
         code, failure, t0 = 0, None, time.perf_counter()
+        self.in_step = True
         try:
             papermill.execute_notebook(
                 str(notebook_path(step)), str(notebook), cwd=str(self.run_dir),
@@ -329,17 +469,23 @@ class Run:
                 on_cell_execute=lambda **_: self.new_cell(notebook))
             record["status"] = "succeeded"
         except papermill.PapermillExecutionError as e:
-            record.update(status="failed", cell=e.exec_count, error=f"{e.ename}: {e.evalue}")
-            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {e.ename}: "
-                                f"{e.evalue}\nfailed notebook saved: {notebook}")
-        except KeyboardInterrupt:
-            record.update(status="failed", error="interrupted")
-            code, failure = 130, f"step {step} interrupted; partial notebook: {notebook}"
+            full = "[Errno 28]" in str(e.evalue)  # a cell's OSError: ENOSPC, with its path
+            error = params.redact(("no space left: " if full else "") + f"{e.ename}: {e.evalue}")
+            record.update(status="failed", cell=e.exec_count, error=error)
+            code, failure = 1, (f"step {step} failed at cell {e.exec_count}: {error}\n"
+                                f"failed notebook saved: {notebook}")
+        except KeyboardInterrupt as e:
+            how = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            record.update(status="interrupted", error=f"interrupted ({how})")
+            code = 143 if isinstance(e, Terminated) else 130
+            failure = f"step {step} interrupted ({how}); partial notebook: {notebook}"
         except Exception as e:  # kernel start timeout, dead kernel, unreadable notebook
-            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            message = params.redact(no_space(e)
+                                    or f"{type(e).__name__}: {' '.join(str(e).split())}")
             record.update(status="failed", error=message)
             code, failure = 1, f"step {step} failed: {message}\nnotebook (as far as it ran): " \
                 f"{notebook}"
+        self.in_step = False
         self.new_cell(notebook)
         if self.launches is not None:
             record["kernel"] = self.launches() or "new process"

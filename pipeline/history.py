@@ -3,6 +3,7 @@
 
 Every read of runs.jsonl goes through ``read_runs``; every write through ``record``.
 """
+import errno
 import io
 import json
 import os
@@ -25,15 +26,42 @@ def read_runs(outputs):
     for number, text in enumerate(lines, 1):
         try:
             line = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             line = None
-        if not (isinstance(line, dict) and isinstance(line.get("run_id"), str)):
+        odd = "not a run record" if not isinstance(line, dict) else odd_field(line)
+        if odd:
             if text.strip():
                 print(f"run_all.py: warning: skipping line {number} of "
-                      f"{Path(outputs) / 'runs.jsonl'}: not a run record", file=sys.stderr)
+                      f"{Path(outputs) / 'runs.jsonl'}: {odd}", file=sys.stderr)
             continue
         runs[line["run_id"]] = line  # dicts keep the first insertion's position
     return list(runs.values())
+
+
+NUMBER = (int, float)
+FIELDS = {"run_id": (str,), "status": (str,), "started": (str,), "finished": (str,),
+          "seconds": NUMBER, "device": (str,), "params": (dict,), "params_files": (list,),
+          "overrides": (list,), "metrics": (dict,), "git_commit": (str,), "steps": (list,)}
+
+
+def odd_field(line):
+    """Why a parsed runs.jsonl line is not a run record the page can show, or None."""
+    if not isinstance(line.get("run_id"), str):
+        return "no run_id"
+    for name, kinds in FIELDS.items():
+        value = line.get(name)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{name} is {type(value).__name__}, not {kinds[0].__name__}"
+    for name in ("params_files", "overrides"):
+        if not all(isinstance(v, str) for v in line.get(name) or []):
+            return f"{name} holds a non-string"
+    steps = line.get("steps") or []
+    if not all(isinstance(s, dict) and isinstance(s.get("name", ""), str)
+               and isinstance(s.get("status", ""), str)
+               and isinstance(s.get("seconds") or 0, NUMBER)
+               and isinstance(s.get("html") or "", str) for s in steps):
+        return "a step is not a step record"
+    return None
 
 
 def history_line(run):
@@ -48,11 +76,18 @@ def record(outputs, run, key_params):
     """Append the run to runs.jsonl, point ``latest`` at it and regenerate index.html."""
     outputs = Path(outputs)
     with FileLock(str(outputs / ".history.lock")):
-        with open(outputs / "runs.jsonl", "a+b") as f:
+        with open(outputs / "runs.jsonl", "a+b", buffering=0) as f:
             f.seek(0, os.SEEK_END)  # a cut-off last line must not swallow this record
-            newline = b"\n" if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n" \
+            size = f.tell()
+            newline = b"\n" if size and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n" \
                 else b""
-            f.write(newline + json.dumps(history_line(run)).encode() + b"\n")
+            line = newline + json.dumps(history_line(run)).encode() + b"\n"
+            try:
+                if f.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as e:  # a full disk: no half record (the next append would skip it)
+                f.truncate(size)
+                raise OSError(e.errno, e.strerror, str(outputs / "runs.jsonl")) from None
         tmp_link = outputs / f".latest.tmp-{os.getpid()}"
         tmp_link.unlink(missing_ok=True)
         try:
@@ -65,10 +100,19 @@ def record(outputs, run, key_params):
 
 
 def write_atomic(path, text):
-    """Write ``text`` through a temporary file in the same folder."""
+    """Write ``text`` through a temporary file in the same folder: ``path`` is complete or as it
+    was (a full disk leaves no half file and no temporary one); an OSError names ``path``."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def accuracy(run):

@@ -31,27 +31,35 @@ RULES = {
     "data_url": {"may_be_empty": True},
     "device": {"choices": ("auto", "cpu", "cuda")},  # the history shows the resolved device
     "seed": {"ge": 0, "le": 2 ** 32 - 1, "key": True},
-    "train_batch_size": {"ge": 1, "le": 60000, "key": True},
+    # Batch bounds fit the Job's 8 GiB memory limit (deploy/base/cronjob.yaml) with room for the
+    # runner and the fork server: bench/train_memory.py measures a train iteration at ~290 KiB
+    # of peak RSS per image over a ~335 MiB base (60,000 needed ~17 GiB), a test one at ~230
+    # KiB: 20,000 train images peak near 6 GiB, 10,000 test images (the whole set) near 2.5 GiB.
+    "train_batch_size": {"ge": 1, "le": 20000, "key": True},
     "test_batch_size": {"ge": 1, "le": 10000, "key": True},
     "train_iters": {"ge": 1, "le": 10_000_000, "key": True},
     "test_iters": {"ge": 1, "le": 1_000_000, "key": True},
     "base_lr": {"ge": -10.0, "lt": 0.0, "key": True},
     "lr_policy": {"choices": ("fixed", "step", "exp", "inv"), "key": True},
-    "stepsize": {"ge": 1},
+    "stepsize": {"ge": 1, "le": 10_000_000},  # every int has both bounds: a test
     "gamma": {"gt": 0.0, "le": 1.0},
     "power": {"gt": 0.0, "le": 10.0},
-    "print_every": {"ge": 0},
+    "print_every": {"ge": 0, "le": 10_000_000},
     "net_type": {"choices": ("simple", "compiled"), "key": True},
     "min_test_accuracy": {"ge": 0.0, "le": 1.0},
 }
 # The pipeline's own settings: these lines are their one home.
 OPTIONS = {
-    "cell_timeout": (3600, "seconds one notebook cell may run", {"ge": 1}),
-    "start_timeout": (120, "seconds a kernel may take to start", {"ge": 1}),
+    "cell_timeout": (3600, "seconds one notebook cell may run", {"ge": 1, "le": 7 * 86400}),
+    "start_timeout": (120, "seconds a kernel may take to start", {"ge": 1, "le": 3600}),
 }
 SECRET_WORDS = {"key", "keys", "apikey", "token", "tokens", "password", "passwd", "pwd", "secret",
                 "secrets", "credential", "credentials", "auth", "private", "privatekey"}
 SECRET_PARTS = ("passw", "secret", "token", "credential", "apikey", "api_key", "privatekey")
+
+
+URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\\]+")  # stops at a JSON escape too
+REDACTED = "REDACTED"
 
 
 class UsageError(Exception):
@@ -201,15 +209,117 @@ def check_param(params, name, value, origin):
         raise UsageError(f"parameter {name!r} ({origin}) must be {spec.allowed()}, got {value!r}")
     if spec.type is str and not value and not spec.may_be_empty:
         raise UsageError(f"parameter {name!r} ({origin}) must not be empty")
+    if spec.type is str and "://" in value:
+        check_url(name, value, origin)
     return value
+
+
+def check_url(name, value, origin):
+    """Refuse a URL with a user name or password: the pipeline writes parameters in its records."""
+    import urllib.parse
+    try:
+        parts = urllib.parse.urlsplit(value)
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:  # e.g. a bad port or IPv6 literal
+        raise UsageError(f"parameter {name!r} ({origin}) is not a valid URL") from None
+    if has_credentials:
+        raise UsageError(f"parameter {name!r} ({origin}) holds credentials (user:password@); "
+                         "they would be written into run.json and the notebooks: put them in "
+                         "~/.netrc (a Kubernetes Secret mounted as it) and pass the URL without")
+
+
+def redact(value):
+    """``value`` with each URL's query values and user info replaced by REDACTED (signed URLs
+    carry tokens there); other values unchanged. Applied to everything the pipeline records."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    import urllib.parse
+
+    def one(match):
+        try:
+            parts = urllib.parse.urlsplit(match.group(0))
+        except ValueError:
+            return REDACTED
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+        query = re.sub(r"=[^&;]*", f"={REDACTED}", parts.query)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    return URL.sub(one, value)
+
+
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few lines; /dev/zero is not one
+MAX_YAML_DEPTH = 8  # a mapping of scalars is 2 deep; 5,000 nested lists overflow the stack
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's surprises: no anchors or aliases (a "billion laughs" is
+    refused at once), no duplicate keys, no deep nesting, integers in plain decimal only (0x10,
+    010, 1_000 and 1:20 stay strings, so an int parameter refuses them) and booleans only as
+    true/false (yes, no, on, off stay strings)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers
+                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_node(self, parent, index):
+        """A node, refusing aliases, anchors and nesting deeper than MAX_YAML_DEPTH."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not "
+                                              "allowed in parameters", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than "
+                                                  f"{MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        """A mapping, refusing a key given twice (YAML would keep the last silently)."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        """An integer written in plain decimal (an explicit !!int 0x10 is refused too)."""
+        text = self.construct_scalar(node)
+        if not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
+            raise yaml.constructor.ConstructorError(None, None, f"integer {text!r}: write it in "
+                                                    "plain decimal", node.start_mark)
+        return int(text)
+
+
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                   list("-+0123456789"))
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
+def strict_yaml(text):
+    """``text`` read by StrictLoader (a yaml.YAMLError or RecursionError on what it refuses)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def load_yaml(text, origin):
     """The mapping in a YAML document (no checks on its keys yet)."""
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml(text)
     except yaml.YAMLError as e:
         raise UsageError(f"{origin} is not readable YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:  # a deep flow collection, before the composer counts its depth
+        raise UsageError(f"{origin} is not readable YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -220,11 +330,20 @@ def load_yaml(text, origin):
 def load_file(path):
     """The mapping in a YAML params file."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"params file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"params file {path} is not readable: {e}") from None
+    except OSError as e:
+        raise UsageError(f"params file {path} is not readable: {e.strerror or e}") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise UsageError(f"params file {path} is larger than {MAX_PARAMS_BYTES:,} bytes; "
+                         "a params file holds a few overrides")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"params file {path} is not UTF-8 text (byte {e.start}); save it as "
+                         "UTF-8") from None
     return load_yaml(text, f"params file {path}")
 
 
@@ -234,8 +353,8 @@ def parse_value(params, key, raw):
     if spec is not None and spec.type is str:
         return raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+        value = strict_yaml(raw) if raw.strip() else raw
+    except (yaml.YAMLError, RecursionError):
         value = raw
     if isinstance(value, (dict, list)):
         raise UsageError(f"-p {key}: expected a single value, got {raw!r}")
