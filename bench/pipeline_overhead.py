@@ -31,6 +31,7 @@ TARGET = 1.3
 
 PLAIN = """
 import os, sys, nbformat
+os.environ.setdefault("MPLBACKEND", "Agg")
 from pipeline import params
 run_dir = os.path.abspath(sys.argv[2])
 values = params.resolve([("in " + sys.argv[1], params.load_file(sys.argv[1])),
@@ -43,7 +44,10 @@ for step in params.STEPS:
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        exec(compile(cell.source, f"{step}:cell", "exec"), namespace)
+        # IPython magics (%matplotlib inline) are the kernel's; plain Python draws with Agg
+        source = chr(10).join(line for line in cell.source.splitlines()
+                              if not line.lstrip().startswith("%"))
+        exec(compile(source, f"{step}:cell", "exec"), namespace)
         if "parameters" in cell.metadata.get("tags", []):
             namespace.update(params.for_step(step, values), run_dir=run_dir)
 """
