@@ -131,7 +131,8 @@ def accuracy_chart(runs):
     fig = Figure(figsize=(8, 3))
     ax = fig.add_subplot()
     ax.plot(*zip(*points), "o-", label="test accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, len(runs) + 0.5)  # whole run numbers only, also for one or two runs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set(title="Test accuracy over runs", xlabel="run (# in the table)", ylabel="test accuracy")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")

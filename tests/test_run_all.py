@@ -1,6 +1,7 @@
 """run_all.py: parameters from the notebooks (exit 2 before any kernel), papermill wiring,
 run.json, the console, locks. No test here starts a kernel; test_pipeline.py runs real ones."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -374,3 +375,16 @@ def test_cell_output_lines_and_budget():
     assert lines[:2] == ["[train] partial line", "[train] next"]
     assert lines[-1] == "[train] ... 2 more lines in nb.ipynb"
     assert len(lines) == 2 + execute.CONSOLE_LINES + 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_the_accuracy_chart_counts_runs_in_whole_numbers(count):
+    import matplotlib
+
+    runs = [{"run_id": f"r{i}", "metrics": {"test_accuracy": 0.9 + i / 100}} for i in range(count)]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # tick labels as <text>, not paths
+        svg = history.accuracy_chart(runs)
+    x_labels = re.findall(r">([^<>]*)</text>", svg.split('id="matplotlib.axis_2"')[0])
+    numbers = [t for t in x_labels if re.fullmatch(r"[\d.−-]+", t.strip())]
+    assert numbers and all(re.fullmatch(r"\d+", t.strip()) for t in numbers), numbers
+    assert int(numbers[0]) >= 1 and int(numbers[-1]) <= count
