@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -98,16 +100,47 @@ def notebook_path(step, notebook_dir=None):
     return Path(notebook_dir or NOTEBOOK_DIR) / f"{STEPS.index(step) + 1:02d}_{step}.ipynb"
 
 
+def _cache_file(data):
+    """Where papermill.inspect_notebook's answer for a notebook's bytes is kept (or None)."""
+    import hashlib
+    import importlib.metadata
+    try:
+        version = importlib.metadata.version("papermill")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(data + version.encode()).hexdigest()
+    return Path(base) / "caffe2torch" / "notebook-parameters" / f"{digest}.json"
+
+
 def _declared(path):
-    import papermill
+    """papermill.inspect_notebook(path), cached by the notebook's bytes.
+
+    Importing papermill takes about 2 s, which every check of a parameter (exit 2) would wait
+    for; the answer depends only on the notebook's contents and papermill's version.
+    """
     if not path.exists():
         raise UsageError(f"notebook {path} is missing")
+    cache = _cache_file(path.read_bytes())
+    try:
+        return json.loads(cache.read_text())
+    except (AttributeError, OSError, ValueError):
+        pass  # no cache yet (or none possible): ask papermill
+    import papermill
     try:
         declared = papermill.inspect_notebook(str(path))
     except Exception as e:  # a notebook that is not valid JSON or has a broken cell
         raise UsageError(f"notebook {path} cannot be read: {' '.join(str(e).split())}") from None
     if not declared:
         raise UsageError(f"notebook {path} has no cell tagged 'parameters'")
+    if cache is not None:
+        try:  # best effort: a read-only home (a pod's root file system) just skips the cache
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(declared))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
     return declared
 
 

@@ -1,6 +1,7 @@
 """run_all.py: parameters from the notebooks (exit 2 before any kernel), papermill wiring,
 run.json, the console, locks. No test here starts a kernel; test_pipeline.py runs real ones."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -388,3 +389,15 @@ def test_the_accuracy_chart_counts_runs_in_whole_numbers(count):
     numbers = [t for t in x_labels if re.fullmatch(r"[\d.−-]+", t.strip())]
     assert numbers and all(re.fullmatch(r"\d+", t.strip()) for t in numbers), numbers
     assert int(numbers[0]) >= 1 and int(numbers[-1]) <= count
+
+
+def test_checking_parameters_needs_no_papermill_once_a_notebook_was_inspected(tmp_path):
+    """Each bad -p exits 2 in a fraction of a second: the notebooks' inspected parameters are
+    cached by their bytes (papermill's import alone takes ~2 s)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    probe = ("import sys; from pipeline import params; params.schema(); "
+             "print('papermill' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True,
+                           text=True, check=True).stdout.split() for _ in range(2)]
+    assert runs == [["True"], ["False"]]
+    assert len(list(tmp_path.glob("caffe2torch/notebook-parameters/*.json"))) == 5
