@@ -16,10 +16,6 @@ def _fresh(fresh_workspace):
     yield
 
 
-def needs(op_type):
-    return pytest.mark.skipif(not core.IsOperator(op_type), reason=f"{op_type} not registered")
-
-
 def test_spatial_bn_params_and_training_outputs():
     model = model_helper.ModelHelper(name="bn")
     out = brew.spatial_bn(model, "x", "bn", dim_in=3, epsilon=1e-3)
@@ -111,7 +107,6 @@ def test_add_weight_decay_adds_to_weight_gradients_only():
     assert len([op for op in model.net.Proto().op if op.type == "WeightedSum"]) == 1
 
 
-@needs("Transpose")
 def test_transpose():
     model = model_helper.ModelHelper(name="tr")
     brew.transpose(model, "x", "y", axes=[1, 0])
@@ -121,14 +116,12 @@ def test_transpose():
     np.testing.assert_array_equal(workspace.FetchBlob("y"), x.T)
 
 
-@needs("LRN")
 def test_lrn_writes_its_scale_on_cpu():
     model = model_helper.ModelHelper(name="lrn")
     out = brew.lrn(model, "x", "lrn", size=3, alpha=1e-4, beta=0.75, bias=1.0)
     assert list(model.net.Proto().op[-1].output) == ["lrn", "_lrn_scale"] and str(out) == "lrn"
 
 
-@needs("LayerNorm")
 def test_layer_norm_scales_and_shifts():
     model = model_helper.ModelHelper(name="ln")
     out, mean, std = brew.layer_norm(model, "x", "ln", dim_in=4)
@@ -140,13 +133,6 @@ def test_layer_norm_scales_and_shifts():
     np.testing.assert_allclose(workspace.FetchBlob(out), ref, rtol=1e-4, atol=1e-5)
     assert [str(p) for p in model.params] == ["ln_scale", "ln_bias"]
 
-
-def test_layer_norm_builds_caffe2s_ops():
-    if core.IsOperator("LayerNorm"):
-        pytest.skip("covered by the run test")
-    model = model_helper.ModelHelper(name="ln_proto")
-    with pytest.raises(AttributeError, match="LayerNorm is not a registered operator"):
-        brew.layer_norm(model, "x", "ln", dim_in=4)
 
 
 def test_cnn_model_helper_builds_lenet_like_brew():
