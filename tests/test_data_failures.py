@@ -151,19 +151,9 @@ def _prepare_from_folder(tmp_path, data_dir):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(tmpfs):
     """A 128 kB tmpfs (smaller than the test databases); skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a tmpfs here ({e})")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+    return tmpfs("size=128k", "small")
 
 
 def test_a_real_small_file_system_is_refused_up_front(tmp_path, small_fs):

@@ -123,19 +123,11 @@ def test_outputs_in_a_read_only_folder_exits_2(dry, tmp_path, capsys, monkeypatc
     assert out == "" and list(tmp_path.iterdir()) == []
 
 
-def test_outputs_on_a_read_only_mount_exits_2(tmp_path, capsys, no_kernel):
+def test_outputs_on_a_read_only_mount_exits_2(tmpfs, capsys, no_kernel):
     """The same on a real read-only tmpfs (needs root and mount; skipped elsewhere)."""
-    import subprocess
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        code, out, err = _main(capsys, "--dry-run", "--outputs", str(ro / "runs"))
-        _one_error_line(code, err, "Read-only file system")
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
+    ro = tmpfs("ro,size=1m", "ro")
+    code, out, err = _main(capsys, "--dry-run", "--outputs", str(ro / "runs"))
+    _one_error_line(code, err, "Read-only file system")
 
 
 # --- case 5: poisoned history --------------------------------------------------------------------
@@ -277,16 +269,9 @@ def test_batch_sizes_fit_the_memory_limit(value, ok, tmp_path, capsys, no_kernel
 # --- case 6: a full disk under the outputs -------------------------------------------------------
 
 @pytest.fixture
-def tiny_volume(tmp_path):
+def tiny_volume(tmpfs):
     """A 256 KiB tmpfs (root and mount needed; skipped elsewhere)."""
-    import subprocess
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    return tmpfs("size=256k", "tiny")
 
 
 @pytest.fixture

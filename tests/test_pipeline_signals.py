@@ -148,24 +148,17 @@ def test_a_kernel_that_cannot_start_exits_1_with_its_cause(case, env, tmp_path):
     assert _left(f"SIGTERM_TEST_RUN={tag}") == []  # no kernel left behind
 
 
-def test_a_full_disk_in_a_real_run_exits_1_leaving_complete_files(env, small_data, tmp_path):
+def test_a_full_disk_in_a_real_run_exits_1_leaving_complete_files(env, small_data, tmpfs):
     """Outputs on a 128 KiB tmpfs: the notebook (~7 KB) fits, its HTML (~270 KB) does not."""
-    volume = tmp_path / "tiny"
-    volume.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(volume)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        result = subprocess.run(
-            [sys.executable, "run_all.py", "--only", "download", "-p", "data_source=existing",
-             "-p", f"data_dir={small_data}", "--run-id", "t", "--outputs", str(volume)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1, result.stderr[-2000:]
-        html = volume / "t" / "01_download.html"
-        assert f"no space left on {html}" in result.stderr and "Traceback" not in result.stderr
-        assert not html.exists() and list(volume.rglob("*tmp*")) == []
-        json.loads((volume / "t" / "01_download.ipynb").read_text())  # complete
-        run = json.loads((volume / "t/run.json").read_text())
-        assert run["status"] == "failed" and run["steps"][0]["html"] is None
-    finally:
-        subprocess.run(["umount", str(volume)], check=True)
+    volume = tmpfs("size=128k", "tiny")
+    result = subprocess.run(
+        [sys.executable, "run_all.py", "--only", "download", "-p", "data_source=existing",
+         "-p", f"data_dir={small_data}", "--run-id", "t", "--outputs", str(volume)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    html = volume / "t" / "01_download.html"
+    assert f"no space left on {html}" in result.stderr and "Traceback" not in result.stderr
+    assert not html.exists() and list(volume.rglob("*tmp*")) == []
+    json.loads((volume / "t" / "01_download.ipynb").read_text())  # complete
+    run = json.loads((volume / "t/run.json").read_text())
+    assert run["status"] == "failed" and run["steps"][0]["html"] is None
