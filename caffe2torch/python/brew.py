@@ -29,6 +29,7 @@ from caffe2torch.python.helpers import fc as _fc
 from caffe2torch.python.helpers import nonlinearity as _nonlinearity
 from caffe2torch.python.helpers import normalization as _normalization
 from caffe2torch.python.helpers import pooling as _pooling
+from caffe2torch.python.helpers import tools as _tools
 from caffe2torch.python.helpers import train as _train
 from caffe2torch.python.helpers.arg_scope import arg_scope, get_current_scope
 from caffe2torch.python.model_helper import ModelHelper
@@ -84,6 +85,7 @@ batch_mat_mul = _scoped(_algebra.batch_mat_mul)
 concat = _scoped(_array_helpers.concat)
 depth_concat = _scoped(_array_helpers.depth_concat)
 db_input = _scoped(_db_input.db_input)
+image_input = _scoped(_tools.image_input)
 add_weight_decay = _scoped(_train.add_weight_decay)
 cond = _scoped(_control_ops.cond)
 loop = _scoped(_control_ops.loop)
@@ -115,4 +117,4 @@ def __getattr__(name):
 __all__ = ["arg_scope", "conv", "conv_nd", "fc", "max_pool", "average_pool", "relu", "tanh",
            "softmax", "dropout", "iter", "accuracy", "spatial_bn", "lrn", "layer_norm",
            "instance_norm", "sum", "transpose", "batch_mat_mul", "concat", "depth_concat",
-           "db_input", "add_weight_decay", "cond", "loop", "Register", "has_helper"]
+           "db_input", "image_input", "add_weight_decay", "cond", "loop", "Register", "has_helper"]
