@@ -159,6 +159,14 @@ class ModelHelper:
         """The parameter-init net's NetDef."""
         return self.param_init_net.Proto()
 
+    def GetDevices(self):
+        """The devices data_parallel_model.Parallelize replicated this model on."""
+        devices = getattr(self, "_devices", None)
+        if not devices:
+            raise RuntimeError(f"model {self.name!r} is not parallelized: use "
+                               "data_parallel_model.Parallelize to run it on several devices")
+        return devices
+
     def RunAllOnGPU(self, *args, **kwargs):
         """Run both nets on a GPU (see core.Net.RunAllOnGPU)."""
         self.param_init_net.RunAllOnGPU(*args, **kwargs)

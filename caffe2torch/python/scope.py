@@ -5,6 +5,7 @@ import threading
 from caffe2torch.proto import caffe2_pb2
 
 _SEPARATOR = "/"
+_NAMESCOPE_SEPARATOR = _SEPARATOR  # Caffe2's name, which user code reaches for
 _local = threading.local()
 
 
