@@ -338,9 +338,9 @@ class Net:
     def AddGradientOperators(self, ys, skip: int = 0) -> "dict[str, BlobReference]":
         """Append the backward pass of the net's ops for ``ys``; returns {blob: gradient blob}."""
         if isinstance(ys, (list, tuple)):
-            ys = {str(y): None for y in ys}
+            ys = {y: None for y in ys}  # BlobReferences kept: their names are already scoped
         elif isinstance(ys, (str, BlobReference)):
-            ys = {str(ys): None}
+            ys = {ys: None}
         elif not isinstance(ys, dict):
             raise TypeError("ys should be a list or a dict of blob names")
         grad_ops, grad_map = gradients.backward_pass(list(self._net.op[skip:]), ys, CreateOperator)

@@ -33,12 +33,13 @@ def backward_pass(ops, ys, create_operator):
     grad_ops = []
     grads = {}  # (name, version) -> gradient blob name
     for y, g in ys.items():
-        y = str(y)
+        name = str(y)
         if g is None:
-            fill = create_operator("ConstantFill", [y], [y + "_autogen_grad"], value=1.0)
+            # y as given, as Caffe2: a BlobReference is used as is (a str gets the name scope)
+            fill = create_operator("ConstantFill", [y], [name + "_autogen_grad"], value=1.0)
             grad_ops.append(fill)
             g = fill.output[0]
-        grads[(y, versions[y])] = str(g)
+        grads[(name, versions[name])] = str(g)
 
     pending = defaultdict(list)  # (name, version) -> [(grad name, ops that write it)]
     by_consumer = defaultdict(list)

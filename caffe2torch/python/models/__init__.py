@@ -1,0 +1,1 @@
+"""Model builders Caffe2 shipped in ``caffe2.python.models`` (ResNet/ResNeXt)."""
