@@ -295,7 +295,6 @@ def test_bmuf_averages_the_replicas(fresh_workspace):
 
 @pytest.mark.parametrize("kwargs,error,why", [
     ({"rendezvous": {"num_shards": 2}}, NotImplementedError, "one host"),
-    ({"combine_spatial_bn": True}, NotImplementedError, "combine_spatial_bn"),
     ({"ideep": True}, NotImplementedError, "IDEEP"),
     ({"param_update_builder_fun": lambda m: None}, ValueError, "only one of"),
 ])
@@ -321,3 +320,56 @@ def test_convert_net_for_device_and_strip_names():
     assert dpm.stripBlobName("gpu_0/conv1_w") == "conv1_w"
     with pytest.raises(RuntimeError, match="not parallelized"):
         model_helper.ModelHelper(name="plain").GetDevices()
+
+
+def _bn_forward(model, loss_scale):
+    conv = brew.conv(model, "data", "conv", dim_in=2, dim_out=3, kernel=3, pad=1)
+    bn = brew.spatial_bn(model, conv, "bn", 3, epsilon=1e-3, momentum=0.5, is_test=False)
+    relu = brew.relu(model, bn, "relu")
+    bn2 = brew.spatial_bn(model, relu, "bn2", 3, is_test=False)  # two SpatialBNs in a row
+    pool = brew.average_pool(model, bn2, "pool", global_pooling=True)
+    fc = brew.fc(model, pool, "fc", dim_in=3, dim_out=2)
+    _, loss = model.net.SoftmaxWithLoss([fc, "label"], ["softmax", "loss"])
+    return [model.net.Scale(loss, "scaled_loss", scale=loss_scale)]
+
+
+def test_combine_spatial_bn_trains_like_one_device(fresh_workspace):
+    """With combine_spatial_bn, SpatialBN sees the statistics of all devices' batches: two
+    devices train exactly like one device on both batches (without it they do not)."""
+    rng = np.random.default_rng(2)
+    batches = [(rng.standard_normal((2 * B, 2, 5, 5)).astype(np.float32),
+                rng.integers(0, 2, 2 * B).astype(np.int32)) for _ in range(2)]
+    params = ["conv_w", "bn_s", "bn_b", "bn2_s", "fc_w", "bn_rm", "bn_riv"]
+    results = {}
+    for combine in (True, False):
+        workspace.ResetWorkspace()
+        model = model_helper.ModelHelper(name=f"bn_{combine}")
+        dpm.Parallelize(model, lambda m: None, _bn_forward, optimizer_builder_fun=_sgd,
+                        devices=[0, 1], cpu_device=True, combine_spatial_bn=combine)
+        if combine:
+            types = [op.type for op in model.net.Proto().op]
+            assert types.count("ChannelStats") == 4 and types.count("ChannelBackpropStats") == 4
+        _feed([0, 1], *batches[0])
+        torch.manual_seed(3)  # the same initial parameters in both runs
+        dpm.RunInitNet(model)
+        init = {p: workspace.FetchBlob("cpu_0/" + p) for p in params}
+        _feed_and_run(model, [0, 1], batches)
+        results[combine] = {p: workspace.FetchBlob("cpu_1/" + p) for p in params}
+        np.testing.assert_allclose(workspace.FetchBlob("cpu_0/bn_s"),
+                                   results[combine]["bn_s"], rtol=1e-6)
+    single = model_helper.ModelHelper(name="bn_single")
+    single.AddGradientOperators(_bn_forward(single, 1.0))
+    _sgd(single)
+    workspace.RunNetOnce(single.param_init_net)
+    for p in params:
+        workspace.FeedBlob(p, init[p])
+    for i, (x, y) in enumerate(batches):
+        workspace.FeedBlob("data", x)
+        workspace.FeedBlob("label", y)
+        if i == 0:
+            workspace.CreateNet(single.net)
+        workspace.RunNet(single.net)
+    for p in params:
+        np.testing.assert_allclose(results[True][p], workspace.FetchBlob(p), rtol=1e-4,
+                                   atol=1e-5)
+    assert not np.allclose(results[False]["conv_w"], workspace.FetchBlob("conv_w"), atol=1e-5)

@@ -12,7 +12,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from caffe2torch.ops.registry import gradient_op, grad_name, register_op
+from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
 
 aten = torch.ops.aten
 
@@ -651,6 +651,7 @@ def dropout_gradient(ctx, inputs):
 def _bn_setup(ctx):
     ctx.state["bn"] = (float(ctx.arg("epsilon", 1e-5)), float(ctx.arg("momentum", 0.9)),
                        bool(ctx.arg("is_test", 0)), _order(ctx))
+    ctx.state["num_batches"] = int(ctx.arg("num_batches", 1))
 
 
 def _bn_grad(op, g_output):
@@ -667,12 +668,17 @@ def _bn_grad(op, g_output):
 def spatial_bn(ctx, inputs):
     """Batch norm over channels. is_test=1: running stats; else batch stats + running update."""
     eps, momentum, is_test, nhwc = ctx.state["bn"]
-    x, scale, bias, mean, var = inputs
+    x, scale, bias, mean, var = inputs[:5]
     xc = _to_nchw(x) if nhwc else x
     if is_test:
         y = F.batch_norm(xc, mean, var, scale, bias, False, 0.0, eps)
         return [_to_nhwc(y) if nhwc else y]
-    y, saved_mean, saved_inv_var = aten.native_batch_norm(xc, scale, bias, None, None, True, 0.0, eps)
+    if len(inputs) == 7:  # num_batches > 1: the sums and sums of squares of all the batches
+        y, saved_mean, saved_inv_var = _bn_from_sums(xc, scale, bias, inputs[5], inputs[6],
+                                                     ctx.state["num_batches"], eps)
+    else:
+        y, saved_mean, saved_inv_var = aten.native_batch_norm(xc, scale, bias, None, None,
+                                                              True, 0.0, eps)
     # Caffe2 updates the running variance with the biased batch variance.
     batch_var = saved_inv_var.pow(-2).sub_(eps)
     running_mean = mean * momentum + saved_mean * (1.0 - momentum)
@@ -684,12 +690,52 @@ def spatial_bn(ctx, inputs):
 def spatial_bn_gradient(ctx, inputs):
     """(X, scale, dY, saved_mean, saved_inv_var) -> (dX, dscale, dbias)."""
     eps, _, _, nhwc = ctx.state["bn"]
-    x, scale, dy, saved_mean, saved_inv_var = inputs
+    x, scale, dy, saved_mean, saved_inv_var = inputs[:5]
     if nhwc:
         x, dy = _to_nchw(x), _to_nchw(dy)
-    dx, dscale, dbias = aten.native_batch_norm_backward(
-        dy, x, scale, None, None, saved_mean, saved_inv_var, True, eps, [True, True, True])
+    if len(inputs) == 7:  # num_batches > 1: dscale, dbias summed over all the batches
+        n = ctx.state["num_batches"]
+        dscale, dbias = inputs[5] / n, inputs[6] / n  # Caffe2 outputs their mean
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x - saved_mean.view(shape)) * saved_inv_var.view(shape)
+        count = x.numel() // x.shape[1]
+        dx = (scale * saved_inv_var).view(shape) * (
+            dy - (dbias.view(shape) + xhat * dscale.view(shape)) / count)
+    else:
+        dx, dscale, dbias = aten.native_batch_norm_backward(
+            dy, x, scale, None, None, saved_mean, saved_inv_var, True, eps, [True, True, True])
     return [_to_nhwc(dx) if nhwc else dx, dscale, dbias]
+
+
+def _bn_from_sums(x, scale, bias, sums, sumsq, num_batches, eps):
+    """Batch norm with the statistics of ``num_batches`` equal batches: their channel sums."""
+    count = num_batches * (x.numel() // x.shape[1])
+    mean = sums / count
+    inv_std = torch.rsqrt(sumsq / count - mean * mean + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.view(shape)) * (inv_std * scale).view(shape) + bias.view(shape)
+    return y, mean, inv_std
+
+
+def _channel_sums(x):
+    dims = [0] + list(range(2, x.dim()))
+    return x.sum(dims), (x * x).sum(dims)
+
+
+@register_op("ChannelStats", gradient=NO_GRADIENT)
+def channel_stats(ctx, inputs):
+    """NCHW X -> (sum, sum of squares) per channel (for SpatialBN across devices)."""
+    return list(_channel_sums(inputs[0]))
+
+
+@register_op("ChannelBackpropStats", gradient=NO_GRADIENT)
+def channel_backprop_stats(ctx, inputs):
+    """(X, saved_mean, saved_inv_std, dY) -> (dscale, dbias) of SpatialBN, per channel."""
+    x, mean, inv_std, dy = inputs
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    xhat = (x - mean.view(shape)) * inv_std.view(shape)
+    return [(dy * xhat).sum(dims), dy.sum(dims)]
 
 
 # --- Concat / Split -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ to the others, so all replicas start equal. Example::
     workspace.RunNet(model.net)
 
 Single host only: a ``rendezvous`` (Gloo/MPI across machines) raises NotImplementedError, as do
-``combine_spatial_bn``, ``dynamic_memory_management`` and IDEEP devices.
+``dynamic_memory_management`` and IDEEP devices.
 """
 import copy
 import logging
@@ -106,9 +106,6 @@ def Parallelize(model_helper_obj, input_builder_fun, forward_pass_builder_fun,
         raise NotImplementedError(_SINGLE_HOST)
     if ideep:
         Parallelize_iDeep()
-    if combine_spatial_bn:
-        raise NotImplementedError("combine_spatial_bn (batch statistics across devices) is not "
-                                  "supported: each device normalizes its own batch")
     if dynamic_memory_management:
         raise NotImplementedError("dynamic_memory_management (memonger.release_blobs_when_used)"
                                   " is not supported; PyTorch frees a tensor when its blob is "
@@ -168,6 +165,10 @@ def Parallelize(model_helper_obj, input_builder_fun, forward_pass_builder_fun,
         _InferBlobDevice(model)
         return
 
+    if combine_spatial_bn:
+        # SpatialBN statistics (and their gradients) over all the devices' batches
+        _InterleaveOps(model)
+        _InterDeviceBatchNormalization(model, cpu_device)
     _ValidateParams(model.params)
     param_to_grad = model.param_to_grad
     grads_ordered = [param_to_grad[p] for p in model.params if p in param_to_grad]
@@ -385,6 +386,115 @@ def _ComputeBlobsToSync(model):
             raise ValueError(f"Some params not instantiated in param init net: {sorted(missing)}")
     blobs = sorted(set(blobs), key=lambda b: (_device_of(model, b), b))
     return [core.BlobReference(b) for b in blobs], sorted(names)
+
+
+# --- SpatialBN across devices (combine_spatial_bn) ----------------------------------------------
+
+def _InterleaveOps(model):
+    """Reorder the net so the devices' j-th ops sit together (like shuffling decks of cards),
+    which lets each SpatialBN wait for the statistics of all devices."""
+    ops = list(model.net.Proto().op)
+    per_device = {d: [] for d in model._devices}
+    for op in ops:
+        per_device[op.device_option.cuda_gpu_id].append(op)
+    count = len(ops) // len(model._devices)
+    if any(len(v) != count for v in per_device.values()) or count * len(model._devices) != len(ops):
+        raise ValueError("combine_spatial_bn: the devices' nets differ in length; build every "
+                         "device's ops in the builder functions")
+    new_ops = []
+    for j in range(count):
+        kinds = {per_device[d][j].type for d in model._devices}
+        if len(kinds) != 1:
+            raise ValueError(f"combine_spatial_bn: op {j} differs across devices: {sorted(kinds)}")
+        new_ops.extend(per_device[d][j] for d in model._devices)
+    del model.net.Proto().op[:]
+    model.net.Proto().op.extend(new_ops)
+
+
+def _InterDeviceBatchNormalization(model, cpu_device):
+    """Each run of SpatialBN ops (one per device) gets ChannelStats sums combined on the first
+    device (CPU) or on the host (GPU, through copies); each SpatialBNGradient run gets its
+    ChannelBackpropStats summed the same way (Caffe2's _CPU/_GPUInterDeviceBatchNormalization)."""
+    num_devices = len(model._devices)
+    new_ops, pending, kind = [], [], None
+
+    def reduce(param, blobs, results):
+        """Sum ``blobs`` (one per device) and copy the sum into ``results``."""
+        if cpu_device:
+            combined = f"cpu_0/{param}_combined"
+            out = [core.CreateOperator("Sum", blobs, combined)]
+            return out + [core.CreateOperator("Copy", combined, r) for r in results]
+        host = core.DeviceOption(caffe2_pb2.CPU)
+        copies = [f"cpu_0/{param}_gpu_{d}_copy" for d in model._devices]
+        out = [core.CreateOperator("CopyGPUToCPU", b, c,
+                                   device_option=core.DeviceOption(model._device_type, d))
+               for b, c, d in zip(blobs, copies, model._devices)]
+        out.append(core.CreateOperator("Sum", copies, f"cpu_0/{param}_combined",
+                                       device_option=host))
+        return out + [core.CreateOperator("CopyCPUToGPU", f"cpu_0/{param}_combined", r,
+                                          device_option=core.DeviceOption(model._device_type, d))
+                      for r, d in zip(results, model._devices)]
+
+    def flush():
+        if kind == "SpatialBN":
+            first = pending[0].input[0]
+            sums, sumsq, stats = [], [], []
+            for op in pending:
+                name = op.input[0]
+                stats.append(core.CreateOperator("ChannelStats", name,
+                                                 [name + "_sums", name + "_sumsq"],
+                                                 device_option=op.device_option))
+                sums.append(name + "_sums")
+                sumsq.append(name + "_sumsq")
+            new_ops.extend(stats)
+            if cpu_device:  # every device reads the first device's combined sums
+                sums_to = [first + "_sums_combined"] * num_devices
+                sumsq_to = [first + "_sumsq_combined"] * num_devices
+                new_ops.append(core.CreateOperator("Sum", sums, sums_to[0]))
+                new_ops.append(core.CreateOperator("Sum", sumsq, sumsq_to[0]))
+            else:  # summed on the host, copied back to each GPU
+                stem = stripBlobName(first)
+                sums_to = [f"gpu_{d}/{stem}_sums_combined" for d in model._devices]
+                sumsq_to = [f"gpu_{d}/{stem}_sumsq_combined" for d in model._devices]
+                new_ops.extend(reduce(stem + "_sums", sums, sums_to)
+                               + reduce(stem + "_sumsq", sumsq, sumsq_to))
+            for op, a, b in zip(pending, sums_to, sumsq_to):
+                op.input.extend([a, b])
+                op.arg.add().CopyFrom(utils.MakeArgument("num_batches", num_devices))
+        else:
+            stats, scale_grads, bias_grads = [], [], []
+            for op in pending:
+                stats.append(core.CreateOperator(
+                    "ChannelBackpropStats", [op.input[0], op.input[3], op.input[4], op.input[2]],
+                    [op.output[1], op.output[2]], device_option=op.device_option))
+                scale_grads.append(op.output[1])
+                bias_grads.append(op.output[2])
+            new_ops.extend(stats + reduce(stripBlobName(scale_grads[0]), scale_grads,
+                                          scale_grads)
+                           + reduce(stripBlobName(bias_grads[0]), bias_grads, bias_grads))
+            for op in pending:
+                op.arg.add().CopyFrom(utils.MakeArgument("num_batches", num_devices))
+                op.input.extend([op.output[1], op.output[2]])
+        new_ops.extend(pending)
+
+    for op in list(model.net.Proto().op):
+        if op.type in ("SpatialBN", "SpatialBNGradient") and \
+                any(a.name == "is_test" and a.i for a in op.arg):
+            op_kind = None  # test-mode SpatialBN uses its running statistics
+        else:
+            op_kind = op.type if op.type in ("SpatialBN", "SpatialBNGradient") else None
+        if op_kind != kind or (op_kind and len(pending) == num_devices):
+            if kind:
+                flush()
+            pending, kind = [], op_kind
+        if op_kind:
+            pending.append(op)
+        else:
+            new_ops.append(op)
+    if kind:
+        flush()
+    del model.net.Proto().op[:]
+    model.net.Proto().op.extend(new_ops)
 
 
 # --- collectives --------------------------------------------------------------------------------
