@@ -184,7 +184,7 @@ def test_param_update_builder_and_test_model(fresh_workspace):
     def update(model):
         brew.add_weight_decay(model, 1e-4)
         it = brew.iter(model, "iter")
-        lr = model.net.LearningRate([it], "lr", base_lr=-0.1, policy="step", stepsize=1,
+        lr = model.net.LearningRate([it], "lr", base_lr=0.1, policy="step", stepsize=1,
                                     gamma=0.5)
         for param in model.GetParams():
             grad = model.param_to_grad[param]
@@ -373,3 +373,69 @@ def test_combine_spatial_bn_trains_like_one_device(fresh_workspace):
         np.testing.assert_allclose(results[True][p], workspace.FetchBlob(p), rtol=1e-4,
                                    atol=1e-5)
     assert not np.allclose(results[False]["conv_w"], workspace.FetchBlob("conv_w"), atol=1e-5)
+
+
+def test_image_input_pipeline_on_two_devices(fresh_workspace):
+    """The Multi-GPU tutorial's pipeline, small: a shared LMDB reader, brew.image_input and
+    StopGradient per device, a conv net, MomentumSGD updates, accuracy per device."""
+    import io
+    from PIL import Image
+    from caffe2torch.db import open_db
+
+    rng = np.random.default_rng(0)
+    path = str(fresh_workspace / "images")
+    with open_db("lmdb", path, "new") as db:
+        txn = db.new_transaction()
+        for i in range(8):
+            label = i % 2
+            img = np.full((12, 14, 3), 40 if label else 200, np.uint8)
+            img += rng.integers(0, 30, img.shape, dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG")
+            protos = caffe2_pb2.TensorProtos()
+            p = protos.protos.add()
+            p.data_type = caffe2_pb2.TensorProto.STRING
+            p.string_data.append(buf.getvalue())
+            p = protos.protos.add()
+            p.data_type = caffe2_pb2.TensorProto.INT32
+            p.int32_data.append(label)
+            txn.put(b"%08d" % i, protos.SerializeToString())
+        txn.commit()
+    model = model_helper.ModelHelper(name="images")
+    reader = model.CreateDB("reader", db=path, db_type="lmdb")
+
+    def add_input(m):
+        data, _ = brew.image_input(m, reader, ["data", "label"], batch_size=2, mean=128.,
+                                   std=128., scale=10, crop=8, is_test=False, mirror=1)
+        m.net.StopGradient(data, data)
+
+    def add_forward(m, loss_scale):
+        conv = brew.conv(m, "data", "conv", 3, 4, kernel=3)
+        pool = brew.average_pool(m, brew.relu(m, conv, "relu"), "pool", global_pooling=True)
+        softmax, loss = m.net.SoftmaxWithLoss([brew.fc(m, pool, "fc", 4, 2), "label"],
+                                              ["softmax", "loss"])
+        brew.accuracy(m, [softmax, "label"], "accuracy")
+        return [m.net.Scale(loss, "scaled_loss", scale=loss_scale)]
+
+    def add_updates(m):
+        lr = m.param_init_net.ConstantFill([], "lr", shape=[1], value=0.1)  # param -= lr·g
+        for param in m.GetParams():
+            mom = m.param_init_net.ConstantFill([param], param + "_momentum", value=0.0)
+            m.net.MomentumSGDUpdate([m.param_to_grad[param], mom, lr, param],
+                                    [m.param_to_grad[param], mom, param], momentum=0.9)
+
+    torch.manual_seed(0)
+    dpm.Parallelize_CPU(model, input_builder_fun=add_input, forward_pass_builder_fun=add_forward,
+                        param_update_builder_fun=add_updates, devices=[0, 1],
+                        optimize_gradient_memory=True)
+    workspace.RunNetOnce(model.param_init_net)
+    workspace.CreateNet(model.net)
+    labels = []
+    for _ in range(20):
+        workspace.RunNet(model.net)
+        labels.append([workspace.FetchBlob(f"cpu_{d}/label").tolist() for d in range(2)])
+    assert workspace.FetchBlob("cpu_0/data").shape == (2, 3, 8, 8)
+    assert labels[0] == [[0, 1], [0, 1]] and len({str(x) for x in labels}) == 1
+    np.testing.assert_array_equal(workspace.FetchBlob("cpu_0/conv_w"),
+                                  workspace.FetchBlob("cpu_1/conv_w"))
+    assert [float(workspace.FetchBlob(f"cpu_{d}/accuracy")) for d in range(2)] == [1.0, 1.0]
