@@ -439,3 +439,23 @@ def test_image_input_pipeline_on_two_devices(fresh_workspace):
     np.testing.assert_array_equal(workspace.FetchBlob("cpu_0/conv_w"),
                                   workspace.FetchBlob("cpu_1/conv_w"))
     assert [float(workspace.FetchBlob(f"cpu_{d}/accuracy")) for d in range(2)] == [1.0, 1.0]
+
+
+def test_extract_predictor_net_from_a_test_model(fresh_workspace):
+    test = model_helper.ModelHelper(name="extract", init_params=False)
+
+    def forward(m, loss_scale):
+        fc = brew.fc(m, "data", "fc1", dim_in=5, dim_out=3)
+        brew.softmax(m, fc, "softmax")
+        return []
+    dpm.Parallelize_CPU(test, lambda m: None, forward, devices=[0, 1])
+    net, params = dpm.ExtractPredictorNet(test, ["data"], ["softmax"],
+                                          core.DeviceOption(caffe2_pb2.CPU, 0))
+    assert [op.type for op in net.Proto().op] == ["FC", "Softmax"]
+    assert list(net.Proto().op[0].input) == ["data", "cpu_0/fc1_w", "cpu_0/fc1_b"]
+    assert list(net.Proto().op[1].output) == ["softmax"]
+    assert params == ["cpu_0/fc1_b", "cpu_0/fc1_w"]
+    train = _parallel([0, 1])
+    with pytest.raises(ValueError, match="is_test=0"):
+        brew.spatial_bn(train, "cpu_0/fc2", "cpu_0/bn", 3, is_test=False)
+        model_helper.ExtractPredictorNet(train.net.Proto(), ["cpu_0/fc2"], ["cpu_0/bn"])

@@ -723,6 +723,18 @@ def ConvertNetForDevice(net, device=None):
     return mnet
 
 
+def ExtractPredictorNet(model, inputs, outputs, device):
+    """(predict net, params) of the first device's copy, with the device prefix dropped from
+    ``inputs`` and ``outputs``; build it from a test model (is_test ops)."""
+    prefix = f"{model._device_prefix}_{model._devices[0]}/"
+    prefixed_in = [prefix + str(b) for b in inputs]
+    prefixed_out = [prefix + str(b) for b in outputs]
+    return model_helper.ExtractPredictorNet(
+        net_proto=model.net.Proto(), input_blobs=prefixed_in, output_blobs=prefixed_out,
+        device=device, renames=dict(zip(prefixed_in + prefixed_out,
+                                        [str(b) for b in list(inputs) + list(outputs)])))
+
+
 def GetDevices(model):
     """The devices ``model`` was parallelized on."""
     return model.GetDevices()
