@@ -23,6 +23,6 @@ print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 PYCHECK
 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/test_executor.py tests/test_lenet.py \
     tests/test_predictor_exporter.py tests/test_core_api.py tests/test_compiled_net.py \
-    tests/test_bookkeeping.py
+    tests/test_bookkeeping.py tests/test_data_parallel_model.py
 "$PY" bench/engine_vs_torch.py --device cuda --repeats 3 ${NETS:+--nets "$NETS"}
 "$PY" bench/op_overhead.py --device cuda --blocks 9 --runs 300

@@ -142,16 +142,26 @@ def test_gpu_netdef_uses_dpm_sums_or_nccl(fresh_workspace, use_nccl):
                for op in _ops(model.param_init_net))
 
 
-@pytest.mark.skipif(workspace.NumCudaDevices() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("use_nccl", [False, True])
-def test_gpu_replicas_train_alike(fresh_workspace, use_nccl):
+@pytest.mark.skipif(workspace.NumCudaDevices() < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("devices,use_nccl", [([0], False), ([0, 1], False), ([0, 1], True)])
+def test_gpu_replicas_train_alike(fresh_workspace, devices, use_nccl):
+    if len(devices) > workspace.NumCudaDevices():
+        pytest.skip(f"needs {len(devices)} CUDA GPUs")
+    n = len(devices)
     model = model_helper.ModelHelper(name="gpu_train")
     dpm.Parallelize_GPU(model, input_builder_fun=lambda m: None,
                         forward_pass_builder_fun=_forward, optimizer_builder_fun=_sgd,
-                        devices=[0, 1], use_nccl=use_nccl)
+                        devices=devices, use_nccl=use_nccl)
+    batches = _data(2, n * B)
+    for d in range(n):
+        x, y = batches[0]
+        workspace.FeedBlob(f"gpu_{d}/data", x[d * B:(d + 1) * B],
+                           core.DeviceOption(caffe2_pb2.CUDA, d))
+        workspace.FeedBlob(f"gpu_{d}/label", y[d * B:(d + 1) * B],
+                           core.DeviceOption(caffe2_pb2.CUDA, d))
     dpm.RunInitNet(model)
-    for x, y in _data(2, 2 * B):
-        for d in range(2):
+    for x, y in batches:
+        for d in range(n):
             workspace.FeedBlob(f"gpu_{d}/data", x[d * B:(d + 1) * B],
                                core.DeviceOption(caffe2_pb2.CUDA, d))
             workspace.FeedBlob(f"gpu_{d}/label", y[d * B:(d + 1) * B],
@@ -159,7 +169,7 @@ def test_gpu_replicas_train_alike(fresh_workspace, use_nccl):
         workspace.RunNet(model.net)
     for p in PARAMS:
         np.testing.assert_allclose(workspace.FetchBlob(f"gpu_0/{p}"),
-                                   workspace.FetchBlob(f"gpu_1/{p}"), rtol=1e-6)
+                                   workspace.FetchBlob(f"gpu_{n - 1}/{p}"), rtol=1e-6)
 
 
 def test_nccl_ops_on_cpu_tensors(fresh_workspace):
@@ -459,3 +469,9 @@ def test_extract_predictor_net_from_a_test_model(fresh_workspace):
     with pytest.raises(ValueError, match="is_test=0"):
         brew.spatial_bn(train, "cpu_0/fc2", "cpu_0/bn", 3, is_test=False)
         model_helper.ExtractPredictorNet(train.net.Proto(), ["cpu_0/fc2"], ["cpu_0/bn"])
+
+
+def test_gpu_device_type_names():
+    assert workspace.GpuDeviceType == caffe2_pb2.CUDA
+    assert core.IsGPUDeviceType(caffe2_pb2.CUDA) and core.IsGPUDeviceType(caffe2_pb2.HIP)
+    assert not core.IsGPUDeviceType(caffe2_pb2.CPU)

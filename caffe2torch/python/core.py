@@ -45,6 +45,11 @@ def GetFlag(name: str, default: str | None = None) -> str | None:
     return _flags.get(name, default)
 
 
+def IsGPUDeviceType(device_type: int) -> bool:
+    """True for CUDA and HIP (ROCm) device types."""
+    return device_type in (caffe2_pb2.CUDA, caffe2_pb2.HIP)
+
+
 def IsOperator(op_type: str) -> bool:
     """True when ``op_type`` is a registered operator."""
     return registry.is_registered(op_type)

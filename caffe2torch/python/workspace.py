@@ -312,6 +312,7 @@ def NumCudaDevices() -> int:
 
 
 NumGpuDevices = NumCudaDevices
+GpuDeviceType = caffe2_pb2.CUDA  # Caffe2's name for the GPU DeviceOption type (HIP on ROCm)
 
 
 def NumHipDevices() -> int:
