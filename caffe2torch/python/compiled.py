@@ -226,7 +226,12 @@ class _Region:
             for step, state in zip(self.steps, saved):
                 step.ctx.state.clear()
                 step.ctx.state.update(state)
-        options = dict(self.options, cpp_wrapper=bool(cpp_wrapper))
+        # The ATen-kernel ops have no C shim: under the C++ wrapper they would go through
+        # inductor's proxy executor (slower, and a warning each); such graphs keep Python's.
+        names = {name.partition(".")[0] for name in _ATEN_KERNELS}
+        calls_aten = any(getattr(node.target, "_opname", "").rstrip("_") in names
+                         for node in graph.graph.nodes)
+        options = dict(self.options, cpp_wrapper=bool(cpp_wrapper) and not calls_aten)
         with _aten_kernels() as decompositions:
             self.variants[key] = compile_fx(graph, list(values), config_patches=options,
                                             decompositions=decompositions)
