@@ -35,11 +35,14 @@ log = logging.getLogger("caffe2torch")
 # Keys (input shapes) one direct region compiles for before it hands over to torch.compile, whose
 # automatic dynamic shapes then cover the rest.
 _MAX_KEYS = 4
-# Ops whose ATen kernel a direct region calls rather than inductor's fused code: their rounding
-# differs from eager in the last bit, and training amplifies that (a max-pool picks another
-# element), so these keep results equal to the "simple" net's over long runs.
+# Ops whose ATen kernel a direct region calls rather than inductor's fused code. Numerics: the
+# fused softmax, sums, mean, log and addcmul (SGD's update) round differently from eager in the
+# last bit, and training amplifies that (after ~100 LeNet iterations a max-pool picks another
+# element); with ATen's kernels the compiled net's results equal the "simple" net's. Speed:
+# inductor's max-pool backward (a gather over every window) is ~3x slower than ATen's kernel.
 _ATEN_KERNELS = ("_softmax", "_softmax_backward_data", "_log_softmax", "_log_softmax_backward_data",
-                 "sum.dim_IntList", "mean.dim", "mean", "log", "addcmul")
+                 "sum.dim_IntList", "mean.dim", "mean", "log", "addcmul",
+                 "max_pool2d_with_indices_backward")
 _LINE = re.compile(r'File "<caffe2torch region (\d+)>", line (\d+)')
 
 
@@ -212,8 +215,11 @@ class _Region:
 
     def build(self, key, values, cpp_wrapper):
         """Trace the region on fake copies of ``values`` and compile it with inductor."""
+        from torch._guards import TracingContext, tracing
         from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         # Tracing runs the ops' Python on fake tensors: whatever they cache in their state then
         # would be fake, so each op's state is put back as the eager run left it.
@@ -232,9 +238,11 @@ class _Region:
         calls_aten = any(getattr(node.target, "_opname", "").rstrip("_") in names
                          for node in graph.graph.nodes)
         options = dict(self.options, cpp_wrapper=bool(cpp_wrapper) and not calls_aten)
-        with _aten_kernels() as decompositions:
-            self.variants[key] = compile_fx(graph, list(values), config_patches=options,
-                                            decompositions=decompositions)
+        # Inductor's FX graph cache keys a graph by its shape environment, which torch.compile
+        # provides through a tracing context; without one every compile would bypass the cache.
+        context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+        with _aten_kernels(), tracing(context):
+            self.variants[key] = compile_fx(graph, list(values), config_patches=options)
 
     def failing_step(self, exc):
         """The step at the line torch.compile's error points to, or None."""
@@ -419,29 +427,39 @@ class CompiledNet:
 def _aten_kernels():
     """While inductor compiles a direct region, the ops of _ATEN_KERNELS call their ATen kernels.
 
-    Gives inductor's decomposition table without them (for the compile) and, for the duration,
-    lowers them to ATen fallback calls; the cache key tag says so, so that inductor's caches
-    never mix these graphs with ones compiled with the fused lowerings.
+    For the duration, inductor's decomposition table (``select_decomp_table``, which its caches
+    key by name) leaves them out and they lower to ATen fallback calls; the cache key tag says
+    so, so that inductor's caches never mix these graphs with ones of the fused lowerings.
     """
+    from torch._inductor import compile_fx as compile_fx_module
     from torch._inductor import lowering
-    from torch._inductor.decomposition import select_decomp_table
 
     ops = [_overload(name) for name in _ATEN_KERNELS]
-    table = {op: fn for op, fn in select_decomp_table().items() if op not in ops}
     saved = {op: lowering.lowerings.get(op) for op in ops}
+    select = compile_fx_module.select_decomp_table
     tag = torch.compiler.config.cache_key_tag
     try:
+        compile_fx_module.select_decomp_table = _decomp_table
         for op in ops:
             lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
         with torch.compiler.config.patch(cache_key_tag=f"{tag}|caffe2torch aten kernels: "
                                          f"{' '.join(_ATEN_KERNELS)}"):
-            yield table
+            yield
     finally:
+        compile_fx_module.select_decomp_table = select
         for op, fn in saved.items():
             if fn is None:
                 lowering.lowerings.pop(op, None)
             else:
                 lowering.lowerings[op] = fn
+
+
+def _decomp_table():
+    """Inductor's decompositions less those of the ops of _ATEN_KERNELS."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    ops = {_overload(name) for name in _ATEN_KERNELS}
+    return {op: fn for op, fn in select_decomp_table().items() if op not in ops}
 
 
 def _overload(name):
