@@ -12,13 +12,18 @@ cannot trace is named by its line). Its first run is eager; then it is compiled 
 ``fullgraph=True`` on copies of its inputs: an op that breaks the graph is found there and the
 region is split around it (the op runs eagerly, a warning names it). Inductor's FX graph cache (on
 by default; folder ``TORCHINDUCTOR_CACHE_DIR``) makes a later process compile the same net faster.
-On CUDA the default mode is "reduce-overhead" (CUDA graphs); torch may skip the graphs of
-regions that update their inputs in place (a training net's WeightedSum; its log says why), which
-then run as plain inductor code. Not yet measured on a GPU.
+On the CPU in the default mode a region is instead traced by make_fx and compiled by inductor
+directly, guarded only by its inputs' dtypes, shapes and strides (dynamo's per-run guards cost more
+than a small net's ops), and the ops whose fused code rounds differently keep ATen's kernels
+(``_ATEN_KERNELS``): its results equal the "simple" net's. On CUDA the default mode is
+"reduce-overhead" (CUDA graphs); torch may skip the graphs of regions that update their inputs in
+place (a training net's WeightedSum; its log says why), which then run as plain inductor code.
+Not yet measured on a GPU.
 
 NetDef arguments (``net.Proto().arg``) tune it: ``compile_mode`` (torch.compile's mode; default
-"reduce-overhead", CUDA graphs, on CUDA and "default" on CPU) and ``compile_dynamic`` (0 or 1:
-torch.compile's ``dynamic``; default: automatic).
+"reduce-overhead", CUDA graphs, on CUDA and "default" on CPU), ``compile_dynamic`` (0 or 1:
+torch.compile's ``dynamic``; default: automatic) and ``compile_cpp_wrapper`` (default 1: direct
+regions use inductor's C++ wrapper where their graph allows).
 """
 import contextlib
 import logging
