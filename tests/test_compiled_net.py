@@ -215,3 +215,21 @@ def test_direct_region_compiles_again_for_a_new_batch_size(fresh_workspace):
         assert workspace.FetchBlob("z_compiled").shape == (batch, 3)
     region = workspace.C().nets[nets["compiled"].Name()].compiled.parts[0]
     assert region.direct and len(region.variants) == 2  # one per batch size
+
+
+def test_direct_region_hands_over_to_torch_compile_past_its_keys(fresh_workspace, monkeypatch):
+    from caffe2torch.python import compiled
+
+    monkeypatch.setattr(compiled, "_MAX_KEYS", 1)
+    net = core.Net("many_shapes")
+    net.Scale("x", "y", scale=3.0)
+    net.Proto().type = "compiled"
+    workspace.FeedBlob("x", np.ones((2, 2), np.float32))
+    workspace.CreateNet(net)
+    region = workspace.C().nets[net.Name()].compiled.parts[0]
+    for rows in (2, 2, 5, 5, 3):
+        x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+        workspace.FeedBlob("x", x)
+        workspace.RunNet(net.Name())
+        np.testing.assert_array_equal(workspace.FetchBlob("y"), 3 * x)
+    assert not region.direct and region.variants == {}
