@@ -121,3 +121,22 @@ def test_constant_fill_like_an_input_takes_its_shape_dtype_from_the_args():
     assert ones.dtype == np.float32 and ones.shape == (3, 2) and (ones == 1).all()
     assert sevens.dtype == np.int32 and (sevens == 7).all()
     assert workspace.FetchBlob("wide").shape == (3, 2, 4)
+
+
+def test_outside_blobs_are_checked_once_per_run_and_deferred_ones_resolved():
+    rng = np.random.default_rng(4)
+    _feed(rng)
+    reader = core.Net("reader_twice")
+    reader.Scale("data_grad", "twice", scale=2.0)
+    reader.Scale("data_grad", "thrice", scale=3.0)
+    workspace.FeedBlob("data_grad", np.ones((2, 1, 6, 6), np.float32))
+    workspace.CreateNet(reader)
+    prepared = workspace.C().nets[reader.Name()]
+    assert prepared._external_ready()  # a plain CPU tensor: the ops need not check it
+    workspace.RunNet(reader.Name())
+    np.testing.assert_array_equal(workspace.FetchBlob("thrice"), np.full((2, 1, 6, 6), 3.0))
+    workspace.RunNetOnce(_conv_train_net())  # data_grad becomes a Deferred blob
+    assert not prepared._external_ready()
+    workspace.RunNet(reader.Name())  # the ops resolve it
+    np.testing.assert_allclose(workspace.FetchBlob("twice"), 2 * workspace.FetchBlob("data_grad"))
+    np.testing.assert_allclose(workspace.FetchBlob("thrice"), 3 * workspace.FetchBlob("data_grad"))
