@@ -235,7 +235,7 @@ def main():
     if compile_seconds:
         print(f"compile time of the compiled net: {compile_seconds[0]:.1f} s in the first run "
               f"(cold or warm inductor cache), then {', '.join(f'{c:.1f}' for c in compile_seconds[1:])} s "
-              "(a new CreateNet each run: dynamo traces again, inductor's FX graph cache hits)")
+              "(a new CreateNet each run: traced again, inductor's FX graph cache hits)")
     ref = curves["plain PyTorch"]
     for name, base, target in (("eager", "plain PyTorch", 1e-4),
                                ("eager+bookkeeping", "plain PyTorch", 1e-4),

@@ -38,9 +38,9 @@ def test_lines_are_buffered_during_a_run_and_written_when_it_returns(fresh_works
     net.Summarize("w", [], to_file=1)
     workspace.CreateNet(net)
     output = workspace.C().nets[net.Name()].steps[0].ctx.state["file"]
-    # inside a run the op only queues its line (a tensor on the op's device, no host read)
+    # inside a run the op only queues its line (on the CPU its four numbers; no file write)
     utility.summarize(workspace.C().nets[net.Name()].steps[0].ctx, [workspace.FetchTorch("w")])
-    assert len(output.pending) == 1 and isinstance(output.pending[0][1], torch.Tensor)
+    assert len(output.pending) == 1
     assert (fresh_workspace / "w.summary").read_text() == ""
     workspace.RunNet(net.Name(), 2)
     assert output.pending == []
@@ -102,3 +102,43 @@ def test_summary_stats_match_numpy_in_double(dtype):
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(stats, [x64.min(), x64.max(), x64.mean(), x64.std(ddof=1)],
                                rtol=1e-6)
+
+
+def _numpy_summary(x):
+    """Caffe2's Summarize in numpy: min, max, mean, two-pass std (N-1) in double."""
+    x64 = np.asarray(x, np.float64).reshape(-1)
+    std = 0.0 if x64.size == 1 else float(np.sqrt(((x64 - x64.mean()) ** 2).sum() / (x64.size - 1)))
+    return [x64.min(), x64.max(), x64.mean(), std]
+
+
+@pytest.mark.parametrize("case", ["weights", "large_mean", "constant", "one", "int"])
+def test_summarize_lines_match_caffe2s_definition_in_numpy(fresh_workspace, case):
+    rng = np.random.default_rng(5)
+    x = {"weights": (rng.standard_normal((50, 40)) * 0.01 + 0.001).astype(np.float32),
+         # mean/std = 1e6: the one-pass formula would lose the std; the two passes run
+         "large_mean": (1000 + rng.standard_normal(999) * 1e-3).astype(np.float32),
+         "constant": np.full(7, 0.1, np.float32),
+         "one": np.array([2.5], np.float32),
+         "int": rng.integers(-9, 9, 100).astype(np.int32)}[case]
+    workspace.FeedBlob("x", x)
+    net = core.Net("summarize_" + case)
+    net.Summarize("x", ["stats"], to_file=1)
+    workspace.CreateNet(net)
+    workspace.RunNet(net.Name(), 2)
+    want = _numpy_summary(x)
+    lines = (fresh_workspace / "x.summary").read_text().splitlines()
+    assert lines == [" ".join("%g" % v for v in want)] * 2
+    np.testing.assert_allclose(workspace.FetchBlob("stats"), np.array(want, np.float32),
+                               rtol=1e-6, atol=1e-12)
+    if case == "constant":
+        assert lines[0].split()[3] == "0"  # exactly, not a rounding residue
+
+
+def test_cpu_and_device_statistics_agree():
+    rng = np.random.default_rng(9)
+    for x in (rng.standard_normal(10001).astype(np.float32) * 3 - 1,
+              (500 + rng.standard_normal(300) * 1e-4).astype(np.float32)):
+        t = torch.from_numpy(x)
+        np.testing.assert_allclose(utility._stats_on_cpu(t), utility._stats_tensor(t).tolist(),
+                                   rtol=1e-9)
+        np.testing.assert_allclose(utility._stats_on_cpu(t), _numpy_summary(x), rtol=1e-9)

@@ -85,3 +85,58 @@ def test_cuda_request_without_gpu_is_a_clear_error():
                              device_option=core.DeviceOption(caffe2_pb2.CUDA, 0))
     with pytest.raises(RuntimeError, match="sees no GPU"):
         workspace.RunOperatorOnce(op)
+
+
+def test_ops_of_every_arity_read_and_write_their_blobs():
+    # no input (a fill), one input, the same blob twice, three inputs, two outputs, no output
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    workspace.FeedBlob("x", x)
+    workspace.FeedBlob("w", np.ones((4, 3), np.float32))
+    workspace.FeedBlob("b", np.full(4, 0.5, np.float32))
+    net = core.Net("arities")
+    net.ConstantFill([], "c", shape=[2, 3], value=2.0)
+    net.Relu("x", "r")
+    net.Mul(["x", "x"], "sq")
+    net.FC(["x", "w", "b"], "fc")
+    net.Split("x", ["s0", "s1"], axis=1, split=[1, 2])
+    net.Print("r", [])
+    net.Add(["c", "sq"], "out")
+    workspace.RunNetOnce(net)
+    np.testing.assert_array_equal(workspace.FetchBlob("r"), np.maximum(x, 0))
+    np.testing.assert_array_equal(workspace.FetchBlob("sq"), x * x)
+    np.testing.assert_allclose(workspace.FetchBlob("fc"), x @ np.ones((3, 4)) + 0.5)
+    np.testing.assert_array_equal(workspace.FetchBlob("s0"), x[:, :1])
+    np.testing.assert_array_equal(workspace.FetchBlob("s1"), x[:, 1:])
+    np.testing.assert_array_equal(workspace.FetchBlob("out"), 2 + x * x)
+
+
+def test_constant_fill_like_an_input_takes_its_shape_dtype_from_the_args():
+    workspace.FeedBlob("x", np.zeros((3, 2), np.int32))
+    net = core.Net("fills")
+    net.ConstantFill("x", "ones", value=1.0)
+    net.ConstantFill("x", "sevens", value=7, dtype=core.DataType.INT32)
+    net.ConstantFill("x", "wide", value=1.0, extra_shape=[4])
+    workspace.RunNetOnce(net)
+    ones, sevens = workspace.FetchBlob("ones"), workspace.FetchBlob("sevens")
+    assert ones.dtype == np.float32 and ones.shape == (3, 2) and (ones == 1).all()
+    assert sevens.dtype == np.int32 and (sevens == 7).all()
+    assert workspace.FetchBlob("wide").shape == (3, 2, 4)
+
+
+def test_outside_blobs_are_checked_once_per_run_and_deferred_ones_resolved():
+    rng = np.random.default_rng(4)
+    _feed(rng)
+    reader = core.Net("reader_twice")
+    reader.Scale("data_grad", "twice", scale=2.0)
+    reader.Scale("data_grad", "thrice", scale=3.0)
+    workspace.FeedBlob("data_grad", np.ones((2, 1, 6, 6), np.float32))
+    workspace.CreateNet(reader)
+    prepared = workspace.C().nets[reader.Name()]
+    assert prepared._external_ready()  # a plain CPU tensor: the ops need not check it
+    workspace.RunNet(reader.Name())
+    np.testing.assert_array_equal(workspace.FetchBlob("thrice"), np.full((2, 1, 6, 6), 3.0))
+    workspace.RunNetOnce(_conv_train_net())  # data_grad becomes a Deferred blob
+    assert not prepared._external_ready()
+    workspace.RunNet(reader.Name())  # the ops resolve it
+    np.testing.assert_allclose(workspace.FetchBlob("twice"), 2 * workspace.FetchBlob("data_grad"))
+    np.testing.assert_allclose(workspace.FetchBlob("thrice"), 3 * workspace.FetchBlob("data_grad"))

@@ -87,12 +87,18 @@ def _constant_setup(ctx):
     else:
         torch_type = torch_dtype(dtype)
         ctx.state["fill"] = (torch_type, bool(value) if torch_type == torch.bool else value)
+    _, extra, as_shape = ctx.state["shape"]
+    ctx.state["like_input"] = bool(ctx.input_names and not extra and not as_shape
+                                   and ctx.state["fill"][0] is not None)
 
 
 @register_op("ConstantFill", gradient=NO_GRADIENT, setup=_constant_setup, cpu_only_inputs=True)
 def constant_fill(ctx, inputs):
     """Y = ``value`` everywhere; dtype from ``dtype``, else inferred (float → FLOAT, int → INT64)."""
     dtype, value = ctx.state["fill"]
+    if ctx.state["like_input"]:
+        # The shape of a blob already in memory (ones_like), not of the model file: one call.
+        return [torch.full(tuple(inputs[0].shape), value, dtype=dtype, device=ctx.device)]
     shape = fill_shape(ctx, inputs)
     if dtype is None:
         _check_size(ctx, shape, 8)

@@ -217,9 +217,10 @@ class _LineFile:
         self.pending = []
         _OPEN_FILES.add(self)
 
-    def add(self, line, tensor=None):
-        """Append ``line`` (a str), or ``line(values)`` of ``tensor`` once it is flushed."""
-        self.pending.append((line, tensor))
+    def add(self, line, values=None):
+        """Append ``line`` (a str), or ``line(values)`` once it is flushed (``values``: a list,
+        or a tensor read then)."""
+        self.pending.append((line, values))
         if len(self.pending) >= self.LIMIT:
             self.flush()
 
@@ -228,8 +229,9 @@ class _LineFile:
         if not self.pending or self.file.closed:
             return
         pending, self.pending = self.pending, []
-        text = "".join((line if tensor is None else line(tensor.tolist())) + "\n"
-                       for line, tensor in pending)
+        text = "".join((line if values is None else line(
+            values.tolist() if isinstance(values, torch.Tensor) else values)) + "\n"
+            for line, values in pending)
         self.file.write(text)
         self.file.flush()
 
@@ -330,10 +332,9 @@ def _summarize_setup(ctx):
 def _stats_tensor(x):
     """[min, max, mean, std] of a tensor as a float64 tensor on its device, std unbiased.
 
-    Nothing is read back to the host. min/max in one pass (aminmax); the mean summed in double
-    as Caffe2 does; the std as the norm of the deviations from that mean, accumulated in double
-    (torch.std's Welford pass costs twice as much on the CPU; the sum of raw squares would lose
-    precision when the mean is large).
+    Nothing is read back to the host (the device path). min/max in one pass (aminmax); the mean
+    summed in double as Caffe2 does; the std as the norm of the deviations from that mean, in
+    double (Caffe2's two passes; torch.std's Welford pass costs twice as much on the CPU).
     """
     n = x.numel()
     if n == 0:
@@ -344,15 +345,49 @@ def _stats_tensor(x):
     low, high = torch.aminmax(flat)
     mean = torch.sum(flat, dtype=torch.float64) / n
     if n > 1:
-        deviations = flat - mean.to(flat.dtype)
-        std = torch.linalg.vector_norm(deviations, dtype=torch.float64) / math.sqrt(n - 1)
+        deviations = flat.double() - mean  # in double, as Caffe2's diff
+        std = torch.linalg.vector_norm(deviations) / math.sqrt(n - 1)
     else:
         std = mean.new_zeros(())
     return torch.stack([low.double(), high.double(), mean, std])
 
 
+# The one-pass std, sqrt((Σx² − n·mean²)/(n−1)), loses digits to cancellation when the mean is
+# large against the spread: past this mean²/var (2 of its 15 digits left for the 6 printed),
+# the two passes run instead.
+_ONE_PASS_LIMIT = 1e6
+
+
+def _stats_on_cpu(x):
+    """[min, max, mean, std] of a CPU tensor as Python floats, the std as Caffe2 defines it.
+
+    Three passes with no temporary (aminmax, the sum and the 2-norm accumulated in double: a
+    float32 square is exact in double) and one read of their four values (free on the CPU),
+    instead of a deviations tensor and its norm; badly conditioned inputs take the two passes.
+    """
+    n = x.numel()
+    if n == 0:
+        raise ValueError("operator Summarize: the input tensor is empty")
+    flat = x.detach().reshape(-1)
+    if not flat.dtype.is_floating_point:
+        flat = flat.double()
+    low, high = torch.aminmax(flat)
+    total = torch.sum(flat, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
+    low, high, total, norm = torch.stack((low.double(), high.double(), total, norm)).tolist()
+    mean = total / n
+    if n == 1 or low == high:
+        return [low, high, mean, 0.0]
+    var = max(norm * norm - total * mean, 0.0) / (n - 1)
+    if mean * mean > _ONE_PASS_LIMIT * var:
+        return _stats_tensor(x).tolist()
+    return [low, high, mean, math.sqrt(var)]
+
+
 def summary_stats(x):
     """(min, max, mean, std) of a tensor as Python floats, std unbiased (0 for one element)."""
+    if x.device.type == "cpu":
+        return _stats_on_cpu(x)
     return [float(v) for v in _stats_tensor(x).tolist()]
 
 
@@ -363,12 +398,18 @@ def _summary_line(stats):
 @register_op("Summarize", gradient=NO_GRADIENT, setup=_summarize_setup, side_effects=True)
 def summarize(ctx, inputs):
     """Append 'min max mean std' (to_file=1: <root>/<blob, / → #>.summary); optional output [4]."""
-    stats = _stats_tensor(inputs[0])
+    x = inputs[0]
+    # On the CPU the four numbers are read at once (no device to wait for); elsewhere they stay
+    # on the device until the line is written.
+    stats = _stats_on_cpu(x) if x.device.type == "cpu" else _stats_tensor(x)
     output = ctx.state.get("file")
     if output is not None:
         output.add(_summary_line, stats)
     else:
-        log.info("Summary of %s: %s", ctx.input_names[0], _summary_line(stats.tolist()))
+        log.info("Summary of %s: %s", ctx.input_names[0],
+                 _summary_line(stats if type(stats) is list else stats.tolist()))
     if ctx.output_names:
+        if type(stats) is list:
+            return [torch.tensor(stats, dtype=torch.float32, device=x.device)]
         return [stats.to(torch.float32, copy=True)]
     return []

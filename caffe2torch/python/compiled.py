@@ -12,14 +12,20 @@ cannot trace is named by its line). Its first run is eager; then it is compiled 
 ``fullgraph=True`` on copies of its inputs: an op that breaks the graph is found there and the
 region is split around it (the op runs eagerly, a warning names it). Inductor's FX graph cache (on
 by default; folder ``TORCHINDUCTOR_CACHE_DIR``) makes a later process compile the same net faster.
-On CUDA the default mode is "reduce-overhead" (CUDA graphs); torch may skip the graphs of
-regions that update their inputs in place (a training net's WeightedSum; its log says why), which
-then run as plain inductor code. Not yet measured on a GPU.
+On the CPU in the default mode a region is instead traced by make_fx and compiled by inductor
+directly, guarded only by its inputs' dtypes, shapes and strides (dynamo's per-run guards cost more
+than a small net's ops), and the ops whose fused code rounds differently keep ATen's kernels
+(``_ATEN_KERNELS``): its results equal the "simple" net's. On CUDA the default mode is
+"reduce-overhead" (CUDA graphs); torch may skip the graphs of regions that update their inputs in
+place (a training net's WeightedSum; its log says why), which then run as plain inductor code.
+Not yet measured on a GPU.
 
 NetDef arguments (``net.Proto().arg``) tune it: ``compile_mode`` (torch.compile's mode; default
-"reduce-overhead", CUDA graphs, on CUDA and "default" on CPU) and ``compile_dynamic`` (0 or 1:
-torch.compile's ``dynamic``; default: automatic).
+"reduce-overhead", CUDA graphs, on CUDA and "default" on CPU), ``compile_dynamic`` (0 or 1:
+torch.compile's ``dynamic``; default: automatic) and ``compile_cpp_wrapper`` (default 1: direct
+regions use inductor's C++ wrapper where their graph allows).
 """
+import contextlib
 import logging
 import re
 import time
@@ -31,6 +37,17 @@ from caffe2torch.python import utils
 
 log = logging.getLogger("caffe2torch")
 
+# Keys (input shapes) one direct region compiles for before it hands over to torch.compile, whose
+# automatic dynamic shapes then cover the rest.
+_MAX_KEYS = 4
+# Ops whose ATen kernel a direct region calls rather than inductor's fused code. Numerics: the
+# fused softmax, sums, mean, log and addcmul (SGD's update) round differently from eager in the
+# last bit, and training amplifies that (after ~100 LeNet iterations a max-pool picks another
+# element); with ATen's kernels the compiled net's results equal the "simple" net's. Speed:
+# inductor's max-pool backward (a gather over every window) is ~3x slower than ATen's kernel.
+_ATEN_KERNELS = ("_softmax", "_softmax_backward_data", "_log_softmax", "_log_softmax_backward_data",
+                 "sum.dim_IntList", "mean.dim", "mean", "log", "addcmul",
+                 "max_pool2d_with_indices_backward")
 _LINE = re.compile(r'File "<caffe2torch region (\d+)>", line (\d+)')
 
 
@@ -113,7 +130,7 @@ class _Region:
         # Outputs no op of the net reads (a first conv's data_grad) are left out, so inductor
         # drops their computation; they become Deferred blobs computed if someone fetches them,
         # from the op's inputs (copies of those that later ops of the region overwrite).
-        self.lazy = []  # (blob, step, output index, per input: blob name or snapshot number)
+        self.lazy = []  # (blob, step, its compute function, per input: blob name or snapshot number)
         self.snapshots = []  # (step position, input name) copied right after that step
         later_writes, lazy_names = set(), set()
         for j in range(len(steps) - 1, -1, -1):
@@ -128,7 +145,7 @@ class _Region:
                             self.snapshots.append((j, n))
                         else:
                             sources.append(n)
-                    self.lazy.append((name, step, k, sources))
+                    self.lazy.append((name, step, _output(step, k), sources))
             later_writes.update(step.outputs)
         self.outputs = []
         for step in steps:
@@ -141,11 +158,23 @@ class _Region:
         # eager layout keeps results equal to the "simple" net's (and to plain PyTorch's).
         # (torch.compile takes a mode or options, not both: "default" is the empty options.)
         if mode in (None, "default"):
-            tuning = {"options": {"layout_optimization": False}}
+            self.options = {"layout_optimization": False}
+            tuning = {"options": self.options}
         else:
+            self.options = None
             tuning = {"mode": mode}
         self.compiled = torch.compile(self.function, fullgraph=True, dynamic=dynamic, **tuning)
         self.first = True
+        # Direct: traced by make_fx and compiled by inductor without dynamo, whose guards (every
+        # input tensor, every op context's cached state: hundreds of checks) cost more per run
+        # than a small net's ops. The region's Python depends only on what the NetDef fixes and
+        # on its inputs' dtypes, shapes and strides, so those are the one guard (``key``), one
+        # compiled function per key. CUDA and the other modes keep torch.compile (CUDA graphs).
+        self.direct = self.options is not None and device.type == "cpu" and dynamic is None
+        self.variants = {}
+        inputs_written = set(self.inputs) & written
+        # inputs the region overwrites: their aliasing is part of the key (in-place updates)
+        self.mutated = bool(inputs_written)
 
     def _generate(self):
         """Straight-line source, one line per step, and the namespace it runs in."""
@@ -175,6 +204,51 @@ class _Region:
         exec(compile(source, f"<caffe2torch region {self.number}>", "exec"), namespace)
         return source, namespace
 
+    def key(self, values):
+        """What the direct function depends on: each input's dtype, shape and strides (and
+        which inputs share storage, for a region that overwrites inputs); None: an input that
+        is not a plain CPU tensor."""
+        key = []
+        for x in values:
+            if type(x) is not torch.Tensor or not x.is_cpu:
+                return None
+            key.append((x.dtype, x.shape, x.stride()))
+        if self.mutated:
+            storages = [x.untyped_storage().data_ptr() for x in values]
+            key.append(tuple(map(storages.index, storages)))
+        return tuple(key)
+
+    def build(self, key, values, cpp_wrapper):
+        """Trace the region on fake copies of ``values`` and compile it with inductor."""
+        from torch._guards import TracingContext, tracing
+        from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # Tracing runs the ops' Python on fake tensors: whatever they cache in their state then
+        # would be fake, so each op's state is put back as the eager run left it.
+        # The ops skip their host-side value checks while torch compiles (is_compiling()).
+        saved = [dict(step.ctx.state) for step in self.steps]
+        try:
+            with torch.compiler._compile_session_context():
+                graph = make_fx(self.function, tracing_mode="fake")(*values)
+        finally:
+            for step, state in zip(self.steps, saved):
+                step.ctx.state.clear()
+                step.ctx.state.update(state)
+        # The ATen-kernel ops have no C shim: under the C++ wrapper they would go through
+        # inductor's proxy executor (slower, and a warning each); such graphs keep Python's.
+        names = {name.partition(".")[0] for name in _ATEN_KERNELS}
+        calls_aten = any(getattr(node.target, "_opname", "").rstrip("_") in names
+                         for node in graph.graph.nodes)
+        options = dict(self.options, cpp_wrapper=bool(cpp_wrapper) and not calls_aten)
+        # Inductor's FX graph cache keys a graph by its shape environment, which torch.compile
+        # provides through a tracing context; without one every compile would bypass the cache.
+        context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+        with _aten_kernels(), tracing(context):
+            self.variants[key] = compile_fx(graph, list(values), config_patches=options)
+
     def failing_step(self, exc):
         """The step at the line torch.compile's error points to, or None."""
         for match in _LINE.finditer(str(exc)):
@@ -198,6 +272,8 @@ class CompiledNet:
         self.mode = args.get("compile_mode", default_mode)
         dynamic = args.get("compile_dynamic")
         self.dynamic = None if dynamic is None else bool(dynamic)
+        # inductor's C++ wrapper: allocations and kernel calls without Python, for direct regions
+        self.cpp_wrapper = bool(args.get("compile_cpp_wrapper", 1))
         self.compile_seconds = 0.0
         self._regions = 0
         eager = [_eager_only(s, self.device) for s in prepared.steps]
@@ -257,41 +333,69 @@ class CompiledNet:
     def _run_region(self, region):
         """Run one region; its first run is eager, then it compiles (see _compile)."""
         blobs = self.prepared.workspace.blobs
-        values = []
-        for name in region.inputs:
-            x = blobs[name]
-            if type(x) is Deferred:
-                x = blobs[name] = x.resolve()
-            if isinstance(x, torch.Tensor) and x.device != region.device:
-                x = x.to(region.device)
-            values.append(x)
-        if region.first:
-            self._compile(region, values)
-            return
+        values = [blobs[n] for n in region.inputs]
+        if region.direct:
+            key = region.key(values)
+            if key is None:  # a Deferred input, or one on another device
+                values = self._inputs(region, values)
+                key = region.key(values)
+            function = region.variants.get(key)
+            if function is None:
+                self._compile(region, values, key)
+                return
+        else:
+            values = self._inputs(region, values)
+            if region.first:
+                self._compile(region, values)
+                return
+            function = region.compiled
         try:
-            outputs = region.compiled(*values)
+            outputs = function(*values)
         except Exception as exc:
             raise self.prepared._error(region.steps[0], exc) from exc
-        count = len(region.outputs)
-        for name, value in zip(region.outputs, outputs):
-            blobs[name] = value
-        for name, step, index, sources in region.lazy:
-            inputs = [outputs[count + x] if type(x) is int else blobs[x] for x in sources]
-            blobs[name] = step.ctx.defer(_output(step, index), inputs)
+        blobs.update(zip(region.outputs, outputs))
+        if region.lazy:
+            count = len(region.outputs)
+            for name, step, compute, sources in region.lazy:
+                inputs = [outputs[count + x] if type(x) is int else blobs[x] for x in sources]
+                blobs[name] = step.ctx.defer(compute, inputs)
 
-    def _compile(self, region, values):
-        """The region's first run: eager, then torch.compile on copies of its inputs.
+    def _inputs(self, region, values):
+        """``values`` with Deferred blobs resolved and tensors moved to the region's device."""
+        blobs = self.prepared.workspace.blobs
+        for k, x in enumerate(values):
+            if type(x) is Deferred:
+                x = blobs[region.inputs[k]] = x.resolve()
+            if isinstance(x, torch.Tensor) and x.device != region.device:
+                x = x.to(region.device)
+            values[k] = x
+        return values
+
+    def _compile(self, region, values, key=None):
+        """The region's first run (for a direct region: the first with this key): eager, then
+        compile on copies of its inputs.
 
         The eager run gives this run's results and fills the caches ops keep in their state
         (e.g. a convolution's padding plan), so the compiled graph's guards see them filled and
         the second run does not compile again. Compiling on copies leaves the blobs alone; an op
-        torch.compile cannot trace (``fullgraph=True`` finds it) splits the region around it.
+        torch.compile cannot trace (``fullgraph=True`` finds it) splits the region around it. A
+        direct region that make_fx cannot trace, or that sees too many keys, uses torch.compile.
         """
         copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
         self.prepared.run_steps(region.steps)
         region.first = False
         start = time.perf_counter()
         try:
+            if region.direct:
+                if key is not None and len(region.variants) < _MAX_KEYS:
+                    try:
+                        region.build(key, copies, self.cpp_wrapper)
+                        return
+                    except Exception as exc:  # torch.compile below finds and names the op
+                        log.info("net %r: region %d compiles through torch.compile (%s: %s)",
+                                 self.name, region.number, type(exc).__name__, exc)
+                region.direct = False
+                region.variants = {}
             region.compiled(*copies)
         except Exception as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -322,6 +426,51 @@ class CompiledNet:
     def close(self):
         """Drop the compiled functions."""
         self.parts = []
+
+
+@contextlib.contextmanager
+def _aten_kernels():
+    """While inductor compiles a direct region, the ops of _ATEN_KERNELS call their ATen kernels.
+
+    For the duration, inductor's decomposition table (``select_decomp_table``, which its caches
+    key by name) leaves them out and they lower to ATen fallback calls; the cache key tag says
+    so, so that inductor's caches never mix these graphs with ones of the fused lowerings.
+    """
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor import lowering
+
+    ops = [_overload(name) for name in _ATEN_KERNELS]
+    saved = {op: lowering.lowerings.get(op) for op in ops}
+    select = compile_fx_module.select_decomp_table
+    tag = torch.compiler.config.cache_key_tag
+    try:
+        compile_fx_module.select_decomp_table = _decomp_table
+        for op in ops:
+            lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+        with torch.compiler.config.patch(cache_key_tag=f"{tag}|caffe2torch aten kernels: "
+                                         f"{' '.join(_ATEN_KERNELS)}"):
+            yield
+    finally:
+        compile_fx_module.select_decomp_table = select
+        for op, fn in saved.items():
+            if fn is None:
+                lowering.lowerings.pop(op, None)
+            else:
+                lowering.lowerings[op] = fn
+
+
+def _decomp_table():
+    """Inductor's decompositions less those of the ops of _ATEN_KERNELS."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    ops = {_overload(name) for name in _ATEN_KERNELS}
+    return {op: fn for op, fn in select_decomp_table().items() if op not in ops}
+
+
+def _overload(name):
+    """The aten OpOverload ``name`` ("sum.dim_IntList"; a bare name means its .default)."""
+    packet, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, packet), overload or "default")
 
 
 def _output(step, index):

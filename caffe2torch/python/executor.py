@@ -3,6 +3,8 @@
 Preparation resolves each op's forward function, parses its arguments, picks its device and runs
 the op's setup; the loop then only reads input blobs, calls, and stores outputs.
 """
+import operator
+
 import torch
 
 from caffe2torch.ops import registry
@@ -31,8 +33,13 @@ def torch_device(option):
     return torch.device("cuda", option.cuda_gpu_id)
 
 
+def _no_inputs(blobs):
+    return ()
+
+
 class _Step:
-    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move", "schema", "checks", "on_cpu")
+    __slots__ = ("index", "fn", "ctx", "inputs", "outputs", "move", "schema", "checks", "on_cpu",
+                 "read", "single_input", "single_output", "internal_checks")
 
     def __init__(self, index, fn, ctx, move, schema):
         self.index = index
@@ -43,8 +50,15 @@ class _Step:
         self.move = move
         self.schema = schema
         self.on_cpu = ctx.device.type == "cpu"
-        # Indices of inputs that may be Deferred or on another device (set by PreparedNet).
+        # Indices of inputs that may be Deferred or on another device (set by PreparedNet), and
+        # those of them that an earlier op of the run wrote (the rest come from outside).
         self.checks = ()
+        self.internal_checks = ()
+        # The input blobs in one C call (an itemgetter: a list comprehension costs ~3x more);
+        # with one input it returns the value itself, with several a tuple.
+        self.read = operator.itemgetter(*self.inputs) if self.inputs else _no_inputs
+        self.single_input = len(self.inputs) == 1
+        self.single_output = self.outputs[0] if len(self.outputs) == 1 else None
 
 
 class PreparedNet:
@@ -58,6 +72,7 @@ class PreparedNet:
         available = set(workspace.blobs)
         self.steps = []
         self._buffered = []
+        self._external = None
         for i, op in enumerate(netdef.op):
             schema = registry.get_schema(op.type)
             for name in op.input:
@@ -109,17 +124,42 @@ class PreparedNet:
         ``isinstance``/``device`` tests that dominate the loop on small tensors.
         """
         written = {}  # blob -> device of the op that last wrote it in this run, or None: unsure
+        external = {}  # (blob, device, move) for blobs read before any op of the run writes them
         for step in self.steps:
-            checks = []
+            checks, internal = [], []
             for k, name in enumerate(step.inputs):
                 if written.get(name) != step.ctx.device:
                     checks.append(k)
+                    if name in written:
+                        internal.append(k)
+                    else:
+                        external[name, step.ctx.device, step.move] = None
             step.checks = tuple(checks)
+            step.internal_checks = tuple(internal)
             # CPU-only ops (the counter) and DB/Load ops may leave outputs off the op's device.
             keeps = not (step.schema.cpu_only_inputs or step.schema.side_effects)
             sure = step.ctx.device if keeps else None
             for k, name in enumerate(step.outputs):
                 written[name] = None if k in step.ctx.lazy_outputs else sure
+        # A run whose outside blobs are all fine (checked once, before it) checks only the
+        # others; an op with side effects might write blobs it does not name: not for such nets.
+        side_effects = any(step.schema.side_effects for step in self.steps)
+        self._external = None if side_effects else [
+            (name, device.type == "cpu", device, move) for name, device, move in external]
+
+    def _external_ready(self):
+        """True when every blob the run reads from outside is what its readers take as is."""
+        if self._external is None:
+            return False
+        blobs = self.workspace.blobs
+        for name, on_cpu, device, move in self._external:
+            x = blobs.get(name)  # a missing blob: the loop reports it
+            if type(x) is _Tensor:
+                if move and not (x.is_cpu if on_cpu else x.device == device):
+                    return False
+            elif type(x) is Deferred or (move and isinstance(x, torch.Tensor)):
+                return False
+        return True
 
     def run(self, num_iter=1):
         """Run all ops ``num_iter`` times."""
@@ -128,31 +168,38 @@ class PreparedNet:
                 return self.compiled.run(num_iter)
             with torch.no_grad():
                 for _ in range(num_iter):
-                    self.run_steps(self.steps)
+                    self.run_steps(self.steps, self._external_ready())
             return True
         finally:
             # Print/Summarize buffer their lines: the files are complete when RunNet returns.
             for output in self._buffered:
                 output.flush()
 
-    def run_steps(self, steps):
-        """Run ``steps`` once, in order, eagerly (grad mode is the caller's)."""
+    def run_steps(self, steps, external_ready=False):
+        """Run ``steps`` once, in order, eagerly (grad mode is the caller's).
+
+        ``external_ready``: the whole net, its outside blobs checked (``_external_ready``).
+        """
         blobs = self.workspace.blobs
         step = None
         try:
             for step in steps:
-                inputs = [blobs[n] for n in step.inputs]
-                if step.checks:
+                inputs = [step.read(blobs)] if step.single_input else list(step.read(blobs))
+                checks = step.internal_checks if external_ready else step.checks
+                if checks:
                     on_cpu = step.on_cpu
-                    for k in step.checks:
+                    for k in checks:
                         x = inputs[k]
                         # the usual case, cheaply: a plain tensor already on the op's device
                         if type(x) is _Tensor and (x.is_cpu if on_cpu else x.device == step.ctx.device):
                             continue
                         self.check_inputs(step, inputs, (k,))
                 outputs = step.fn(step.ctx, inputs)
-                for name, value in zip(step.outputs, outputs):
-                    blobs[name] = value
+                if step.single_output is not None and outputs:
+                    blobs[step.single_output] = outputs[0]
+                else:
+                    for name, value in zip(step.outputs, outputs):
+                        blobs[name] = value
         except Exception as exc:
             raise self._error(step, exc) from exc
 
@@ -190,3 +237,4 @@ class PreparedNet:
                     closer()
         self.steps = []
         self._buffered = []
+        self._external = None
