@@ -11,8 +11,11 @@ from caffe2torch.ops import registry
 from caffe2torch.proto import caffe2_pb2
 
 
-def backward_pass(ops, ys, create_operator):
+def backward_pass(ops, ys, create_operator, versioned=None):
     """Gradient ops for ``ops`` given ``ys`` ({name: grad name or None}); returns (ops, grad map).
+
+    ``versioned``: a dict that receives {(name, version): gradient name}, version 0 being the
+    value a blob had before the first op (what control-flow gradients need).
 
     A None gradient name means "start from 1": a ``ConstantFill([y], [y + '_autogen_grad'],
     value=1.0)`` is emitted first, as Caffe2 does. ``create_operator`` builds that op (so the
@@ -65,8 +68,13 @@ def backward_pass(ops, ys, create_operator):
                         pending[key].append((g, writers))
         for key in by_consumer.get(i, ()):
             contributions = pending.pop(key, None)
+            if contributions and key in grads:
+                # A blob of ``ys`` that later ops also read: its given gradient adds to theirs.
+                contributions.append((grads[key], []))
             if contributions:
                 grads[key] = _merge(key[0], contributions, grad_ops)
+    if versioned is not None:
+        versioned.update(grads)
     grad_map = {}
     for (name, _version), g in sorted(grads.items(), key=lambda kv: -kv[0][1]):
         grad_map[name] = g

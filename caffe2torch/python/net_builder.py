@@ -120,8 +120,11 @@ class _IfNet(_Block):
         then_net = self.net_def()
         read, written = _outer_blobs([then_net], parent._lexical_scope)
         net = parent.current_net()
-        net.If([self._cond] + [b for b in read if b != self._cond], written,
-               then_net=then_net)
+        # Without an Else the blobs written here keep their values otherwise: they are inputs
+        # too, so that their gradient passes through (the Else block prunes what it writes).
+        inputs = [self._cond] + [b for b in read if b != self._cond]
+        inputs += [b for b in written if b not in inputs]
+        net.If(inputs, written, then_net=then_net)
         parent._last_if = net.Proto().op[-1]
         parent._record(parent._last_if)
 
@@ -147,7 +150,16 @@ class _Else(_Block):
         read, written = _outer_blobs([else_net], parent._lexical_scope)
         op = self._if
         op.arg.add().CopyFrom(core.utils.MakeArgument("else_net", else_net))
-        op.input.extend(b for b in read if b not in op.input)
+        then_net = next(a.n for a in op.arg if a.name == "then_net")
+        _, then_written = _outer_blobs([then_net], parent._lexical_scope)
+        then_read, _ = _outer_blobs([then_net], parent._lexical_scope)
+        # Keep as inputs the blobs read, and those written by one branch only.
+        keep = [op.input[0]] + [b for b in op.input[1:] if b in then_read or b in read
+                                or (b in then_written) != (b in written)]
+        keep += [b for b in read if b not in keep]
+        keep += [b for b in written if b not in keep and b not in then_written]
+        del op.input[:]
+        op.input.extend(keep)
         op.output.extend(b for b in written if b not in op.output)
         parent._record(op)
 
