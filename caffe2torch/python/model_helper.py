@@ -35,7 +35,8 @@ class ParameterTags:
 class ParameterInfo:
     """What a model knows about one parameter: its blob, shape and (once built) gradient."""
 
-    def __init__(self, param_id, param, key=None, shape=None, length=None, grad=None):
+    def __init__(self, param_id, param, key=None, shape=None, length=None, grad=None,
+                 blob_copy=None):
         self.param_id = param_id
         self.name = str(param)
         self.blob = param
@@ -44,6 +45,8 @@ class ParameterInfo:
         self.size = None if shape is None else _prod(shape)
         self.length = max(1, length if length is not None else 1)
         self.grad = grad
+        # {core.DataType.FLOAT: the float32 master copy} of a float16 parameter (or FLOAT16).
+        self.blob_copy = blob_copy
 
     def __str__(self):
         return self.name
