@@ -6,6 +6,7 @@ Example::
     y = net.Relu(["x"], "y")        # adds a Relu op; returns BlobReference("y")
     print(net.Proto())              # protobuf text format
 """
+import collections
 import difflib
 import logging
 
@@ -437,6 +438,14 @@ class Net:
         """Caffe2 names ops after the source line that created them when tracebacks are on;
         caffe2torch records no tracebacks, so this leaves the ops as they are."""
 
+    def add_attribute(self, name, obj):
+        """Attach ``obj`` to the net under ``name`` (Task setup builders, report steps)."""
+        self.__dict__.setdefault("_attr_dict", collections.defaultdict(list))[name].append(obj)
+
+    def get_attributes(self, name):
+        """The objects attached under ``name``, in the order added."""
+        return list(self.__dict__.get("_attr_dict", {}).get(name, []))
+
     def Python(self, f, grad_f=None, python_func_type=None, pass_workspace=False,
                grad_output_indices=None, grad_input_indices=None):
         """A builder ``(inputs, outputs, **kwargs)`` adding a Python op that calls ``f``.
@@ -452,7 +461,8 @@ class Net:
 
 # Plans and execution steps live in their own module; core re-exports them as Caffe2 does.
 from caffe2torch.python.plan import (  # noqa: E402,F401
-    ExecutionStep, Plan, add_nets_in_order, execution_step, to_execution_step)
+    ExecutionStep, Plan, add_nets_in_order, execution_step, scoped_execution_step,
+    to_execution_step)
 
 
 def __getattr__(name):

@@ -50,6 +50,11 @@ class _ChildWorkspace:
         self.root_folder_name = getattr(parent, "root_folder_name", parent.root_folder)
 
 
+def child_workspace(parent):
+    """A workspace whose new blobs stay its own and that reads ``parent``'s (a PRIVATE task's)."""
+    return _ChildWorkspace(parent)
+
+
 class _PlanRun:
     def __init__(self, plan, workspace):
         self.net_defs = {}
