@@ -438,6 +438,52 @@ class Net:
         """Caffe2 names ops after the source line that created them when tracebacks are on;
         caffe2torch records no tracebacks, so this leaves the ops as they are."""
 
+    def LogInfo(self, *msg_or_blobs):
+        """Print each message (a string becomes a constant blob) or blob to the log (Print)."""
+        for item in msg_or_blobs:
+            if not isinstance(item, BlobReference):
+                item = self.Const(str(item))
+            self.Print(item, [])
+
+    def ClonePartial(self, name, inputs, outputs, remap_funcs=None):
+        """(net, output refs): a copy holding only the ops that compute ``outputs`` from
+        ``inputs`` (a list, pairs or a dict renaming them); other internal blobs get the prefix
+        ``name/``, blobs read from outside keep their names."""
+        import collections as _c
+        if isinstance(inputs, dict):
+            pairs = _c.OrderedDict((str(k), str(v)) for k, v in inputs.items())
+        elif inputs and all(isinstance(i, tuple) and len(i) == 2 for i in inputs):
+            pairs = _c.OrderedDict((str(k), str(v)) for k, v in inputs)
+        else:
+            pairs = _c.OrderedDict((str(i), str(i)) for i in inputs)
+        output_names = [str(o) for o in outputs]
+        for o in output_names:
+            if not self.BlobIsDefined(o):
+                raise ValueError(f"ClonePartial: net {self.Name()!r} does not produce {o!r}")
+        versions = {i: 0 for i in pairs}
+        ssa, versions = get_ssa(self._net, versions)
+        used = get_op_ids_in_path(ssa, versions, list(pairs), output_names)
+        producing_inputs = get_op_ids_in_path(ssa, versions, [], list(pairs))
+        if set(used) & set(producing_inputs):
+            raise ValueError("ClonePartial: some ops needed for the outputs also produce the "
+                             "given inputs; choose inputs that no needed op writes")
+        sub_ssa = [ssa[i] for i in used]
+        undefined = _undefined_blobs(sub_ssa) - set(pairs)
+        prefix = name + "/" if name else ""
+
+        def remap(blob):
+            if blob in pairs:
+                return pairs[blob]
+            return blob if blob in undefined else prefix + blob
+        mapping = {b: remap(b) for b in versions}
+        new_net = self.Clone(name, mapping, used, remap_funcs)
+        new_in = [mapping[i] for i in pairs] + sorted(undefined)
+        new_out = [mapping[o] for o in output_names]
+        new_net.Proto().external_input[:] = new_in
+        new_net._external_input_map = set(new_in)
+        new_net.Proto().external_output[:] = new_out
+        return new_net, [new_net.GetBlobRef(o) for o in new_out]
+
     def add_attribute(self, name, obj):
         """Attach ``obj`` to the net under ``name`` (Task setup builders, report steps)."""
         self.__dict__.setdefault("_attr_dict", collections.defaultdict(list))[name].append(obj)
@@ -508,6 +554,32 @@ def get_ssa(net, blob_versions=None):
             blob_versions[str(name)] = blob_versions.get(str(name), 0) + 1
         ssa.append((inputs, [(str(n), blob_versions[str(n)]) for n in op.output]))
     return ssa, blob_versions
+
+
+def _undefined_blobs(ssa):
+    """Blob names an SSA op list reads at version 0 (produced outside of it)."""
+    return {name for inputs, _ in ssa for name, version in inputs if version == 0}
+
+
+def get_op_ids_in_path(ssa, blob_versions, inputs, outputs):
+    """Indices of the ops needed to compute ``outputs`` (their last versions) from ``inputs``."""
+    stop = {(str(i), 0) for i in inputs}
+    wanted = {(str(o), blob_versions[str(o)]) for o in outputs}
+    used = []
+    for op_id in reversed(range(len(ssa))):
+        op_inputs, op_outputs = ssa[op_id]
+        if wanted.intersection(op_outputs):
+            used.append(op_id)
+            wanted.update(set(op_inputs) - stop)
+    return sorted(used)
+
+
+def remap_input(op, blob_name_remapping):
+    """A copy of OperatorDef ``op`` with its inputs renamed by the mapping."""
+    new_op = caffe2_pb2.OperatorDef()
+    new_op.CopyFrom(op)
+    new_op.input[:] = [blob_name_remapping.get(str(n), str(n)) for n in op.input]
+    return new_op
 
 
 def InferBlobDevices(net):

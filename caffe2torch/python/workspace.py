@@ -419,6 +419,10 @@ def RunPlan(plan_or_step: Any) -> bool:
     return plan_runner.run_plan(plan_or_step, C())
 
 
+from caffe2torch.python.workspace_extras import (  # noqa: E402,F401
+    BackgroundPlan, DeserializeBlob, RunPlanInBackground, SerializeBlob)
+
+
 def InferShapesAndTypes(nets: list, blob_dimensions: dict | None = None, nets_proto: bool = False,
                         blob_types: dict | None = None) -> tuple[dict, dict]:
     """({blob: shape}, {blob: DataType}) of the nets' blobs, found by running them on a copy."""
