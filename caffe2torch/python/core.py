@@ -319,8 +319,13 @@ class Net:
                 op.engine = "CUDNN"
 
     def Clone(self, name: str, blob_remap: dict[str, str] | None = None, op_id_mask=None,
-              remap_funcs=None, keep_schema: bool = True) -> "Net":
-        """A copy of this net under ``name``, with blobs renamed by ``blob_remap``."""
+              remap_funcs=None, keep_schema: bool = True,
+              update_external_list: bool = False) -> "Net":
+        """A copy of this net under ``name``, with blobs renamed by ``blob_remap``.
+
+        ``update_external_list``: the external inputs/outputs are recomputed from the kept ops
+        (blobs read before any kept op writes them / written and never read after).
+        """
         proto = caffe2_pb2.NetDef()
         proto.CopyFrom(self._net)
         proto.name = name
@@ -334,6 +339,17 @@ class Net:
             op.output[:] = [remap.get(n, n) for n in op.output]
         proto.external_input[:] = [remap.get(n, n) for n in proto.external_input]
         proto.external_output[:] = [remap.get(n, n) for n in proto.external_output]
+        if update_external_list:
+            written, read = set(), set()
+            inputs, outputs = [], []
+            for op in proto.op:
+                inputs += [n for n in op.input if n not in written and n not in inputs]
+                written.update(op.output)
+            for op in reversed(proto.op):
+                outputs += [n for n in op.output if n not in read and n not in outputs]
+                read.update(op.input)
+            proto.external_input[:] = inputs
+            proto.external_output[:] = outputs[::-1]
         return Net(proto)
 
     def AddGradientOperators(self, ys, skip: int = 0) -> "dict[str, BlobReference]":

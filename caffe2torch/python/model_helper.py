@@ -244,10 +244,34 @@ class ModelHelper:
         """Trained plus computed parameters under ``namescope``."""
         return self.GetParams(namescope) + self.GetComputedParams(namescope)
 
+    def GetCompleteNet(self):
+        """param_init_net followed by net, as one net (init ops marked in debug_info)."""
+        net = self.param_init_net.Clone(self.name + "_complete_net", keep_schema=True)
+        for op in net.Proto().op:
+            op.debug_info = op.debug_info + "/param_init_net"
+        net.AppendNet(self.net)
+        if self.net.Proto().HasField("type"):
+            net.Proto().type = self.net.Proto().type
+        return net
+
+    def ConstructInitTrainNetfromNet(self, net):
+        """Split a GetCompleteNet net back into param_init_net and net."""
+        init_ids = [i for i, op in enumerate(net.Proto().op)
+                    if op.debug_info.endswith("/param_init_net")]
+        train_ids = [i for i in range(len(net.Proto().op)) if i not in set(init_ids)]
+        self.param_init_net = net.Clone(net.Name() + "/generated_param_init_net",
+                                        op_id_mask=init_ids, update_external_list=True)
+        self.net = net.Clone(net.Name() + "/generated_net", op_id_mask=train_ids,
+                             update_external_list=True)
+
+    def _Validate(self) -> list[str]:
+        """The names of parameters added more than once, sorted (Caffe2's check)."""
+        names = [str(p) for p in self.params]
+        return sorted({n for n in names if names.count(n) > 1})
+
     def Validate(self) -> None:
         """Raise when a parameter was added twice."""
-        names = [str(p) for p in self.params]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = self._Validate()
         if dupes:
             raise ValueError(f"model {self.name!r} has duplicate params: {dupes}; each helper "
                              "call needs its own output name")
