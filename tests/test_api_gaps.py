@@ -176,3 +176,43 @@ def test_brew_prelu():
     np.testing.assert_array_equal(workspace.FetchBlob("y_slope"), [0.25] * 3)
     np.testing.assert_allclose(workspace.FetchBlob("y"), np.where(x > 0, x, 0.25 * x),
                                rtol=1e-6)
+
+
+def test_c_workspace_nets_blob_serde_and_tensor_view():
+    ws = workspace.C.Workspace()
+    assert ws.nets == {} and ws.blobs == {}
+    net = core.Net("c_ws_net")
+    net.ConstantFill([], "t", shape=[2], value=1.0)
+    handle = ws.create_net(net)
+    with pytest.raises(RuntimeError, match="already exists"):
+        ws.create_net(net)
+    assert list(ws.nets) == [net.Name()] and handle.run()
+    blob = ws.blobs["t"]
+    copy = ws.create_blob("t_copy")
+    copy.deserialize(blob.serialize("t"))
+    np.testing.assert_array_equal(copy.fetch(), [1.0, 1.0])
+    view = blob.tensor()
+    view.data[0] = 5.0  # a view: the blob changes
+    np.testing.assert_array_equal(blob.fetch(), [5.0, 1.0])
+    view.init([2, 2], core.DataType.INT32)
+    assert blob.fetch().dtype == np.int32 and blob.fetch().shape == (2, 2)
+    with pytest.raises(RuntimeError, match="string tensors"):
+        view.init([1], core.DataType.STRING)
+    with pytest.raises(TypeError):
+        ws.create_net("...")
+    assert workspace.C.Workspace.current.blobs is not None  # a class-level property
+
+
+def test_switch_to_a_missing_workspace_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match="no workspace named"):
+        workspace.SwitchWorkspace("no-such-workspace")
+
+
+def test_stringify_proto_is_the_serialized_proto_and_blob_sizes():
+    net = core.Net("stringify")
+    assert workspace.StringifyProto(net) == net.Proto().SerializeToString()
+    workspace.FeedBlob("f", np.zeros((2, 3), np.float16))
+    assert workspace.GetBlobSizeBytes("f") == 12
+    workspace.FeedBlob("s1", np.array([b"Hello World!", b"abcd"], dtype=object))
+    workspace.FeedBlob("s2", np.array([b"element1", b"element2"], dtype=object))
+    assert workspace.GetBlobSizeBytes("s1") - workspace.GetBlobSizeBytes("s2") == 0

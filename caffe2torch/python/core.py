@@ -532,6 +532,8 @@ def __getattr__(name):
     if name == "C":
         from caffe2torch.python import workspace
         return workspace.C
+    if name == "_REGISTERED_OPERATORS":  # Caffe2's set of op type names (tests check it)
+        return set(registry.registered_ops())
     raise AttributeError(f"module 'core' has no attribute {name!r}")
 
 

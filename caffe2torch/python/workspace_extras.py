@@ -27,6 +27,18 @@ def DeserializeBlob(name, serialized_blob):
     return workspace.FeedBlob(name, value)
 
 
+def GetBlobSizeBytes(name):
+    """Bytes blob ``name`` holds: its tensor's data, or for strings pointers plus characters."""
+    from caffe2torch.python import workspace
+    value = workspace.FetchBlob(name)
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    arr = np.asarray(value)
+    if arr.dtype.kind in "OSU":
+        return arr.size * np.dtype(object).itemsize + sum(len(v) for v in arr.reshape(-1))
+    return int(arr.nbytes)
+
+
 class BackgroundPlan:
     """A plan running on a thread: ``wait()``, ``is_done()``, ``is_succeeded()``, ``error``."""
 
