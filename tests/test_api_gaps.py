@@ -70,8 +70,7 @@ def test_get_op_ids_in_path():
     ssa, versions = core.get_ssa(net)
     assert core.get_op_ids_in_path(ssa, versions, ["a"], ["d"]) == [0, 1, 2]
     assert core.get_op_ids_in_path(ssa, versions, ["a"], ["unrelated"]) == [3]
-    # inputs are versions 0: "b" written by op 0 is another version, so op 0 is still needed
-    assert core.get_op_ids_in_path(ssa, versions, ["b"], ["d"]) == [0, 1, 2]
+    assert core.get_op_ids_in_path(ssa, versions, ["b"], ["d"]) == [1, 2]  # b as it is last
 
 
 def test_clone_partial():
@@ -85,8 +84,14 @@ def test_clone_partial():
     np.testing.assert_array_equal(workspace.FetchBlob("part/d"), [0.0, 12.0])
     with pytest.raises(ValueError, match="does not produce"):
         net.ClonePartial("bad", ["a"], ["zzz"])
+    from_b, _ = net.ClonePartial("from_b", ["b"], ["d"])
+    assert [op.type for op in from_b.Proto().op] == ["Relu", "Scale"]
+    cut = core.Net("cut")
+    cut.Concat(["a1", "a2"], ["b1", "b2"], axis=0)
+    cut.Sum(["b1"], ["c1"])
+    cut.Sum(["c1", "b2"], ["d"])
     with pytest.raises(ValueError, match="also produce the given inputs"):
-        net.ClonePartial("bad", ["b"], ["d"])
+        cut.ClonePartial("bad", ["a1", "a2", "c1"], ["d"])  # Concat makes b2 and, via b1, c1
 
 
 def test_remap_input():
@@ -216,3 +221,34 @@ def test_stringify_proto_is_the_serialized_proto_and_blob_sizes():
     workspace.FeedBlob("s1", np.array([b"Hello World!", b"abcd"], dtype=object))
     workspace.FeedBlob("s2", np.array([b"element1", b"element2"], dtype=object))
     assert workspace.GetBlobSizeBytes("s1") - workspace.GetBlobSizeBytes("s2") == 0
+
+
+def test_extract_predictor_net_drops_readers_losses_and_gradients():
+    model = model_helper.ModelHelper(name="extract")
+    model.net.Copy("reader_out", "xx/data")  # stands in for a data reader
+    fc = brew.fc(model, "xx/data", "pred", dim_in=3, dim_out=2)
+    model.net.SoftmaxWithLoss([fc, "label"], ["softmax", "loss"])
+    model.AddGradientOperators(["loss"])
+    predict, export = model_helper.ExtractPredictorNet(
+        model.net.Proto(), ["xx/data"], ["pred"], renames={"xx/data": "image"})
+    ops = predict.Proto().op
+    assert [op.type for op in ops] == ["FC"] and ops[0].input[0] == "image"
+    assert set(export) == {"pred_w", "pred_b"}
+    assert list(predict.Proto().external_output) == ["pred"]
+
+
+def test_plan_create_from_proto_and_operator_source_lines():
+    net = core.Net("from_proto")
+    net.ConstantFill([], "v", shape=[1], value=2.0); line = __import__("inspect").currentframe().f_lineno  # noqa: E702,E501
+    plan = core.Plan("p")
+    plan.AddStep(core.execution_step("s", net, num_iter=3))
+    copy = core.Plan.create_from_proto(plan.Proto())
+    assert len(copy.Steps()) == 1 and copy.Steps()[0].Proto().num_iter == 3
+    assert copy.Nets()[0].Name().startswith("from_proto")
+    workspace.RunPlan(copy)
+    assert workspace.FetchBlob("v")[0] == 2.0
+    net.PopulateProtoWithFileName()
+    assert net.Proto().op[0].name == f"{__file__}:{line}"
+    assert core.IsOperatorWithEngine("Relu", "DEFAULT")
+    assert not core.IsOperatorWithEngine("Relu", "CUDNN")
+    net._CheckLookupTables()

@@ -381,6 +381,7 @@ class Net:
         outputs = _rectify(outputs, net=self)
         op = CreateOperator(op_type, inputs, outputs, **kwargs)
         self._extend_ops([op])
+        self.__dict__.setdefault("_op_sources", {})[len(self._net.op) - 1] = _caller_line()
         if len(op.output) == 0:
             return None
         if len(op.output) == 1:
@@ -451,8 +452,19 @@ class Net:
         return getattr(self, fill)([], blob_out or 1, shape=list(array.shape), values=values)
 
     def PopulateProtoWithFileName(self):
-        """Caffe2 names ops after the source line that created them when tracebacks are on;
-        caffe2torch records no tracebacks, so this leaves the ops as they are."""
+        """Name each op built through this Net after the source line that created it
+        (``file:line``, the first frame outside caffe2torch), as Caffe2's op tracebacks do."""
+        for index, source in self.__dict__.get("_op_sources", {}).items():
+            if index < len(self._net.op):
+                self._net.op[index].name = f"{source[0]}:{source[1]}"
+
+    def _CheckLookupTables(self):
+        """Check the net's blob bookkeeping against its proto (Caffe2's self-test)."""
+        outputs = {o for op in self._net.op for o in op.output}
+        missing = outputs - self._op_outputs
+        if missing or set(self._net.external_input) - self._external_input_map:
+            raise AssertionError(f"net {self.Name()!r}: lookup tables out of step with the "
+                                 f"proto (missing outputs {sorted(missing)})")
 
     def LogInfo(self, *msg_or_blobs):
         """Print each message (a string becomes a constant blob) or blob to the log (Print)."""
@@ -475,14 +487,15 @@ class Net:
         output_names = [str(o) for o in outputs]
         for o in output_names:
             if not self.BlobIsDefined(o):
-                raise ValueError(f"ClonePartial: net {self.Name()!r} does not produce {o!r}")
+                raise ClonePartialError(f"ClonePartial: net {self.Name()!r} does not produce "
+                                        f"{o!r}")
         versions = {i: 0 for i in pairs}
         ssa, versions = get_ssa(self._net, versions)
         used = get_op_ids_in_path(ssa, versions, list(pairs), output_names)
         producing_inputs = get_op_ids_in_path(ssa, versions, [], list(pairs))
         if set(used) & set(producing_inputs):
-            raise ValueError("ClonePartial: some ops needed for the outputs also produce the "
-                             "given inputs; choose inputs that no needed op writes")
+            raise ClonePartialError("ClonePartial: some ops needed for the outputs also produce "
+                                    "the given inputs; choose inputs that no needed op writes")
         sub_ssa = [ssa[i] for i in used]
         undefined = _undefined_blobs(sub_ssa) - set(pairs)
         prefix = name + "/" if name else ""
@@ -574,21 +587,46 @@ def get_ssa(net, blob_versions=None):
     return ssa, blob_versions
 
 
+_PACKAGE_DIR = __file__.rsplit("/python/", 1)[0]
+
+
+def _caller_line():
+    """(file, line) of the first frame outside caffe2torch (where user code built the op)."""
+    import sys
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("", 0)
+
+
+def IsOperatorWithEngine(op_type, engine):
+    """True when ``op_type`` runs with ``engine``: caffe2torch has one, the DEFAULT one."""
+    return IsOperator(op_type) and engine in ("", "DEFAULT")
+
+
+class ClonePartialError(ValueError, AssertionError):
+    """ClonePartial cannot cut the net there (Caffe2 asserts: an AssertionError too)."""
+
+
 def _undefined_blobs(ssa):
     """Blob names an SSA op list reads at version 0 (produced outside of it)."""
     return {name for inputs, _ in ssa for name, version in inputs if version == 0}
 
 
 def get_op_ids_in_path(ssa, blob_versions, inputs, outputs):
-    """Indices of the ops needed to compute ``outputs`` (their last versions) from ``inputs``."""
-    stop = {(str(i), 0) for i in inputs}
-    wanted = {(str(o), blob_versions[str(o)]) for o in outputs}
-    used = []
-    for op_id in reversed(range(len(ssa))):
-        op_inputs, op_outputs = ssa[op_id]
-        if wanted.intersection(op_outputs):
-            used.append(op_id)
-            wanted.update(set(op_inputs) - stop)
+    """Indices of the ops needed to compute ``outputs`` given ``inputs`` (both at the versions
+    in ``blob_versions``, their last ones), as Caffe2 walks the SSA producers back."""
+    given = {(str(i), blob_versions[str(i)]) for i in inputs}
+    producers = {out: k for k, (_, outs) in enumerate(ssa) for out in outs}
+    pending = [(str(o), blob_versions[str(o)]) for o in outputs]
+    used = set()
+    while pending:
+        blob = pending.pop()
+        op_id = producers.get(blob)
+        if blob in given or op_id is None or op_id in used:
+            continue
+        used.add(op_id)
+        pending.extend(ssa[op_id][0])
     return sorted(used)
 
 

@@ -334,3 +334,54 @@ class ModelHelper:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(KNOWN_WORKING_OPS))
+
+
+def ExtractPredictorNet(net_proto, input_blobs, output_blobs, device=None, renames=None,
+                        disabled_inputs=None):
+    """(predict net, blobs to export) cut from a training/test NetDef (Caffe2's helper).
+
+    Keeps the ops between the first that reads an input blob and the last that writes an
+    output blob whose inputs are all available (the net's external inputs and ``input_blobs``,
+    less ``disabled_inputs``): data readers, losses and gradients drop out. ``renames`` renames
+    blobs; ``device`` (a DeviceOption) is set on every op. An op with ``is_test=0`` is refused.
+    """
+    renames = dict(renames or {})
+    inputs = {str(b) for b in input_blobs}
+    outputs = {str(b) for b in output_blobs}
+    orig_inputs, orig_outputs = set(net_proto.external_input), set(net_proto.external_output)
+    known = (orig_inputs | inputs) - set(disabled_inputs or [])
+    ops = list(net_proto.op)
+    readers = [k for k, op in enumerate(ops) if inputs & set(op.input)
+               and op.type != "StopGradient"]
+    writers = [k for k, op in enumerate(ops) if outputs & set(op.output)]
+    if not readers:
+        raise ValueError(f"ExtractPredictorNet: no op reads the inputs {sorted(inputs)}")
+    if not writers:
+        raise ValueError(f"ExtractPredictorNet: no op writes the outputs {sorted(outputs)}")
+    net = core.Net(net_proto.name + "_predict")
+    proto = net.Proto()
+    ext_in, ext_out = set(inputs), set(outputs)
+    for op in ops[min(readers):max(writers) + 1]:
+        if not known.issuperset(op.input):
+            continue
+        if any(a.name == "is_test" and a.i == 0 for a in op.arg):
+            raise ValueError(f"ExtractPredictorNet: op {op.type} has is_test=0; extract the "
+                             "predictor from a test model (is_test=1), not a training one")
+        kept = caffe2_pb2.OperatorDef()
+        kept.CopyFrom(op)
+        if device is not None:
+            kept.device_option.CopyFrom(device)
+        proto.op.append(kept)
+        known.update(op.output)
+        ext_in |= set(op.input) & orig_inputs
+        ext_out |= set(op.output) & orig_outputs
+
+    def rename(names):
+        return [renames.get(n, n) for n in names]
+    proto.external_input.extend(rename(sorted(ext_in)))
+    proto.external_output.extend(rename(sorted(ext_out)))
+    for op in proto.op:
+        op.input[:] = rename(op.input)
+        op.output[:] = rename(op.output)
+    renamed_inputs = set(rename(sorted(inputs)))
+    return net, sorted(set(proto.external_input) - renamed_inputs)

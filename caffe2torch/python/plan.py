@@ -135,6 +135,36 @@ class ExecutionStep:
         """The ExecutionStep proto."""
         return self._step
 
+    @staticmethod
+    def create_from_proto(step_proto, net_obj_dict, net_proto_dict):
+        """An ExecutionStep from its proto, its nets taken from ``net_obj_dict`` by name."""
+        step = ExecutionStep(step_proto.name)
+        for name in step_proto.network:
+            if name not in net_obj_dict:
+                raise ValueError(f"ExecutionStep {step_proto.name!r} uses net {name!r}, which "
+                                 "the plan does not hold")
+            step.AddNet(net_obj_dict[name])
+        for sub in step_proto.substep:
+            step.AddSubstep(ExecutionStep.create_from_proto(sub, net_obj_dict, net_proto_dict))
+        # Every other field (num_iter, should_stop_blob, report_net, ...) as in the proto.
+        nets, substeps = list(step._step.network), list(step._step.substep)
+        step._step.CopyFrom(step_proto)
+        del step._step.network[:]
+        step._step.network.extend(nets)
+        del step._step.substep[:]
+        for sub in substeps:
+            step._step.substep.add().CopyFrom(sub)
+        return step
+
+
+def _rename_nets(step_proto, renamed):
+    # core.Net(proto) may give a net a new unique name: the step must name it so.
+    step_proto.network[:] = [renamed.get(n, n) for n in step_proto.network]
+    if step_proto.HasField("report_net"):
+        step_proto.report_net = renamed.get(step_proto.report_net, step_proto.report_net)
+    for sub in step_proto.substep:
+        _rename_nets(sub, renamed)
+
 
 def add_nets_in_order(step, net_list):
     """Append the NetDefs ``step`` uses to ``net_list`` (each once, first use first)."""
@@ -151,6 +181,7 @@ class Plan:
     def __init__(self, name_or_step):
         self._plan = caffe2_pb2.PlanDef()
         self._net_dict = {}
+        self._net_objects = {}  # name -> the core.Net given (Nets() returns those, as Caffe2)
         self._steps = []
         if isinstance(name_or_step, ExecutionStep):
             self._plan.name = name_or_step.Name()
@@ -171,17 +202,21 @@ class Plan:
         """Add nets (core.Net or NetDef) to the plan, each name once."""
         for net in nets:
             proto = _net_proto(net)
+            if hasattr(net, "Proto"):
+                self._net_objects.setdefault(proto.name, net)
             if proto.name not in self._net_dict:
                 self._net_dict[proto.name] = proto
                 self._plan.network.add().CopyFrom(proto)
 
     def Nets(self):
-        """The plan's NetDefs."""
-        return list(self._net_dict.values())
+        """The plan's nets: the core.Net objects given (NetDefs where protos were given)."""
+        return [self._net_objects.get(name, proto) for name, proto in self._net_dict.items()]
 
     def AddStep(self, step):
         """Add an execution step (object or proto) and the nets it uses."""
         if isinstance(step, ExecutionStep):
+            for net in step._net_objects:
+                self._net_objects.setdefault(net.Name(), net)
             nets = []
             add_nets_in_order(step, nets)
             self.AddNets(nets)
@@ -194,6 +229,25 @@ class Plan:
     def Steps(self):
         """The steps added."""
         return list(self._steps)
+
+    @staticmethod
+    def create_from_proto(plan_proto):
+        """A Plan (with core.Net objects) from a PlanDef."""
+        from caffe2torch.python import core
+        plan = Plan(plan_proto.name)
+        nets = {}
+        for net_proto in plan_proto.network:
+            if net_proto.name in nets:
+                raise ValueError(f"plan {plan_proto.name!r} holds two nets named "
+                                 f"{net_proto.name!r}")
+            nets[net_proto.name] = core.Net(net_proto)
+        protos = {n.name: n for n in plan_proto.network}
+        renamed = {name: net.Name() for name, net in nets.items()}
+        for step_proto in plan_proto.execution_step:
+            step = ExecutionStep.create_from_proto(step_proto, nets, protos)
+            _rename_nets(step._step, renamed)
+            plan.AddStep(step)
+        return plan
 
     def get_all_attributes(self, name):
         """The objects attached under ``name`` to the nets of the plan's steps."""
