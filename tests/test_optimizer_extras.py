@@ -155,3 +155,26 @@ def test_reverse_pseudo_fp16_initializer():
     assert workspace.FetchBlob("out_w_fp16").dtype == np.float16
     info = model.get_param_info("out_w")
     assert str(info.blob_copy[core.DataType.FLOAT16]) == "out_w_fp16"
+
+
+@pytest.mark.parametrize("build, kwargs", [
+    (optimizer.build_sgd, {}), (optimizer.build_adagrad, {}),
+    (optimizer.build_adagrad, {"rowWise": True})])
+def test_sparse_gradient_of_gather_trains_only_the_rows_used(build, kwargs):
+    model = model_helper.ModelHelper(name="embedding")
+    w = model.param_init_net.ConstantFill([], "emb", shape=[4, 2], value=1.0)
+    model.params.append(w)
+    rows = model.net.Gather([w, "ids"], "rows")
+    loss = model.net.AveragedLoss(model.net.SumElements(rows, "s"), "loss")
+    grads = model.AddGradientOperators([loss])
+    assert isinstance(grads["emb"], core.GradientSlice)
+    build(model, base_learning_rate=0.5, **kwargs)
+    workspace.FeedBlob("ids", np.array([0, 2, 2], np.int64))
+    workspace.RunNetOnce(model.param_init_net)
+    workspace.RunNetOnce(model.net)
+    emb = workspace.FetchBlob("emb")
+    np.testing.assert_array_equal(emb[[1, 3]], 1.0)  # rows not gathered keep their values
+    assert (emb[[0, 2]] < 1.0).all()  # the gathered ones moved against their gradient
+    if build is optimizer.build_sgd:  # row 2 was gathered twice: twice the step
+        np.testing.assert_allclose(emb[0], 1 - 0.5)
+        np.testing.assert_allclose(emb[2], 1 - 2 * 0.5)

@@ -362,7 +362,10 @@ class Net:
             raise TypeError("ys should be a list or a dict of blob names")
         grad_ops, grad_map = gradients.backward_pass(list(self._net.op[skip:]), ys, CreateOperator)
         self._extend_ops(grad_ops)
-        return {k: BlobReference(v, self) for k, v in grad_map.items()}
+        return {k: (GradientSlice(BlobReference(str(v.indices), self),
+                                  BlobReference(str(v.values), self))
+                    if isinstance(v, tuple) else BlobReference(v, self))
+                for k, v in grad_map.items()}
 
     def _extend_ops(self, ops):
         self._net.op.extend(ops)

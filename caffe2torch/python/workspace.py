@@ -427,7 +427,8 @@ def RunPlan(plan_or_step: Any) -> bool:
 
 
 from caffe2torch.python.workspace_extras import (  # noqa: E402,F401
-    BackgroundPlan, DeserializeBlob, GetBlobSizeBytes, RunPlanInBackground, SerializeBlob)
+    BackgroundPlan, CreateBlob, DeserializeBlob, GetBlobSizeBytes, RunPlanInBackground,
+    SerializeBlob)
 
 
 def InferShapesAndTypes(nets: list, blob_dimensions: dict | None = None, nets_proto: bool = False,

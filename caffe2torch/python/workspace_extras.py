@@ -8,6 +8,13 @@ import numpy as np
 from caffe2torch.db import serialize
 
 
+def CreateBlob(name):
+    """Create blob ``name`` without a value (if it does not exist); True."""
+    from caffe2torch.python import workspace
+    workspace.C().blobs.setdefault(str(name), None)
+    return True
+
+
 def SerializeBlob(name):
     """Blob ``name`` as the bytes of one BlobProto (a tensor, or a byte string)."""
     from caffe2torch.python import workspace
