@@ -252,3 +252,21 @@ def test_plan_create_from_proto_and_operator_source_lines():
     assert core.IsOperatorWithEngine("Relu", "DEFAULT")
     assert not core.IsOperatorWithEngine("Relu", "CUDNN")
     net._CheckLookupTables()
+
+
+def test_counters_save_load_and_serialize_as_caffe2(tmp_path):
+    workspace.RunOperatorOnce(core.CreateOperator("CreateCounter", [], ["c"], init_count=22))
+    db = str(tmp_path / "counter.minidb")
+    workspace.RunOperatorOnce(core.CreateOperator("Save", ["c"], [], absolute_path=1,
+                                                  db_type="minidb", db=db))
+    for _ in range(3):
+        workspace.RunOperatorOnce(core.CreateOperator("CountDown", ["c"], ["done"]))
+    workspace.RunOperatorOnce(core.CreateOperator("Load", [], ["c"], absolute_path=1,
+                                                  db_type="minidb", db=db))
+    workspace.RunOperatorOnce(core.CreateOperator("RetrieveCount", ["c"], ["n"]))
+    assert workspace.FetchBlob("n") == 22
+    blob = caffe2_pb2.BlobProto.FromString(workspace.SerializeBlob("c"))
+    assert blob.type == "std::unique_ptr<Counter<int64_t>>" and list(blob.tensor.int64_data) == [22]
+    workspace.DeserializeBlob("c2", blob.SerializeToString())
+    workspace.RunOperatorOnce(core.CreateOperator("RetrieveCount", ["c2"], ["n2"]))
+    assert workspace.FetchBlob("n2") == 22

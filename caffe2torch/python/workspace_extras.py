@@ -19,7 +19,7 @@ def SerializeBlob(name):
     """Blob ``name`` as the bytes of one BlobProto (a tensor, or a byte string)."""
     from caffe2torch.python import workspace
     value = workspace.FetchBlob(name)
-    size = int(np.asarray(value).size) if not isinstance(value, (bytes, str)) else 1
+    size = int(np.asarray(value).size) if isinstance(value, (np.ndarray, list)) else 1
     (_, data), = serialize.serialize_blob(str(name), value, chunk_size=max(size, 1))
     return data
 
@@ -30,6 +30,10 @@ def DeserializeBlob(name, serialized_blob):
     blob = serialize.parse_blob(serialized_blob, f"the serialized blob for {name!r}")
     if blob.type == "std::string":
         return workspace.FeedBlob(name, blob.content)
+    if blob.type == serialize.COUNTER_TYPE:
+        from caffe2torch.ops.checks import Counter
+        workspace.C().blobs[str(name)] = Counter(int(blob.tensor.int64_data[0]))
+        return True
     value = serialize.deserialize_records([(str(name), serialized_blob)])[str(name)]
     return workspace.FeedBlob(name, value)
 
