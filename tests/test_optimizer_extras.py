@@ -115,7 +115,8 @@ def test_build_multi_precision_sgd_updates_the_fp32_masters():
     model = _fp16_model()
     optimizer.build_multi_precision_sgd(model, base_learning_rate=0.5)
     types = [op.type for op in model.net.Proto().op]
-    assert types.count("MomentumSGDUpdate") == 2 and types[-6:] == ["HalfToFloat", "MomentumSGDUpdate", "FloatToHalf"] * 2
+    assert types.count("MomentumSGDUpdate") == 2
+    assert types[-6:] == ["HalfToFloat", "MomentumSGDUpdate", "FloatToHalf"] * 2
     _feed()
     workspace.RunNetOnce(model.param_init_net)
     workspace.CreateNet(model.net)
