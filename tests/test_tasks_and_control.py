@@ -229,3 +229,29 @@ def test_merge_and_combine_condition_nets():
     combined = control.CombineConditions("c", [a, b], "Or")
     workspace.RunNetOnce(combined)
     assert workspace.FetchBlob(control.GetConditionBlobFromNet(combined)) == True  # noqa: E712
+
+
+def test_task_instances_have_workspaces_and_python_op_instances_of_their_own():
+    built = []
+
+    def builder():
+        built.append(1)
+        return lambda inputs, outputs: None
+    with TaskGroup() as group:
+        with Task(num_instances=3):
+            with ops.task_init():
+                shared = ops.CreateCounter([], ["shared_counter"])
+            with ops.task_instance_init():
+                mine = ops.CreateCounter([], ["instance_counter"])
+            with ops.loop(4):
+                ops.CountUp(shared)
+                ops.CountUp(mine)
+                ops.Python((builder, [], {}))([], [])
+            with ops.task_instance_exit():
+                count = ops.RetrieveCount(mine)
+                ops.Add([ops.Const(0), count], ["last_instance_count"])
+            with ops.task_exit():
+                total = final_output(ops.RetrieveCount(shared))
+    LocalSession().run(group)
+    assert total.fetch() == 12 and len(built) == 3  # one Python op instance per task instance
+    assert not workspace.HasBlob("instance_counter")

@@ -326,8 +326,18 @@ class Task(_Context):
         """The task as one ExecutionStep: task_init blocks, the body (its instances), task_exit."""
         inits, exits = _setup_steps(self._step, Task.TASK_SETUP)
         inst_inits, inst_exits = _setup_steps(self._step, Task.TASK_INSTANCE_SETUP)
-        body = [] if self._step is None else [self._step] * self.num_instances()
-        steps = inits + inst_inits + body + inst_exits + exits
+        instance = inst_inits + ([self._step] if self._step is not None else []) + inst_exits
+        if self._num_instances is None:
+            steps = inits + instance + exits
+        else:
+            # Each instance runs in a workspace of its own (its blobs and op instances, as
+            # Caffe2's concurrent instances), reading the task's blobs; one after another here.
+            runs = []
+            for k in range(self.num_instances()):
+                run = core.execution_step(f"{self.name}:instance_{k}", instance)
+                run.SetCreateWorkspace(True)
+                runs.append(run)
+            steps = inits + runs + exits
         return core.execution_step(self.name, steps) if steps else \
             core.execution_step(self.name, [core.Net(self.name + "_empty")])
 
