@@ -150,3 +150,15 @@ def test_device_checks_compare_cpu_with_cuda():
     op = core.CreateOperator("Softmax", ["X"], ["Y"])
     assert len(hu.device_options) == 2
     assert device_checker.DeviceChecker(1e-5, hu.device_options).CheckSimple(op, [X], [0])
+
+
+from caffe2torch.python.serialized_test import serialized_test_util as serial  # noqa: E402
+
+
+class TestSerializedTestCaseAsCaffe2sOpTestsUseIt(serial.SerializedTestCase):
+    @serial.given(X=hu.tensor(elements=st.floats(0.5, 2, width=32)), **hu.gcs_cpu_only)
+    @settings(max_examples=3, deadline=None)
+    def test_reference_and_serialized_checks(self, X, gc, dc):
+        op = core.CreateOperator("Sqrt", ["X"], ["Y"])
+        self.assertReferenceChecks(gc, op, [X], lambda X: [np.sqrt(X)])
+        self.assertSerializedOperatorChecks([X], [np.sqrt(X)], None, op, gc)

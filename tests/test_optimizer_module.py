@@ -183,8 +183,6 @@ def test_optimizer_objects_api():
     workspace.FeedBlob("w_grad", np.ones(3, np.float32))
     workspace.RunNetOnce(net)
     np.testing.assert_allclose(workspace.FetchBlob("w"), [0.5, 0.5, 0.5])
-    with pytest.raises(NotImplementedError, match="ClipByGlobalNorm"):
-        optimizer.build_sgd(_model(), 0.1, max_gradient_norm=1.0)
 
 
 def test_lr_injection_scales_the_rate():

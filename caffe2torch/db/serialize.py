@@ -146,8 +146,19 @@ def _fill(proto, dims, flat, name, segment=None):
         proto.segment.begin, proto.segment.end = segment
 
 
+COUNTER_TYPE = "std::unique_ptr<Counter<int64_t>>"  # Caffe2's CounterSerializer type name
+
+
 def serialize_blob(name, value, chunk_size=None):
     """Save's records for one blob: a list of (key, serialized BlobProto) pairs."""
+    if getattr(value, "caffe2_blob_type", None) == COUNTER_TYPE:
+        # Caffe2 writes a counter as a one-value INT64 tensor under the counter's type name.
+        blob = caffe2_pb2.BlobProto(name=name, type=COUNTER_TYPE)
+        blob.tensor.name = name
+        blob.tensor.data_type = TP.INT64
+        blob.tensor.dims.append(1)
+        blob.tensor.int64_data.append(int(value.count))
+        return [(name, blob.SerializeToString())]
     if isinstance(value, (bytes, str)):  # a std::string blob
         blob = caffe2_pb2.BlobProto(name=name, type="std::string")
         blob.content = value.encode() if isinstance(value, str) else value
@@ -221,9 +232,9 @@ def parse_blob(value, where="db record"):
         blob.ParseFromString(value)
     except Exception as exc:  # protobuf's DecodeError, whose message says little
         raise ValueError(f"{where} is not a serialized Caffe2 BlobProto ({exc})") from None
-    if blob.type not in ("Tensor", "std::string"):
+    if blob.type not in ("Tensor", "std::string", COUNTER_TYPE):
         raise ValueError(f"{where}: blob type {blob.type!r} is not supported "
-                         "(only 'Tensor' and 'std::string')")
+                         f"(only 'Tensor', 'std::string' and {COUNTER_TYPE!r})")
     return blob
 
 

@@ -190,6 +190,8 @@ def assert_op(ctx, inputs):
 class Counter:
     """What CreateCounter stores: an int64 count behind a lock (Caffe2's atomic Counter)."""
 
+    caffe2_blob_type = "std::unique_ptr<Counter<int64_t>>"  # how Save writes it
+
     def __init__(self, count):
         self.count = count
         self.lock = threading.Lock()

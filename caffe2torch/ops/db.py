@@ -254,6 +254,12 @@ class _LoadState:
 
     def add(self, name, blob):
         """One record of blob ``name``."""
+        if blob.type == serialize.COUNTER_TYPE:
+            from caffe2torch.ops.checks import Counter
+            if name in self.done or name in self.chunks:
+                raise ValueError(f"Load: blob {name!r} appears twice")
+            self.done[name] = (Counter(int(blob.tensor.int64_data[0])), None)
+            return
         if blob.type == "std::string":
             if name in self.done or name in self.chunks:
                 raise ValueError(f"Load: blob {name!r} appears twice")

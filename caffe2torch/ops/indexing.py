@@ -12,9 +12,16 @@ from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, regist
 
 
 def _gather_grad(op, g_output):
-    """BatchGatherGradient(DATA, INDICES, dY) -> dDATA, with Gather's ``axis``."""
+    """BatchGatherGradient(DATA, INDICES, dY) -> dDATA, with Gather's ``axis``; Gather on axis 0
+    gives the sparse gradient (INDICES, dY) instead (a GradientSlice, no op), unless
+    ``dense_gradient=1``."""
+    from caffe2torch.python.gradient_registry import GradientSlice
     axis = [a.i for a in op.arg if a.name == "axis"]
     axis = axis[0] if axis else (1 if op.type == "BatchGather" else 0)
+    dense = any(a.name == "dense_gradient" and a.i for a in op.arg)
+    if op.type == "Gather" and axis == 0 and not dense:
+        # Caffe2's: the rows gathered and their gradients, for sparse optimizers (embeddings).
+        return [], [GradientSlice(op.input[1], g_output[0]), None]
     g = grad_name(op.input[0])
     # Caffe2 emits SparseToDense for axis 0, which takes 1-D indices only; BatchGatherGradient
     # gives the same dense gradient for indices of any shape (and honours wrap_indices).

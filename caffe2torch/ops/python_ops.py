@@ -65,8 +65,16 @@ class PythonTensor:
         return torch.from_numpy(np.ascontiguousarray(self._array))
 
 
+def _setup(which):
+    def setup(ctx):
+        # This op instance's function (a builder runs here, once per instance).
+        ctx.state["fn"] = python_op.instantiate(ctx.require("token"), which)
+    return setup
+
+
 def _run(ctx, inputs, which):
-    fn, pass_workspace = python_op.lookup(ctx.require("token"), which)
+    _, pass_workspace = python_op.lookup(ctx.require("token"), which)
+    fn = ctx.state["fn"]
     ins = [PythonTensor(x) for x in inputs]
     outs = [PythonTensor() for _ in ctx.output_names]
     if pass_workspace:
@@ -98,13 +106,15 @@ def _python_grad(op, g_output):
     return [gradient_op(op, "PythonGradient", inputs, [g_input[i] for i in in_idx])], g_input
 
 
-@register_op("Python", gradient=_python_grad, cpu_only_inputs=True, side_effects=True)
+@register_op("Python", gradient=_python_grad, setup=_setup("forward"), cpu_only_inputs=True,
+             side_effects=True)
 def python(ctx, inputs):
     """Calls the registered f(inputs, outputs[, workspace]) (see core.CreatePythonOperator)."""
     return _run(ctx, inputs, "forward")
 
 
-@register_op("PythonGradient", cpu_only_inputs=True, side_effects=True)
+@register_op("PythonGradient", setup=_setup("gradient"), cpu_only_inputs=True,
+             side_effects=True)
 def python_gradient(ctx, inputs):
     """Calls the registered grad_f(inputs + outputs + output grads, input grads)."""
     return _run(ctx, inputs, "gradient")

@@ -23,15 +23,20 @@ NOT_TRACEABLE = {
     "GaussianFill": "it draws random numbers at run time (a predict net reads fixed weights)",
     "UniformFill": "it draws random numbers at run time (a predict net reads fixed weights)",
     "UniformIntFill": "it draws random numbers at run time (a predict net reads fixed weights)",
+    "Float16UniformFill": "it draws random numbers at run time (a predict net reads fixed "
+                          "weights)",
     # Training ops that read tensor values in Python.
     "LearningRate": "it computes the rate from the iteration counter's value (data-dependent)",
     # Optimizer updates: training ops that overwrite parameters in place (export the predict net).
     "Adagrad": _OPTIMIZER,
     "Adam": _OPTIMIZER,
+    "FP16MomentumSGDUpdate": _OPTIMIZER,
+    "FP32MomentumSGDUpdate": _OPTIMIZER,
     "Ftrl": _OPTIMIZER,
     "MomentumSGD": _OPTIMIZER,
     "MomentumSGDUpdate": _OPTIMIZER,
     "RmsProp": _OPTIMIZER,
+    "RowWiseSparseAdagrad": _OPTIMIZER,
     "ScatterAssign": _OPTIMIZER,
     "ScatterWeightedSum": _OPTIMIZER,
     "SparseAdagrad": _OPTIMIZER,

@@ -87,6 +87,9 @@ depth_concat = _scoped(_array_helpers.depth_concat)
 db_input = _scoped(_db_input.db_input)
 image_input = _scoped(_tools.image_input)
 add_weight_decay = _scoped(_train.add_weight_decay)
+conv_transpose = _scoped(_conv.conv_transpose)
+group_conv = _scoped(_conv.group_conv)
+prelu = _scoped(_nonlinearity.prelu)
 cond = _scoped(_control_ops.cond)
 loop = _scoped(_control_ops.loop)
 _registry["arg_scope"] = arg_scope
@@ -117,4 +120,5 @@ def __getattr__(name):
 __all__ = ["arg_scope", "conv", "conv_nd", "fc", "max_pool", "average_pool", "relu", "tanh",
            "softmax", "dropout", "iter", "accuracy", "spatial_bn", "lrn", "layer_norm",
            "instance_norm", "sum", "transpose", "batch_mat_mul", "concat", "depth_concat",
-           "db_input", "image_input", "add_weight_decay", "cond", "loop", "Register", "has_helper"]
+           "db_input", "image_input", "add_weight_decay", "cond", "loop", "conv_transpose", "group_conv",
+           "prelu", "Register", "has_helper"]

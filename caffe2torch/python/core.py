@@ -6,6 +6,7 @@ Example::
     y = net.Relu(["x"], "y")        # adds a Relu op; returns BlobReference("y")
     print(net.Proto())              # protobuf text format
 """
+import collections
 import difflib
 import logging
 
@@ -323,8 +324,13 @@ class Net:
                 op.engine = "CUDNN"
 
     def Clone(self, name: str, blob_remap: dict[str, str] | None = None, op_id_mask=None,
-              remap_funcs=None, keep_schema: bool = True) -> "Net":
-        """A copy of this net under ``name``, with blobs renamed by ``blob_remap``."""
+              remap_funcs=None, keep_schema: bool = True,
+              update_external_list: bool = False) -> "Net":
+        """A copy of this net under ``name``, with blobs renamed by ``blob_remap``.
+
+        ``update_external_list``: the external inputs/outputs are recomputed from the kept ops
+        (blobs read before any kept op writes them / written and never read after).
+        """
         proto = caffe2_pb2.NetDef()
         proto.CopyFrom(self._net)
         proto.name = name
@@ -338,6 +344,17 @@ class Net:
             op.output[:] = [remap.get(n, n) for n in op.output]
         proto.external_input[:] = [remap.get(n, n) for n in proto.external_input]
         proto.external_output[:] = [remap.get(n, n) for n in proto.external_output]
+        if update_external_list:
+            written, read = set(), set()
+            inputs, outputs = [], []
+            for op in proto.op:
+                inputs += [n for n in op.input if n not in written and n not in inputs]
+                written.update(op.output)
+            for op in reversed(proto.op):
+                outputs += [n for n in op.output if n not in read and n not in outputs]
+                read.update(op.input)
+            proto.external_input[:] = inputs
+            proto.external_output[:] = outputs[::-1]
         return Net(proto)
 
     def AddGradientOperators(self, ys, skip: int = 0) -> "dict[str, BlobReference]":
@@ -350,7 +367,10 @@ class Net:
             raise TypeError("ys should be a list or a dict of blob names")
         grad_ops, grad_map = gradients.backward_pass(list(self._net.op[skip:]), ys, CreateOperator)
         self._extend_ops(grad_ops)
-        return {k: BlobReference(v, self) for k, v in grad_map.items()}
+        return {k: (GradientSlice(BlobReference(str(v.indices), self),
+                                  BlobReference(str(v.values), self))
+                    if isinstance(v, tuple) else BlobReference(v, self))
+                for k, v in grad_map.items()}
 
     def _extend_ops(self, ops):
         self._net.op.extend(ops)
@@ -369,6 +389,7 @@ class Net:
         outputs = _rectify(outputs, net=self)
         op = CreateOperator(op_type, inputs, outputs, **kwargs)
         self._extend_ops([op])
+        self.__dict__.setdefault("_op_sources", {})[len(self._net.op) - 1] = _caller_line()
         if len(op.output) == 0:
             return None
         if len(op.output) == 1:
@@ -439,8 +460,74 @@ class Net:
         return getattr(self, fill)([], blob_out or 1, shape=list(array.shape), values=values)
 
     def PopulateProtoWithFileName(self):
-        """Caffe2 names ops after the source line that created them when tracebacks are on;
-        caffe2torch records no tracebacks, so this leaves the ops as they are."""
+        """Name each op built through this Net after the source line that created it
+        (``file:line``, the first frame outside caffe2torch), as Caffe2's op tracebacks do."""
+        for index, source in self.__dict__.get("_op_sources", {}).items():
+            if index < len(self._net.op):
+                self._net.op[index].name = f"{source[0]}:{source[1]}"
+
+    def _CheckLookupTables(self):
+        """Check the net's blob bookkeeping against its proto (Caffe2's self-test)."""
+        outputs = {o for op in self._net.op for o in op.output}
+        missing = outputs - self._op_outputs
+        if missing or set(self._net.external_input) - self._external_input_map:
+            raise AssertionError(f"net {self.Name()!r}: lookup tables out of step with the "
+                                 f"proto (missing outputs {sorted(missing)})")
+
+    def LogInfo(self, *msg_or_blobs):
+        """Print each message (a string becomes a constant blob) or blob to the log (Print)."""
+        for item in msg_or_blobs:
+            if not isinstance(item, BlobReference):
+                item = self.Const(str(item))
+            self.Print(item, [])
+
+    def ClonePartial(self, name, inputs, outputs, remap_funcs=None):
+        """(net, output refs): a copy holding only the ops that compute ``outputs`` from
+        ``inputs`` (a list, pairs or a dict renaming them); other internal blobs get the prefix
+        ``name/``, blobs read from outside keep their names."""
+        import collections as _c
+        if isinstance(inputs, dict):
+            pairs = _c.OrderedDict((str(k), str(v)) for k, v in inputs.items())
+        elif inputs and all(isinstance(i, tuple) and len(i) == 2 for i in inputs):
+            pairs = _c.OrderedDict((str(k), str(v)) for k, v in inputs)
+        else:
+            pairs = _c.OrderedDict((str(i), str(i)) for i in inputs)
+        output_names = [str(o) for o in outputs]
+        for o in output_names:
+            if not self.BlobIsDefined(o):
+                raise ClonePartialError(f"ClonePartial: net {self.Name()!r} does not produce "
+                                        f"{o!r}")
+        versions = {i: 0 for i in pairs}
+        ssa, versions = get_ssa(self._net, versions)
+        used = get_op_ids_in_path(ssa, versions, list(pairs), output_names)
+        producing_inputs = get_op_ids_in_path(ssa, versions, [], list(pairs))
+        if set(used) & set(producing_inputs):
+            raise ClonePartialError("ClonePartial: some ops needed for the outputs also produce "
+                                    "the given inputs; choose inputs that no needed op writes")
+        sub_ssa = [ssa[i] for i in used]
+        undefined = _undefined_blobs(sub_ssa) - set(pairs)
+        prefix = name + "/" if name else ""
+
+        def remap(blob):
+            if blob in pairs:
+                return pairs[blob]
+            return blob if blob in undefined else prefix + blob
+        mapping = {b: remap(b) for b in versions}
+        new_net = self.Clone(name, mapping, used, remap_funcs)
+        new_in = [mapping[i] for i in pairs] + sorted(undefined)
+        new_out = [mapping[o] for o in output_names]
+        new_net.Proto().external_input[:] = new_in
+        new_net._external_input_map = set(new_in)
+        new_net.Proto().external_output[:] = new_out
+        return new_net, [new_net.GetBlobRef(o) for o in new_out]
+
+    def add_attribute(self, name, obj):
+        """Attach ``obj`` to the net under ``name`` (Task setup builders, report steps)."""
+        self.__dict__.setdefault("_attr_dict", collections.defaultdict(list))[name].append(obj)
+
+    def get_attributes(self, name):
+        """The objects attached under ``name``, in the order added."""
+        return list(self.__dict__.get("_attr_dict", {}).get(name, []))
 
     def Python(self, f, grad_f=None, python_func_type=None, pass_workspace=False,
                grad_output_indices=None, grad_input_indices=None):
@@ -457,7 +544,8 @@ class Net:
 
 # Plans and execution steps live in their own module; core re-exports them as Caffe2 does.
 from caffe2torch.python.plan import (  # noqa: E402,F401
-    ExecutionStep, Plan, add_nets_in_order, execution_step, to_execution_step)
+    ExecutionStep, Plan, add_nets_in_order, execution_step, scoped_execution_step,
+    to_execution_step)
 
 
 def __getattr__(name):
@@ -465,6 +553,8 @@ def __getattr__(name):
     if name == "C":
         from caffe2torch.python import workspace
         return workspace.C
+    if name == "_REGISTERED_OPERATORS":  # Caffe2's set of op type names (tests check it)
+        return set(registry.registered_ops())
     raise AttributeError(f"module 'core' has no attribute {name!r}")
 
 
@@ -503,6 +593,57 @@ def get_ssa(net, blob_versions=None):
             blob_versions[str(name)] = blob_versions.get(str(name), 0) + 1
         ssa.append((inputs, [(str(n), blob_versions[str(n)]) for n in op.output]))
     return ssa, blob_versions
+
+
+_PACKAGE_DIR = __file__.rsplit("/python/", 1)[0]
+
+
+def _caller_line():
+    """(file, line) of the first frame outside caffe2torch (where user code built the op)."""
+    import sys
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("", 0)
+
+
+def IsOperatorWithEngine(op_type, engine):
+    """True when ``op_type`` runs with ``engine``: caffe2torch has one, the DEFAULT one."""
+    return IsOperator(op_type) and engine in ("", "DEFAULT")
+
+
+class ClonePartialError(ValueError, AssertionError):
+    """ClonePartial cannot cut the net there (Caffe2 asserts: an AssertionError too)."""
+
+
+def _undefined_blobs(ssa):
+    """Blob names an SSA op list reads at version 0 (produced outside of it)."""
+    return {name for inputs, _ in ssa for name, version in inputs if version == 0}
+
+
+def get_op_ids_in_path(ssa, blob_versions, inputs, outputs):
+    """Indices of the ops needed to compute ``outputs`` given ``inputs`` (both at the versions
+    in ``blob_versions``, their last ones), as Caffe2 walks the SSA producers back."""
+    given = {(str(i), blob_versions[str(i)]) for i in inputs}
+    producers = {out: k for k, (_, outs) in enumerate(ssa) for out in outs}
+    pending = [(str(o), blob_versions[str(o)]) for o in outputs]
+    used = set()
+    while pending:
+        blob = pending.pop()
+        op_id = producers.get(blob)
+        if blob in given or op_id is None or op_id in used:
+            continue
+        used.add(op_id)
+        pending.extend(ssa[op_id][0])
+    return sorted(used)
+
+
+def remap_input(op, blob_name_remapping):
+    """A copy of OperatorDef ``op`` with its inputs renamed by the mapping."""
+    new_op = caffe2_pb2.OperatorDef()
+    new_op.CopyFrom(op)
+    new_op.input[:] = [blob_name_remapping.get(str(n), str(n)) for n in op.input]
+    return new_op
 
 
 def InferBlobDevices(net):

@@ -22,6 +22,19 @@ def _loss_and_feed_grads(outputs, device_option):
     return loss / 2.0
 
 
+def fetch_dense_gradient(grad, like):
+    """The gradient blob ``grad`` as a dense array shaped like ``like`` (a GradientSlice's
+    rows are scattered and summed into zeros)."""
+    if isinstance(grad, core.GradientSlice):
+        indices = workspace.FetchBlob(str(grad.indices))
+        values = workspace.FetchBlob(str(grad.values))
+        dense = np.zeros_like(np.asarray(like))
+        np.add.at(dense, indices.reshape(-1).astype(np.int64),
+                  values.reshape((-1,) + dense.shape[1:]))
+        return dense
+    return workspace.FetchBlob(str(grad))
+
+
 class GradientChecker:
     """Compares an op's gradient ops with a numerical estimate (Caffe2's class)."""
 
@@ -46,14 +59,7 @@ class GradientChecker:
         loss = _loss_and_feed_grads([op.output[i] for i in outputs_with_grads],
                                     self._device_option)
         workspace.RunOperatorsOnce(grad_ops)
-        if isinstance(grad_name, core.GradientSlice):
-            indices = workspace.FetchBlob(str(grad_name.indices))
-            values = workspace.FetchBlob(str(grad_name.values))
-            grad = np.zeros_like(inputs[input_to_check])
-            np.add.at(grad, indices.reshape(-1), values.reshape((-1,) + grad.shape[1:]))
-        else:
-            grad = workspace.FetchBlob(grad_name)
-        return loss, grad
+        return loss, fetch_dense_gradient(grad_name, inputs[input_to_check])
 
     def CheckSimple(self, op, inputs, input_to_check, outputs_with_grads, grad_ops=None,
                     input_device_options=None, ensure_outputs_are_inferred=False):
@@ -124,7 +130,8 @@ class NetGradientChecker:
                 [outputs[i] for i in outputs_with_grad_ids])
             workspace.RunNetOnce(grad_net)
             results.append(([workspace.FetchBlob(o) for o in outputs],
-                            [workspace.FetchBlob(grad_map[str(i)]) for i in inputs_with_grads]))
+                            [fetch_dense_gradient(grad_map[str(i)], workspace.FetchBlob(str(i)))
+                             for i in inputs_with_grads]))
         first_out, first_grads = results[0]
         for outs, grads in results[1:]:
             for a, b in zip(first_out + first_grads, outs + grads):
@@ -149,7 +156,8 @@ class NetGradientChecker:
                 loss += float(np.sum(out.astype(np.float64) ** 2)) / 2
                 workspace.FeedBlob(o + "_grad_in", out)
             workspace.RunNetOnce(grad_net)
-            return loss, workspace.FetchBlob(grad_map[input_to_check])
+            return loss, fetch_dense_gradient(grad_map[input_to_check],
+                                              values[input_to_check])
 
         values = {k: np.array(v, copy=True) for k, v in input_values.items()}
         _, grad = loss_and_grad(values)

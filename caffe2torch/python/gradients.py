@@ -11,8 +11,11 @@ from caffe2torch.ops import registry
 from caffe2torch.proto import caffe2_pb2
 
 
-def backward_pass(ops, ys, create_operator):
+def backward_pass(ops, ys, create_operator, versioned=None):
     """Gradient ops for ``ops`` given ``ys`` ({name: grad name or None}); returns (ops, grad map).
+
+    ``versioned``: a dict that receives {(name, version): gradient name}, version 0 being the
+    value a blob had before the first op (what control-flow gradients need).
 
     A None gradient name means "start from 1": a ``ConstantFill([y], [y + '_autogen_grad'],
     value=1.0)`` is emitted first, as Caffe2 does. ``create_operator`` builds that op (so the
@@ -62,16 +65,31 @@ def backward_pass(ops, ys, create_operator):
                 grad_ops.extend(new_ops)
                 for key, g in zip(in_versions[i], g_input):
                     if g is not None:
-                        writers = [o for o in new_ops if g in o.output]
+                        names = _names(g)
+                        writers = [o for o in new_ops if any(n in o.output for n in names)]
                         pending[key].append((g, writers))
         for key in by_consumer.get(i, ()):
             contributions = pending.pop(key, None)
+            if contributions and key in grads:
+                # A blob of ``ys`` that later ops also read: its given gradient adds to theirs.
+                contributions.append((grads[key], []))
             if contributions:
                 grads[key] = _merge(key[0], contributions, grad_ops)
+    if versioned is not None:
+        versioned.update(grads)
     grad_map = {}
     for (name, _version), g in sorted(grads.items(), key=lambda kv: -kv[0][1]):
         grad_map[name] = g
     return grad_ops, grad_map
+
+
+def _names(g):
+    """The blob names of a gradient: one name, or a GradientSlice's indices and values."""
+    return [str(g.indices), str(g.values)] if _is_slice(g) else [str(g)]
+
+
+def _is_slice(g):
+    return hasattr(g, "indices") and hasattr(g, "values")
 
 
 def _merge(name, contributions, grad_ops):
@@ -79,9 +97,22 @@ def _merge(name, contributions, grad_ops):
 
     A contribution that no gradient op writes (a pass-through, e.g. Sum's gradient is dY itself)
     keeps its name; the total goes to the first written contribution's name, else ``<name>_grad``.
+    A sparse contribution (GradientSlice) stays sparse alone; summed with others it is made
+    dense first (SparseToDense over the blob's rows), as Caffe2 sums mixed gradients densely.
     """
     if len(contributions) == 1:
         return contributions[0][0]
+    if any(_is_slice(g) for g, _ in contributions):
+        dense = []
+        for k, (g, writers) in enumerate(contributions):
+            if _is_slice(g):
+                out = f"{name}_grad_densified_{k}"
+                grad_ops.append(caffe2_pb2.OperatorDef(
+                    type="SparseToDense", name="", input=[str(g.indices), str(g.values), name],
+                    output=[out]))
+                g, writers = out, []
+            dense.append((g, writers))
+        contributions = dense
     written = [g for g, writers in contributions if writers]
     target = written[0] if written else registry.grad_name(name)
     parts = []

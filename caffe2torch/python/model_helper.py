@@ -36,7 +36,8 @@ class ParameterTags:
 class ParameterInfo:
     """What a model knows about one parameter: its blob, shape and (once built) gradient."""
 
-    def __init__(self, param_id, param, key=None, shape=None, length=None, grad=None):
+    def __init__(self, param_id, param, key=None, shape=None, length=None, grad=None,
+                 blob_copy=None):
         self.param_id = param_id
         self.name = str(param)
         self.blob = param
@@ -45,6 +46,8 @@ class ParameterInfo:
         self.size = None if shape is None else _prod(shape)
         self.length = max(1, length if length is not None else 1)
         self.grad = grad
+        # {core.DataType.FLOAT: the float32 master copy} of a float16 parameter (or FLOAT16).
+        self.blob_copy = blob_copy
 
     def __str__(self):
         return self.name
@@ -250,10 +253,34 @@ class ModelHelper:
         """Trained plus computed parameters under ``namescope``."""
         return self.GetParams(namescope) + self.GetComputedParams(namescope)
 
+    def GetCompleteNet(self):
+        """param_init_net followed by net, as one net (init ops marked in debug_info)."""
+        net = self.param_init_net.Clone(self.name + "_complete_net", keep_schema=True)
+        for op in net.Proto().op:
+            op.debug_info = op.debug_info + "/param_init_net"
+        net.AppendNet(self.net)
+        if self.net.Proto().HasField("type"):
+            net.Proto().type = self.net.Proto().type
+        return net
+
+    def ConstructInitTrainNetfromNet(self, net):
+        """Split a GetCompleteNet net back into param_init_net and net."""
+        init_ids = [i for i, op in enumerate(net.Proto().op)
+                    if op.debug_info.endswith("/param_init_net")]
+        train_ids = [i for i in range(len(net.Proto().op)) if i not in set(init_ids)]
+        self.param_init_net = net.Clone(net.Name() + "/generated_param_init_net",
+                                        op_id_mask=init_ids, update_external_list=True)
+        self.net = net.Clone(net.Name() + "/generated_net", op_id_mask=train_ids,
+                             update_external_list=True)
+
+    def _Validate(self) -> list[str]:
+        """The names of parameters added more than once, sorted (Caffe2's check)."""
+        names = [str(p) for p in self.params]
+        return sorted({n for n in names if names.count(n) > 1})
+
     def Validate(self) -> None:
         """Raise when a parameter was added twice."""
-        names = [str(p) for p in self.params]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = self._Validate()
         if dupes:
             raise ValueError(f"model {self.name!r} has duplicate params: {dupes}; each helper "
                              "call needs its own output name")
@@ -316,3 +343,54 @@ class ModelHelper:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(KNOWN_WORKING_OPS))
+
+
+def ExtractPredictorNet(net_proto, input_blobs, output_blobs, device=None, renames=None,
+                        disabled_inputs=None):
+    """(predict net, blobs to export) cut from a training/test NetDef (Caffe2's helper).
+
+    Keeps the ops between the first that reads an input blob and the last that writes an
+    output blob whose inputs are all available (the net's external inputs and ``input_blobs``,
+    less ``disabled_inputs``): data readers, losses and gradients drop out. ``renames`` renames
+    blobs; ``device`` (a DeviceOption) is set on every op. An op with ``is_test=0`` is refused.
+    """
+    renames = dict(renames or {})
+    inputs = {str(b) for b in input_blobs}
+    outputs = {str(b) for b in output_blobs}
+    orig_inputs, orig_outputs = set(net_proto.external_input), set(net_proto.external_output)
+    known = (orig_inputs | inputs) - set(disabled_inputs or [])
+    ops = list(net_proto.op)
+    readers = [k for k, op in enumerate(ops) if inputs & set(op.input)
+               and op.type != "StopGradient"]
+    writers = [k for k, op in enumerate(ops) if outputs & set(op.output)]
+    if not readers:
+        raise ValueError(f"ExtractPredictorNet: no op reads the inputs {sorted(inputs)}")
+    if not writers:
+        raise ValueError(f"ExtractPredictorNet: no op writes the outputs {sorted(outputs)}")
+    net = core.Net(net_proto.name + "_predict")
+    proto = net.Proto()
+    ext_in, ext_out = set(inputs), set(outputs)
+    for op in ops[min(readers):max(writers) + 1]:
+        if not known.issuperset(op.input):
+            continue
+        if any(a.name == "is_test" and a.i == 0 for a in op.arg):
+            raise ValueError(f"ExtractPredictorNet: op {op.type} has is_test=0; extract the "
+                             "predictor from a test model (is_test=1), not a training one")
+        kept = caffe2_pb2.OperatorDef()
+        kept.CopyFrom(op)
+        if device is not None:
+            kept.device_option.CopyFrom(device)
+        proto.op.append(kept)
+        known.update(op.output)
+        ext_in |= set(op.input) & orig_inputs
+        ext_out |= set(op.output) & orig_outputs
+
+    def rename(names):
+        return [renames.get(n, n) for n in names]
+    proto.external_input.extend(rename(sorted(ext_in)))
+    proto.external_output.extend(rename(sorted(ext_out)))
+    for op in proto.op:
+        op.input[:] = rename(op.input)
+        op.output[:] = rename(op.output)
+    renamed_inputs = set(rename(sorted(inputs)))
+    return net, sorted(set(proto.external_input) - renamed_inputs)

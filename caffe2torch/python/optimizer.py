@@ -49,6 +49,7 @@ class Optimizer:
         _optimizer_instance_count[type(self).__name__] += 1
         self._lr_multiplier = None
         self._lr_multiplier_on_gpu = False
+        self._local_lr_multiplier = None  # per parameter (Lars), set and cleared by _run
 
     def __call__(self, net, param_init_net, param, grad=None):
         from caffe2torch.python.model_helper import ParameterInfo
@@ -105,7 +106,38 @@ class Optimizer:
         if self._lr_multiplier is not None:
             multiplier = net.Copy(self._lr_multiplier, self.make_unique_blob_name("lr_multiplier"))
             lr = net.Mul([lr, multiplier], self.make_unique_blob_name("scaled_lr"), broadcast=1)
+        if self._local_lr_multiplier is not None:
+            lr = net.Mul([lr, self._local_lr_multiplier],
+                         self.make_unique_blob_name("local_scaled_lr"), broadcast=1)
         return lr, iteration
+
+    def _add_local_lr_multiplier(self, local_lr_multiplier, is_gpu_blob=False):
+        """Scale the rate of the parameter being built by this blob too (Lars's factor)."""
+        self._local_lr_multiplier = local_lr_multiplier
+
+    def _clear_local_lr_multiplier(self):
+        self._local_lr_multiplier = None
+
+    def create_lars_inputs(self, param_init_net, weight_decay, trust, lr_max):
+        """The weight_decay, trust and lr_max blobs of the Lars op ([1] floats)."""
+        wd = param_init_net.ConstantFill([], "weight_decay", shape=[1], value=weight_decay)
+        trust = param_init_net.ConstantFill([], "trust", shape=[1], value=trust)
+        lr_max = param_init_net.ConstantFill([], "lr_max", shape=[1], value=lr_max)
+        return wd, trust, lr_max
+
+    def _add_lars(self, net, param_init_net, param, grad, lars):
+        """With ``lars`` (an offset >= 0): the rate of ``param`` is scaled by Lars's factor."""
+        self._clear_local_lr_multiplier()
+        if lars is None or isinstance(grad, core.GradientSlice):
+            return  # Caffe2 has no LARS for sparse gradients
+        if lars < 0:
+            raise ValueError(f"Lars offset must be nonnegative, got {lars}")
+        wd, trust, lr_max = self.create_lars_inputs(param_init_net, 0.0, 1.0,
+                                                    float(np.finfo(np.float32).max))
+        factor = net.Lars([param, grad, wd, trust, lr_max],
+                          self.make_unique_blob_name(str(param) + "_lars"), offset=lars,
+                          lr_min=0.0)
+        self._add_local_lr_multiplier(factor)
 
     def add_lr_multiplier(self, lr_multiplier, is_gpu_blob=False):
         """Scale the learning rate by the blob ``lr_multiplier``."""
@@ -151,9 +183,7 @@ class SgdOptimizer(Optimizer):
         if self.base_learning_rate < 0:
             raise ValueError(f"SgdOptimizer: base_learning_rate must be > 0, got "
                              f"{self.base_learning_rate}")
-        if self.lars is not None:
-            raise NotImplementedError("SgdOptimizer(lars=...) needs the Lars op, which "
-                                      "caffe2torch does not have")
+        self._add_lars(net, param_init_net, param, grad, self.lars)
         # WeightedSum adds lr·grad, so its lr is negative; MomentumSGDUpdate subtracts.
         lr_sign = -1 if self.momentum else 1
         lr, _ = self.build_lr(net, param_init_net, self.base_learning_rate * lr_sign,
@@ -201,6 +231,7 @@ class MultiPrecisionSgdOptimizer(SgdOptimizer):
         param, grad = param_info.blob, param_info.grad
         if self.base_learning_rate == 0:
             return
+        self._clear_local_lr_multiplier()
         if isinstance(grad, core.GradientSlice):
             raise ValueError("MultiPrecisionSgdOptimizer does not support sparse gradients")
         lr, _ = self.build_lr(net, param_init_net, -self.base_learning_rate, policy=self.policy,
@@ -213,6 +244,58 @@ class MultiPrecisionSgdOptimizer(SgdOptimizer):
                               [grad_fp32, momentum_data, param_fp32], momentum=self.momentum,
                               nesterov=self.nesterov)
         net.FloatToHalf(param_fp32, param)
+
+
+class FP16SgdOptimizer(SgdOptimizer):
+    """Momentum SGD on float16 parameters in place (FP16MomentumSGDUpdate), weight decay built in.
+
+    A parameter with a float32 ``blob_copy`` (or named ``spatbn``) is updated in float32 with
+    FP32MomentumSGDUpdate, as Caffe2 does.
+    """
+
+    def __init__(self, base_learning_rate=0.1, momentum=0.0, policy="fixed", nesterov=1,
+                 weight_decay=0.0001, sparse_dedup_aggregator=None, **kwargs):
+        super().__init__(base_learning_rate=base_learning_rate, policy=policy, momentum=momentum,
+                         nesterov=nesterov, sparse_dedup_aggregator=sparse_dedup_aggregator,
+                         **kwargs)
+        self.weight_decay = weight_decay
+
+    def _run(self, net, param_init_net, param_info, fp32_update=False):
+        copies = getattr(param_info, "blob_copy", None)
+        if "spatbn" in str(param_info.blob):
+            fp32_update = True  # cuDNN's SpatialBN keeps float32 parameters
+        if fp32_update or copies is None:
+            fp32_update, param = True, param_info.blob
+            param_fp32 = param
+        elif core.DataType.FLOAT in copies:
+            param, param_fp32 = param_info.blob, copies[core.DataType.FLOAT]
+        elif core.DataType.FLOAT16 in copies:
+            param, param_fp32 = copies[core.DataType.FLOAT16], param_info.blob
+        else:
+            raise ValueError(f"FP16SgdOptimizer: parameter {param_info.name} has neither a "
+                             "FLOAT nor a FLOAT16 blob_copy")
+        grad = param_info.grad
+        if self.base_learning_rate == 0:
+            return
+        if self.base_learning_rate < 0:
+            raise ValueError(f"FP16SgdOptimizer: base_learning_rate must be > 0, got "
+                             f"{self.base_learning_rate}")
+        if isinstance(grad, core.GradientSlice):
+            raise ValueError("FP16SgdOptimizer does not support sparse gradients")
+        lr, _ = self.build_lr(net, param_init_net, -self.base_learning_rate, policy=self.policy,
+                              **self.init_kwargs)
+        momentum_fp32 = param_init_net.ConstantFill(param_fp32, str(param) + "_momentum_fp32",
+                                                    value=0.0)
+        momentum = param_init_net.FloatToHalf(momentum_fp32, str(param) + "_momentum")
+        self._aux_params.local.append(momentum)
+        if fp32_update:
+            net.FP32MomentumSGDUpdate([grad, momentum_fp32, lr, param],
+                                      [grad, momentum_fp32, param], momentum=self.momentum,
+                                      nesterov=self.nesterov, weight_decay=self.weight_decay)
+        else:
+            net.FP16MomentumSGDUpdate([grad, momentum, lr, param], [grad, momentum, param],
+                                      momentum=self.momentum, nesterov=self.nesterov,
+                                      weight_decay=self.weight_decay)
 
 
 class WeightDecayBuilder(Optimizer):
@@ -237,8 +320,9 @@ class AdagradOptimizer(Optimizer):
     """Adagrad: h = decay·h + g²; w −= α·g/(√h + ε)."""
 
     def __init__(self, alpha=0.01, epsilon=1e-4, decay=1, policy="fixed",
-                 sparse_dedup_aggregator=None, rowWise=False, engine="", **kwargs):
+                 sparse_dedup_aggregator=None, rowWise=False, engine="", lars=None, **kwargs):
         super().__init__()
+        self.lars = lars
         self.alpha = alpha
         self.epsilon = epsilon
         self.decay = decay
@@ -252,19 +336,25 @@ class AdagradOptimizer(Optimizer):
         param, grad = param_info.blob, param_info.grad
         if self.alpha <= 0:
             return
-        if self.rowWise:
-            raise NotImplementedError("AdagradOptimizer(rowWise=True) needs RowWiseSparseAdagrad, "
-                                      "which caffe2torch does not have")
+        if self.rowWise and not isinstance(grad, core.GradientSlice):
+            raise ValueError(f"AdagradOptimizer(rowWise=True) updates sparse gradients only (as "
+                             f"Caffe2); {param}'s gradient is dense: use rowWise=False for it")
+        self._add_lars(net, param_init_net, param, grad, self.lars)
         lr, _ = self.build_lr(net, param_init_net, self.alpha, policy=self.policy,
                               **self.init_kwargs)
-        squared_sum = param_init_net.ConstantFill([param], str(param) + "_squared_sum", value=0.0)
+        if self.rowWise:
+            squared_sum = _row_moment(param_init_net, param)
+        else:
+            squared_sum = param_init_net.ConstantFill([param], str(param) + "_squared_sum",
+                                                      value=0.0)
         self._aux_params.local.append(squared_sum)
         if isinstance(grad, core.GradientSlice):
             if self.decay != 1:
                 raise ValueError("SparseAdagrad has no decay: use decay=1 with sparse gradients")
             grad = self.dedup(net, self.sparse_dedup_aggregator, grad)
-            net.SparseAdagrad([param, squared_sum, grad.indices, grad.values, lr],
-                              [param, squared_sum], epsilon=self.epsilon, engine=self.engine)
+            op = net.RowWiseSparseAdagrad if self.rowWise else net.SparseAdagrad
+            op([param, squared_sum, grad.indices, grad.values, lr],
+               [param, squared_sum], epsilon=self.epsilon, engine=self.engine)
         else:
             net.Adagrad([param, squared_sum, grad, lr], [param, squared_sum],
                         epsilon=self.epsilon, decay=float(self.decay), engine=self.engine)
@@ -272,6 +362,17 @@ class AdagradOptimizer(Optimizer):
     def scale_learning_rate(self, scale):
         """Multiply alpha by ``scale``."""
         self.alpha *= scale
+
+
+def _row_moment(param_init_net, param):
+    """``<param>_avg_squared_sum``: zeros, one per row of the parameter (RowWiseSparseAdagrad's)."""
+    shapes, _ = workspace.InferShapesAndTypes([param_init_net])
+    name = str(param) + "_avg_squared_sum"
+    if str(param) in shapes:
+        return param_init_net.ConstantFill([], name, shape=[shapes[str(param)][0]], value=0.0)
+    shape = param_init_net.Shape(param, str(param) + "_shape")
+    num_rows = param_init_net.Slice([shape], str(shape) + "_numrows", starts=[0], ends=[1])
+    return param_init_net.ConstantFill(num_rows, name, input_as_shape=1, value=0.0)
 
 
 class FtrlOptimizer(Optimizer):
@@ -417,22 +518,46 @@ def set_lr_injection(lr_injection_value):
                        np.array([float(lr_injection_value)], dtype=np.float32))
 
 
+def _calc_norm_ratio(model, params, name_scope, param_to_device, max_gradient_norm):
+    """clip_norm / max(global gradient norm, clip_norm): the rate multiplier of max_gradient_norm."""
+    with core.NameScope(name_scope):
+        squared_sums = []
+        for i, info in enumerate(params):
+            device = get_param_device(str(info.blob), info.grad, param_to_device)
+            with core.DeviceScope(device):
+                grad = info.grad.values if isinstance(info.grad, core.GradientSlice) \
+                    else info.grad
+                squared = model.net.SumSqrElements(grad, f"grad_{i}_squared_sum")
+                squared_sums.append(model.net.EnsureCPUOutput(squared))
+        with core.DeviceScope(core.DeviceOption(caffe2_pb2.CPU)):
+            full = model.net.Sum(squared_sums, "grad_squared_full_sum")
+            global_norm = model.net.Pow(full, "global_norm", exponent=0.5)
+            clip_norm = model.param_init_net.ConstantFill([], "clip_norm", shape=[],
+                                                          value=float(max_gradient_norm))
+            max_norm = model.net.Max([global_norm, clip_norm], "max_norm")
+            return model.net.Div([clip_norm, max_norm], "norm_ratio")
+
+
 def _build(model, optimizer, weights_only=False, use_param_info_optim=True,
            max_gradient_norm=None, allow_lr_injection=False, **_unused):
     param_to_device = _get_param_to_device(model)
     model.Validate()
     params = [info for info in model.GetOptimizationParamInfo()
               if not weights_only or info.blob in model.weights]
+    lr_multiplier = None
     if max_gradient_norm is not None:
-        raise NotImplementedError("max_gradient_norm needs ClipByGlobalNorm, which caffe2torch "
-                                  "does not have; clip the gradients with your own ops")
+        lr_multiplier = _calc_norm_ratio(model, params, "norm_clipped_grad_update",
+                                         param_to_device, max_gradient_norm)
     if allow_lr_injection:
         if not model.param_init_net.BlobIsDefined(_LEARNING_RATE_INJECTION):
             injection = model.param_init_net.ConstantFill([], _LEARNING_RATE_INJECTION,
                                                           shape=[1], value=1.0)
         else:
             injection = model.param_init_net.GetBlobRef(_LEARNING_RATE_INJECTION)
-        optimizer.add_lr_multiplier(injection)
+        lr_multiplier = injection if lr_multiplier is None else model.net.Mul(
+            [lr_multiplier, injection], "lr_multiplier", broadcast=1)
+    if lr_multiplier is not None:
+        optimizer.add_lr_multiplier(lr_multiplier)
     for info in params:
         device = get_param_device(str(info.blob), info.grad, param_to_device)
         with core.DeviceScope(device):
@@ -462,6 +587,11 @@ def build_multi_precision_sgd(model, base_learning_rate, max_gradient_norm=None,
     """SGD that updates float32 copies of float16 parameters (plain SGD for float32 ones)."""
     return _build(model, MultiPrecisionSgdOptimizer(base_learning_rate, **kwargs),
                   max_gradient_norm=max_gradient_norm, allow_lr_injection=allow_lr_injection)
+
+
+def build_fp16_sgd(model, base_learning_rate, **kwargs):
+    """Momentum SGD with weight decay on float16 parameters (FP16MomentumSGDUpdate)."""
+    return _build(model, FP16SgdOptimizer(base_learning_rate, **kwargs))
 
 
 def build_ftrl(model, engine="SIMD", **kwargs):

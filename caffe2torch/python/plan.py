@@ -22,6 +22,7 @@ class ExecutionStep:
     def __init__(self, name, nets=None, num_iter=None):
         self._step = caffe2_pb2.ExecutionStep(name=name or "")
         self._nets = []  # the nets' NetDefs, so that Plan.AddStep can add them to the plan
+        self._net_objects = []  # the core.Net objects (their attributes: task setup, reports)
         self._substeps = []
         self._net_names = set()
         if nets is not None:
@@ -99,6 +100,7 @@ class ExecutionStep:
         if isinstance(substep, ExecutionStep):
             for net in substep._all_nets():
                 self._add_net_proto(net, add_to_step=False)
+            self._net_objects.extend(substep._net_objects)
         return self
 
     def SetConcurrentSubsteps(self, concurrent_substeps):
@@ -111,6 +113,8 @@ class ExecutionStep:
             raise ValueError(f"ExecutionStep {self.Name()!r} already has substeps; a step holds "
                              "nets or substeps, not both")
         self._add_net_proto(_net_proto(net))
+        if hasattr(net, "get_attributes"):
+            self._net_objects.append(net)
         return self
 
     def _add_net_proto(self, proto, add_to_step=True):
@@ -124,12 +128,42 @@ class ExecutionStep:
         return list(self._nets)
 
     def get_all_attributes(self, name):
-        """Values of net attribute ``name`` over the step's nets (Caffe2 API; always [] here)."""
-        return []
+        """The objects attached under ``name`` to the nets of this step and its substeps."""
+        return [a for net in self._net_objects for a in net.get_attributes(name)]
 
     def Proto(self):
         """The ExecutionStep proto."""
         return self._step
+
+    @staticmethod
+    def create_from_proto(step_proto, net_obj_dict, net_proto_dict):
+        """An ExecutionStep from its proto, its nets taken from ``net_obj_dict`` by name."""
+        step = ExecutionStep(step_proto.name)
+        for name in step_proto.network:
+            if name not in net_obj_dict:
+                raise ValueError(f"ExecutionStep {step_proto.name!r} uses net {name!r}, which "
+                                 "the plan does not hold")
+            step.AddNet(net_obj_dict[name])
+        for sub in step_proto.substep:
+            step.AddSubstep(ExecutionStep.create_from_proto(sub, net_obj_dict, net_proto_dict))
+        # Every other field (num_iter, should_stop_blob, report_net, ...) as in the proto.
+        nets, substeps = list(step._step.network), list(step._step.substep)
+        step._step.CopyFrom(step_proto)
+        del step._step.network[:]
+        step._step.network.extend(nets)
+        del step._step.substep[:]
+        for sub in substeps:
+            step._step.substep.add().CopyFrom(sub)
+        return step
+
+
+def _rename_nets(step_proto, renamed):
+    # core.Net(proto) may give a net a new unique name: the step must name it so.
+    step_proto.network[:] = [renamed.get(n, n) for n in step_proto.network]
+    if step_proto.HasField("report_net"):
+        step_proto.report_net = renamed.get(step_proto.report_net, step_proto.report_net)
+    for sub in step_proto.substep:
+        _rename_nets(sub, renamed)
 
 
 def add_nets_in_order(step, net_list):
@@ -147,6 +181,7 @@ class Plan:
     def __init__(self, name_or_step):
         self._plan = caffe2_pb2.PlanDef()
         self._net_dict = {}
+        self._net_objects = {}  # name -> the core.Net given (Nets() returns those, as Caffe2)
         self._steps = []
         if isinstance(name_or_step, ExecutionStep):
             self._plan.name = name_or_step.Name()
@@ -167,17 +202,21 @@ class Plan:
         """Add nets (core.Net or NetDef) to the plan, each name once."""
         for net in nets:
             proto = _net_proto(net)
+            if hasattr(net, "Proto"):
+                self._net_objects.setdefault(proto.name, net)
             if proto.name not in self._net_dict:
                 self._net_dict[proto.name] = proto
                 self._plan.network.add().CopyFrom(proto)
 
     def Nets(self):
-        """The plan's NetDefs."""
-        return list(self._net_dict.values())
+        """The plan's nets: the core.Net objects given (NetDefs where protos were given)."""
+        return [self._net_objects.get(name, proto) for name, proto in self._net_dict.items()]
 
     def AddStep(self, step):
         """Add an execution step (object or proto) and the nets it uses."""
         if isinstance(step, ExecutionStep):
+            for net in step._net_objects:
+                self._net_objects.setdefault(net.Name(), net)
             nets = []
             add_nets_in_order(step, nets)
             self.AddNets(nets)
@@ -191,22 +230,53 @@ class Plan:
         """The steps added."""
         return list(self._steps)
 
+    @staticmethod
+    def create_from_proto(plan_proto):
+        """A Plan (with core.Net objects) from a PlanDef."""
+        from caffe2torch.python import core
+        plan = Plan(plan_proto.name)
+        nets = {}
+        for net_proto in plan_proto.network:
+            if net_proto.name in nets:
+                raise ValueError(f"plan {plan_proto.name!r} holds two nets named "
+                                 f"{net_proto.name!r}")
+            nets[net_proto.name] = core.Net(net_proto)
+        protos = {n.name: n for n in plan_proto.network}
+        renamed = {name: net.Name() for name, net in nets.items()}
+        for step_proto in plan_proto.execution_step:
+            step = ExecutionStep.create_from_proto(step_proto, nets, protos)
+            _rename_nets(step._step, renamed)
+            plan.AddStep(step)
+        return plan
+
     def get_all_attributes(self, name):
-        """Caffe2 API; always [] here."""
-        return []
+        """The objects attached under ``name`` to the nets of the plan's steps."""
+        return [a for step in self._steps if isinstance(step, ExecutionStep)
+                for a in step.get_all_attributes(name)]
 
 
 def to_execution_step(step_or_nets, default_name=None):
-    """An ExecutionStep from a step, a net, or a list of nets or steps."""
+    """An ExecutionStep from a step, a net, a NetBuilder, a Task(Group), or a list of those."""
     if isinstance(step_or_nets, ExecutionStep):
         return step_or_nets
+    if hasattr(step_or_nets, "get_step"):  # a Task or TaskGroup
+        return step_or_nets.get_step()
+    stop_blob = None
     if hasattr(step_or_nets, "get") and hasattr(step_or_nets, "current_net"):  # a NetBuilder
-        return execution_step(default_name or step_or_nets.name, step_or_nets.get())
+        default_name = default_name or step_or_nets.name
+        stop_blob = step_or_nets._stop_blob
+        step_or_nets = step_or_nets.get()
     if not default_name and hasattr(step_or_nets, "Name"):
         default_name = step_or_nets.Name()
     if hasattr(step_or_nets, "Proto") or isinstance(step_or_nets, caffe2_pb2.NetDef):
         step_or_nets = [step_or_nets]
-    return execution_step(default_name, step_or_nets)
+    return execution_step(default_name, step_or_nets, should_stop_blob=stop_blob)
+
+
+def scoped_execution_step(name, *args, **kwargs):
+    """execution_step with its name under the current name scope."""
+    from caffe2torch.python import scope
+    return execution_step(scope.CurrentNameScope() + name if name else name, *args, **kwargs)
 
 
 def execution_step(default_name, steps_or_nets, num_iter=None, report_net=None,
@@ -238,13 +308,16 @@ def execution_step(default_name, steps_or_nets, num_iter=None, report_net=None,
     if run_every_ms:
         step.RunEveryMillis(run_every_ms)
     items = list(steps_or_nets or [])
-    if items and all(isinstance(s, (ExecutionStep, caffe2_pb2.ExecutionStep)) for s in items):
-        for s in items:
-            step.AddSubstep(s)
-    elif items and all(hasattr(s, "Proto") and not isinstance(s, ExecutionStep)
-                       or isinstance(s, caffe2_pb2.NetDef) for s in items):
+
+    def is_net(s):
+        return isinstance(s, caffe2_pb2.NetDef) or (hasattr(s, "Proto") and not isinstance(
+            s, ExecutionStep) and isinstance(s.Proto(), caffe2_pb2.NetDef))
+    if items and all(is_net(s) for s in items):
         for net in items:
             step.AddNet(net)
-    elif items:
-        raise ValueError(f"execution_step {default_name!r}: pass nets or steps, not a mix")
+    else:
+        # Steps, builders, tasks, or a mix with nets: each becomes a substep (Caffe2's rule).
+        for s in items:
+            step.AddSubstep(s if isinstance(s, caffe2_pb2.ExecutionStep) else
+                            to_execution_step(s))
     return step

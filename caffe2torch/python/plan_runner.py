@@ -5,8 +5,8 @@ networks, never both; it runs ``num_iter`` times (default once), or, with ``shou
 until that boolean blob is true (checked after every substep or net run; ``only_once`` runs one
 iteration). Substeps with ``run_every_ms`` and a step's ``report_net`` run periodically on a
 thread while the step runs, and once more when it ends. ``create_workspace`` runs the step in a
-child workspace that reads its parent's blobs. The plan's nets are created in the workspace
-(replacing nets of the same name once). ``concurrent_substeps`` run one after another here:
+child workspace that shares its parent's blobs (new ones stay its own). The plan's nets are
+created in the workspace (replacing nets of the same name once). ``concurrent_substeps`` run one after another here:
 caffe2torch's executor is single-threaded.
 """
 import collections
@@ -41,13 +41,28 @@ class _Reporter:
 
 
 class _ChildWorkspace:
-    """A workspace for a step with create_workspace: new blobs stay local, the parent's are read."""
+    """A workspace reading its parent's blobs; every write stays its own (the Predictor's)."""
 
     def __init__(self, parent):
         self.blobs = collections.ChainMap({}, parent.blobs)
         self.nets = {}
         self.root_folder = parent.root_folder
         self.root_folder_name = getattr(parent, "root_folder_name", parent.root_folder)
+
+
+class _StepWorkspace(_ChildWorkspace):
+    """A create_workspace step's (or PRIVATE task's) workspace: new blobs stay its own; the
+    parent's blobs are shared, read and written, as a Caffe2 child workspace forwards them."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        from caffe2torch.ops.control import _BlockBlobs
+        self.blobs = _BlockBlobs(parent.blobs)
+
+
+def child_workspace(parent):
+    """A workspace whose new blobs stay its own and that shares ``parent``'s (a PRIVATE task's)."""
+    return _StepWorkspace(parent)
 
 
 class _PlanRun:
@@ -94,7 +109,7 @@ class _PlanRun:
             raise RuntimeError(f"ExecutionStep {step.name!r}: must not set num_iter together "
                                "with should_stop_blob")
         if step.create_workspace:
-            workspace = _ChildWorkspace(workspace)
+            workspace = _StepWorkspace(workspace)
             self.create_nets(step, workspace)
         nets = [self.net(workspace, step, n) for n in step.network]
         stop_blob = step.should_stop_blob if step.HasField("should_stop_blob") else None

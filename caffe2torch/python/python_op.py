@@ -21,21 +21,29 @@ def register(f, grad_f=None, python_func_type=None, pass_workspace=False):
     if python_func_type:
         obj = python_func_type(f)
         f, grad_f = obj.forward, getattr(obj, "backward", None)
-    else:
-        if isinstance(f, tuple):  # (builder, args, kwargs), Caffe2's pickled-builder form
-            f = f[0](*f[1], **f[2])
-        if isinstance(grad_f, tuple):
-            grad_f = grad_f[0](*grad_f[1], **grad_f[2])
-    if not callable(f):
-        raise TypeError(f"a Python op needs a callable f(inputs, outputs), got {type(f).__name__}")
+    # (builder, args, kwargs) is Caffe2's builder form: each op instance calls the builder once
+    # when it is created (a net prepared again, a task instance), and keeps the function.
+    if not (callable(f) or _is_builder(f)):
+        raise TypeError(f"a Python op needs a callable f(inputs, outputs) or a (builder, args, "
+                        f"kwargs) tuple, got {type(f).__name__}")
     with _lock:
         token = f"python_op_{next(_counter)}"
         _FUNCTIONS[token] = {"forward": f, "gradient": grad_f, "pass_workspace": pass_workspace}
     return token
 
 
+def _is_builder(f):
+    return isinstance(f, tuple) and len(f) == 3 and callable(f[0])
+
+
+def instantiate(token, which):
+    """The function of one op instance: the registered one, or a new one from its builder."""
+    fn, _ = lookup(token, which)
+    return fn[0](*fn[1], **fn[2]) if _is_builder(fn) else fn
+
+
 def lookup(token, which):
-    """(function, pass_workspace) for ``token``; which is "forward" or "gradient"."""
+    """(function or builder tuple, pass_workspace) for ``token``; which: forward/gradient."""
     entry = _FUNCTIONS.get(token)
     if entry is None:
         raise RuntimeError(f"Python op token {token!r} is not registered in this process; a "

@@ -98,3 +98,56 @@ def Caffe2TensorToNumpyArray(tensor):
     """The numpy array held by a TensorProto (Caffe2's helper)."""
     from caffe2torch.db.serialize import Caffe2TensorToNumpyArray as impl
     return impl(tensor)
+
+
+def TryReadProtoWithClass(cls, s):
+    """A ``cls`` message parsed from ``s``: protobuf text format first, then binary."""
+    from google.protobuf import text_format
+    obj = cls()
+    try:
+        text_format.Parse(s if isinstance(s, str) else s.decode("utf-8"), obj)
+        return obj
+    except (text_format.ParseError, UnicodeDecodeError):
+        obj = cls()
+        try:
+            obj.ParseFromString(s.encode("utf-8") if isinstance(s, str) else bytes(s))
+        except Exception as exc:  # protobuf's DecodeError
+            raise ValueError(f"cannot read a {cls.__name__} from the given data: it is "
+                             f"neither text format nor binary ({exc})") from None
+        return obj
+
+
+class DebugMode:
+    """``DebugMode.run(main)``: an unhandled exception drops into pdb's post-mortem."""
+
+    @classmethod
+    def run(cls, func):
+        """Call ``func()``; on an exception other than KeyboardInterrupt, debug it and exit 1."""
+        import pdb
+        import sys
+        try:
+            return func()
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            print('Entering interactive debugger. Type "bt" to print the full stacktrace. '
+                  'Type "help" to see command listing.')
+            print(sys.exc_info()[1])
+            pdb.post_mortem()
+            sys.exit(1)
+
+
+def BuildUniqueMutexIter(init_net, net, iter=None, iter_mutex=None, iter_val=0):
+    """An int64 CPU counter (``iter``, default ``optimizer_iteration``) that AtomicIter advances
+    under a mutex in ``net`` each run; created once per init net."""
+    from caffe2torch.python import core
+    iter = iter if iter is not None else "optimizer_iteration"
+    iter_mutex = iter_mutex if iter_mutex is not None else "iteration_mutex"
+    if init_net.BlobIsDefined(iter):
+        return init_net.GetBlobRef(iter)
+    with core.DeviceScope(core.DeviceOption(caffe2_pb2.CPU)):
+        counter = init_net.ConstantFill([], iter, shape=[1], value=iter_val,
+                                        dtype=core.DataType.INT64)
+        mutex = init_net.CreateMutex([], [iter_mutex])
+        net.AtomicIter([mutex, counter], [counter])
+    return counter

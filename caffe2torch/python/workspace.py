@@ -37,7 +37,8 @@ def SwitchWorkspace(name: str, create_if_missing: bool = False) -> None:
     """Make workspace ``name`` current (created when ``create_if_missing``)."""
     if name not in _workspaces:
         if not create_if_missing:
-            raise KeyError(f"no workspace named {name!r}; pass create_if_missing=True to create it")
+            raise MissingWorkspaceError(f"no workspace named {name!r}; pass "
+                                        "create_if_missing=True to create it")
         _workspaces[name] = Workspace()
     _current[0] = name
 
@@ -235,6 +236,13 @@ def GetNameScope() -> str:
 
 # --- Caffe2's workspace API beyond the tutorial's ------------------------------------------------
 
+class MissingWorkspaceError(RuntimeError, KeyError):
+    """SwitchWorkspace to a workspace that does not exist: Caffe2's RuntimeError (a KeyError)."""
+
+    def __str__(self):
+        return self.args[0]
+
+
 class MissingBlobError(RuntimeError, KeyError):
     """FetchBlob of a blob that does not exist: a RuntimeError as in Caffe2 (and a KeyError)."""
 
@@ -391,12 +399,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'workspace' has no attribute {name!r}")
 
 
-def StringifyProto(obj: Any) -> str:
-    """A proto (or anything with Proto()) as protobuf text; strings pass through."""
+def StringifyProto(obj: Any) -> bytes:
+    """A proto (or anything with Proto()) serialized, as Caffe2 gives it; strings pass through."""
     if isinstance(obj, (str, bytes)):
         return obj
-    from google.protobuf import text_format
-    return text_format.MessageToString(obj.Proto() if hasattr(obj, "Proto") else obj)
+    return (obj.Proto() if hasattr(obj, "Proto") else obj).SerializeToString()
 
 
 def StringifyBlobName(name: Any) -> str:
@@ -418,6 +425,11 @@ def RunPlan(plan_or_step: Any) -> bool:
     """Run a PlanDef, core.Plan, ExecutionStep or core.ExecutionStep (or a serialized PlanDef)."""
     from caffe2torch.python import plan_runner
     return plan_runner.run_plan(plan_or_step, C())
+
+
+from caffe2torch.python.workspace_extras import (  # noqa: E402,F401
+    BackgroundPlan, CreateBlob, DeserializeBlob, GetBlobSizeBytes, RunPlanInBackground,
+    SerializeBlob)
 
 
 def InferShapesAndTypes(nets: list, blob_dimensions: dict | None = None, nets_proto: bool = False,

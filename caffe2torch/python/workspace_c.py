@@ -8,6 +8,8 @@ binding is not part of caffe2torch, instead of failing somewhere later.
 """
 import enum
 
+import numpy as np
+
 from caffe2torch import db as _db
 
 
@@ -122,6 +124,93 @@ class Blob:
         """True when the blob holds a tensor."""
         return hasattr(self._ws.blobs_raw.get(self._name), "shape")
 
+    def serialize(self, name=None):
+        """The blob as one serialized BlobProto named ``name`` (workspace.SerializeBlob)."""
+        from caffe2torch.python import workspace
+        return self._ws._with(_serialize_as, self._name, name or self._name, workspace)
+
+    def deserialize(self, serialized):
+        """Store a serialized BlobProto in this blob (workspace.DeserializeBlob)."""
+        from caffe2torch.python import workspace
+        return self._ws._with(workspace.DeserializeBlob, self._name, serialized)
+
+    def tensor(self):
+        """The blob's tensor, to read and write in place (``data``, ``init``, ``feed``)."""
+        return TensorCPU(self)
+
+
+def _serialize_as(blob_name, proto_name, workspace):
+    data = workspace.SerializeBlob(blob_name)
+    if proto_name == blob_name:
+        return data
+    from caffe2torch.proto import caffe2_pb2
+    proto = caffe2_pb2.BlobProto.FromString(data)
+    proto.name = proto_name
+    if proto.HasField("tensor"):
+        proto.tensor.name = proto_name
+    return proto.SerializeToString()
+
+
+class TensorCPU:
+    """A blob's CPU tensor as Caffe2's binding shows it: ``data`` is a numpy view of it."""
+
+    def __init__(self, blob):
+        self._blob = blob
+
+    @property
+    def data(self):
+        """A numpy array sharing the tensor's memory (writes change the blob)."""
+        value = self._blob._ws.blobs_raw.get(self._blob._name)
+        if hasattr(value, "numpy"):
+            if value.device.type != "cpu":
+                raise RuntimeError("tensor().data is a CPU view: fetch a GPU blob instead")
+            return value.numpy()
+        return value
+
+    def init(self, dims, data_type):
+        """Make the blob a zero tensor of ``dims`` and Caffe2 ``data_type``."""
+        from caffe2torch.db import serialize
+        from caffe2torch.proto import caffe2_pb2
+        if data_type == caffe2_pb2.TensorProto.STRING:
+            raise RuntimeError("tensor().init: string tensors cannot be initialized from "
+                               "Python; feed a numpy array of bytes instead")
+        self._blob.feed(np.zeros(list(dims), dtype=serialize.numpy_dtype(data_type)))
+
+    def feed(self, value):
+        """Copy ``value`` into the blob."""
+        return self._blob.feed(np.array(value, copy=True))
+
+    def fetch(self):
+        """A copy of the tensor."""
+        return self._blob.fetch()
+
+    @property
+    def _shape(self):
+        return list(np.shape(self.data))
+
+
+class _CurrentWorkspace:
+    """``C.Workspace.current``: the current workspace (a class-level property, as Caffe2's)."""
+
+    def __get__(self, obj, cls):
+        return Workspace._current()
+
+
+class Net:
+    """A net created in a Workspace: ``run()`` runs it once."""
+
+    def __init__(self, workspace, name):
+        self._ws = workspace
+        self._name = name
+
+    def run(self):
+        """Run the net once; True on success."""
+        return self._ws._run_net(self._name)
+
+    def name(self):
+        """The net's name."""
+        return self._name
+
 
 class Workspace:
     """A workspace of one's own (Caffe2's ``C.Workspace``), apart from the current one.
@@ -145,7 +234,7 @@ class Workspace:
         wrapper._impl = workspace.C()
         return wrapper
 
-    current = property(lambda self: Workspace._current())
+    current = _CurrentWorkspace()
 
     @property
     def blobs_raw(self):
@@ -159,8 +248,8 @@ class Workspace:
 
     @property
     def nets(self):
-        """Names of the created nets."""
-        return list(self._impl.nets)
+        """{name: Net} of the created nets."""
+        return {name: Net(self, name) for name in self._impl.nets}
 
     def create_blob(self, name):
         """A Blob named ``name`` (empty until fed)."""
@@ -188,8 +277,16 @@ class Workspace:
 
     def create_net(self, net, overwrite=False):
         """CreateNet in this workspace."""
+        from caffe2torch.proto import caffe2_pb2
         from caffe2torch.python import workspace
-        return self._with(workspace.CreateNet, net, overwrite)
+        if not hasattr(net, "Proto") and not isinstance(net, (caffe2_pb2.NetDef, bytes)):
+            raise TypeError(f"create_net takes a core.Net, NetDef or serialized NetDef, not "
+                            f"{type(net).__name__}")
+        self._with(workspace.CreateNet, net, overwrite)
+        proto = net.Proto() if hasattr(net, "Proto") else net
+        if isinstance(proto, bytes):
+            proto = caffe2_pb2.NetDef.FromString(proto)
+        return Net(self, proto.name)
 
     def run(self, obj):
         """Run a core.Net / NetDef (once), a Plan / PlanDef, an ExecutionStep or an OperatorDef."""
@@ -228,6 +325,8 @@ _EXPORTS = {
     "Mode": Mode, "create_db": create_db, "Workspace": Workspace, "Blob": Blob,
     "DB": DB, "Transaction": Transaction, "Cursor": Cursor,
     "registered_operators": registered_operators, "nearby_opnames": nearby_opnames,
+    # Build flags Caffe2 code tests (skipIf): no MKL-DNN/IDEEP backend here.
+    "use_mkldnn": False, "use_ideep": False, "use_trt": False,
 }
 
 

@@ -5,6 +5,7 @@ import torch
 from caffe2torch.ops import registry
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, workspace
+from caffe2torch.python.gradient_checker import fetch_dense_gradient
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -82,8 +83,8 @@ def check_op(op_type, inputs, outputs, args=None, torch_forward=None, grad=True,
     for (name, t), ref in zip(wanted, reference):
         assert name in grad_map, f"{op_type}: no gradient for input {name!r} (map {grad_map})"
         ref = torch.zeros_like(t) if ref is None else ref
-        _compare(f"{op_type} gradient of {name!r}", workspace.FetchBlob(grad_map[name]), ref,
-                 atol, rtol)
+        got_grad = fetch_dense_gradient(grad_map[name], inputs[name])  # a GradientSlice too
+        _compare(f"{op_type} gradient of {name!r}", got_grad, ref, atol, rtol)
     for name in no_grad_inputs:
         assert name not in grad_map, f"{op_type}: unexpected gradient for input {name!r}"
     return grad_map

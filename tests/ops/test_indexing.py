@@ -31,14 +31,35 @@ def test_batch_gather():
              lambda d, i: d[:, i.long()])
 
 
-def test_gather_gradient_is_batch_gather_gradient():
+def test_gather_gradient_is_sparse_on_axis_0_as_caffe2():
     net = core.Net("gather")
     net.Gather(["D", "I"], "Y")
+    grads = net.AddGradientOperators({"Y": "dY"})
+    assert isinstance(grads["D"], core.GradientSlice) and len(net.Proto().op) == 1
+    assert (str(grads["D"].indices), str(grads["D"].values)) == ("I", "dY")
+
+
+def test_gather_dense_gradient_is_batch_gather_gradient():
+    net = core.Net("gather_dense")
+    net.Gather(["D", "I"], "Y", dense_gradient=1)
     net.AddGradientOperators({"Y": "dY"})
     grad = net.Proto().op[-1]
     assert (grad.type, list(grad.input), list(grad.output)) == (
         "BatchGatherGradient", ["D", "I", "dY"], ["D_grad"])
-    assert [(a.name, a.i) for a in grad.arg] == [("axis", 0)]
+    assert ("axis", 0) in [(a.name, a.i) for a in grad.arg]
+
+
+def test_sparse_gradients_summed_with_dense_ones_become_dense():
+    net = core.Net("gather_twice")
+    net.Gather(["D", "I"], "Y")
+    net.Scale("D", "Z", scale=2.0)
+    net.Sum(["Y", "Z"], "S")
+    grads = net.AddGradientOperators(["S"])
+    assert "SparseToDense" in [op.type for op in net.Proto().op]
+    workspace.FeedBlob("D", rand(3, 2))
+    workspace.FeedBlob("I", np.array([1, 1, 0, 2, 1, 0], np.int64).reshape(3, 2)[:, 0])
+    workspace.RunNetOnce(net)
+    np.testing.assert_allclose(workspace.FetchBlob(grads["D"]), [[3, 3], [4, 4], [2, 2]])
 
 
 def test_gather_out_of_range_and_wrap_indices():

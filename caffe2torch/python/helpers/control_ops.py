@@ -21,7 +21,12 @@ def cond(model, cond_blob, external_blobs, then_model, else_model=None):
     if else_model is not None:
         args["else_net"] = else_model.net.Proto()
     cond_blob = str(cond_blob)
-    return model.net.If([cond_blob] + [b for b in read if b != cond_blob], written, **args)
+    inputs = [cond_blob] + [b for b in read if b != cond_blob]
+    # A blob one branch leaves as it was is also an input: its gradient passes through there.
+    branches = [then_model.net] + ([else_model.net] if else_model is not None else [None])
+    inputs += [b for b in written if b not in inputs
+               and any(not _io([n], [b])[1] if n is not None else True for n in branches)]
+    return model.net.If(inputs, written, **args)
 
 
 def loop(model, cond_blob, external_blobs, loop_model, cond_model=None):

@@ -74,3 +74,35 @@ def conv_nd(model, blob_in, blob_out, dim_in, dim_out, kernel, weight_init=None,
     return _conv_base(model, True, blob_in, blob_out, dim_in, dim_out, kernel, weight_init,
                       bias_init, WeightInitializer, BiasInitializer, group, transform_inputs,
                       order=order, **kwargs)
+
+
+def group_conv(model, blob_in, blob_out, dim_in, dim_out, kernel, weight_init=None,
+               bias_init=None, group=1, **kwargs):
+    """Grouped 2-D convolution: ``<out>_w`` is [dim_out, dim_in / group, k, k]."""
+    return _conv_base(model, False, blob_in, blob_out, dim_in, dim_out, kernel, weight_init,
+                      bias_init, group=group, **kwargs)
+
+
+def conv_transpose(model, blob_in, blob_out, dim_in, dim_out, kernel, weight_init=None,
+                   bias_init=None, use_cudnn=False, order="NCHW", cudnn_exhaustive_search=False,
+                   ws_nbytes_limit=None, **kwargs):
+    """Transposed convolution: ``<out>_w`` [dim_in, dim_out, k, k] (NCHW) and ``<out>_b``."""
+    blob_out = blob_out or model.net.NextName()
+    weight_shape = [dim_in, dim_out, kernel, kernel] if order == "NCHW" else \
+        [dim_in, kernel, kernel, dim_out]
+    if model.init_params:
+        weight_initializer = update_initializer(None, weight_init, ("XavierFill", {}))
+        bias_initializer = update_initializer(None, bias_init, ("ConstantFill", {}))
+    else:
+        weight_initializer = bias_initializer = ExternalInitializer()
+    weight = model.create_param(param_name=blob_out + "_w", shape=weight_shape,
+                                initializer=weight_initializer, tags=ParameterTags.WEIGHT)
+    bias = model.create_param(param_name=blob_out + "_b", shape=[dim_out],
+                              initializer=bias_initializer, tags=ParameterTags.BIAS)
+    if use_cudnn:
+        kwargs["engine"] = "CUDNN"
+        kwargs["exhaustive_search"] = cudnn_exhaustive_search
+        if ws_nbytes_limit:
+            kwargs["ws_nbytes_limit"] = ws_nbytes_limit
+    return model.net.ConvTranspose([blob_in, weight, bias], blob_out, kernel=kernel, order=order,
+                                   **kwargs)

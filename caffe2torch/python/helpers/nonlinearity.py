@@ -23,3 +23,13 @@ def softmax(model, blob_in, blob_out=None, use_cudnn=False, **kwargs):
     if blob_out is not None:
         return model.net.Softmax(blob_in, blob_out, **kwargs)
     return model.net.Softmax(blob_in, **kwargs)
+
+
+def prelu(model, blob_in, blob_out, num_channels=1, slope_init=None, **kwargs):
+    """PRelu with a learned slope ``<out>_slope`` of ``num_channels`` values (0.25 at first)."""
+    from caffe2torch.python.model_helper import ExternalInitializer, update_initializer
+    initializer = update_initializer(None, slope_init, ("ConstantFill", {"value": 0.25})) \
+        if model.init_params else ExternalInitializer()
+    slope = model.create_param(param_name=blob_out + "_slope", shape=[num_channels],
+                               initializer=initializer)
+    return model.net.PRelu([blob_in, slope], [blob_out])

@@ -1,0 +1,1 @@
+"""Caffe2's ``serialized_test``: the base class its operator tests derive from."""
