@@ -214,8 +214,9 @@ def _parse_record(value, s):
 
 
 def _scale(img, s, box):
-    """The bounding box (when it fits the image, as Caffe2 checks), then Caffe2's scale/minsize/warp resize (INTER_AREA: Pillow's BOX filter
-    when shrinking, bilinear when enlarging, as INTER_AREA does)."""
+    """The bounding box (when it fits the image, as Caffe2 checks), then Caffe2's
+    scale/minsize/warp resize (INTER_AREA: Pillow's BOX filter when shrinking, bilinear when
+    enlarging, as INTER_AREA does)."""
     from PIL import Image
     rows, cols = img.shape[:2]
     if box is not None:

@@ -50,11 +50,9 @@ def share_grad_blobs(net, losses, param_grads, namescope, dont_share_blobs=None,
     shared_end = []  # per shared name: the index of the op that last reads it
     mapping = {}
     for b in blobs:
-        for k, end in enumerate(shared_end):
-            if end < first[b]:  # strictly earlier: never one op's input and output
-                break
-        else:
-            k = len(shared_end)
+        # a name whose last reader came strictly earlier: never one op's input and output
+        k = next((j for j, end in enumerate(shared_end) if end < first[b]), len(shared_end))
+        if k == len(shared_end):
             shared_end.append(-1)
         shared_end[k] = last[b]
         mapping[b] = f"{namescope}__m{k}_shared"

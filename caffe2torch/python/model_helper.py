@@ -8,7 +8,6 @@ import logging
 
 from caffe2torch.proto import caffe2_pb2
 from caffe2torch.python import core, scope
-from caffe2torch.python._extract_predictor import ExtractPredictorNet  # noqa: F401
 
 log = logging.getLogger("caffe2torch")
 
