@@ -76,7 +76,7 @@ def _checkpoint_setup(ctx):
 @register_op("Checkpoint", gradient=NO_GRADIENT, setup=_checkpoint_setup, cpu_only_inputs=True,
              side_effects=True)
 def checkpoint(ctx, inputs):
-    """(iter, blobs...): every ``every`` iterations, Save the blobs to db pattern % iter."""
+    """(iter, blobs...): every ``every`` iterations, Save iter and the blobs to db pattern % iter."""
     pattern, every = ctx.state["checkpoint"]
     it = int(inputs[0].reshape(-1)[0])
     if it % every:
@@ -85,9 +85,11 @@ def checkpoint(ctx, inputs):
         path = pattern % it
     except TypeError:
         path = pattern  # a pattern without a number field: one db, overwritten
+    # Caffe2 runs its own OperatorDef as a Save: every input, the counter too, so a Load of the
+    # checkpoint restores the iteration that training resumes from.
     save_ctx = OpContext(ctx.op, {**ctx.args, "db": path}, ctx.device, ctx.workspace)
-    save_ctx.input_names = ctx.input_names[1:]
-    return db.save(save_ctx, inputs[1:])
+    save_ctx.input_names = list(ctx.input_names)
+    return db.save(save_ctx, inputs)
 
 
 # --- CopyFromCPUInput, CopyOnDeviceLike ---------------------------------------------------------

@@ -79,6 +79,18 @@ def test_checkpoint_saves_every_n_iterations(fresh_workspace):
     np.testing.assert_array_equal(workspace.FetchBlob("w_loaded"), workspace.FetchBlob("w"))
 
 
+def test_checkpoint_holds_the_iteration_counter_as_caffe2s(fresh_workspace):
+    """Caffe2's Checkpoint is a Save of its whole OperatorDef: the counter is saved too."""
+    workspace.FeedBlob("w", rand(3).astype(np.float32))
+    workspace.FeedBlob("iter", np.array([6], np.int64))
+    run("Checkpoint", ["iter", "w"], [], db="ckpt_%05d.minidb", db_type="minidb", every=3)
+    workspace.ResetWorkspace(str(fresh_workspace))
+    run("Load", [], [], db="ckpt_00006.minidb", db_type="minidb", load_all=1)
+    assert sorted(workspace.Blobs()) == ["iter", "w"]
+    np.testing.assert_array_equal(workspace.FetchBlob("iter"), [6])
+    assert workspace.FetchBlob("iter").dtype == np.int64
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_variants(device):
     option = device_option(device)
