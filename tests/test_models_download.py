@@ -81,6 +81,16 @@ def test_lfs_pointer_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "models" / "tiny").exists()
 
 
+def test_file_over_the_size_limit_is_refused_and_nothing_is_left(mirror, tmp_path, monkeypatch,
+                                                                  capsys):
+    from caffe2torch import limits
+    monkeypatch.setattr(limits, "MAX_BLOB_BYTES", 16)
+    monkeypatch.setenv("CAFFE2TORCH_MODELS", str(tmp_path / "models"))
+    assert download.main(["-i", "tiny", "--base_url", mirror]) == 1
+    assert "larger than 16 bytes" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "tiny").exists()
+
+
 def test_missing_file_says_which_url(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert download.main(["nosuchmodel", "--base_url", tmp_path.as_uri()]) == 1

@@ -21,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 
+from caffe2torch import limits
 from caffe2torch.python.models import install_folder
 
 DOWNLOAD_BASE_URL = "https://github.com/caffe2/models/raw/master/"  # Caffe2's
@@ -70,21 +71,38 @@ def _write_atomic(path, data):
         raise
 
 
-def downloadFromURLToFile(url, filename):
-    """Fetch ``url`` into ``filename`` (written whole or not at all)."""
+def downloadFromURLToFile(url, filename, max_bytes=None):
+    """Stream ``url`` into ``filename`` (written whole or not at all, at most ``max_bytes``:
+    default ``caffe2torch.limits.MAX_BLOB_BYTES``)."""
+    max_bytes = limits.MAX_BLOB_BYTES if max_bytes is None else max_bytes
     print("Downloading from {}".format(url))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(filename) or ".", prefix=".tmp-")
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            data = response.read()
-    except urllib.error.HTTPError as e:
-        raise DownloadError("Could not download model. [HTTP Error] {}: {}.".format(e.code, e.reason))
-    except urllib.error.URLError as e:
-        raise DownloadError("Could not download model. [URL Error] {}.".format(e.reason))
-    if data.startswith(LFS_POINTER):
-        raise DownloadError("{} is a Git LFS pointer, not the model file: use a mirror that "
-                            "serves the file itself (--base_url)".format(url))
-    print("Writing to {}".format(filename))
-    _write_atomic(filename, data)
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            first = response.read(len(LFS_POINTER))
+            if first.startswith(LFS_POINTER):
+                raise DownloadError("{} is a Git LFS pointer, not the model file: use a mirror "
+                                    "that serves the file itself (--base_url)".format(url))
+            size, chunk = 0, first
+            while chunk:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(
+                        "{} is larger than {} bytes, the limit for one model file: raise "
+                        "CAFFE2TORCH_MAX_BLOB_BYTES if it is right".format(url, max_bytes))
+                f.write(chunk)
+                chunk = response.read(1 << 20)
+        print("Writing to {}".format(filename))
+        os.replace(tmp, filename)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, urllib.error.HTTPError):
+            raise DownloadError("Could not download model. [HTTP Error] {}: {}.".format(
+                e.code, e.reason)) from e
+        if isinstance(e, urllib.error.URLError):
+            raise DownloadError("Could not download model. [URL Error] {}.".format(
+                e.reason)) from e
+        raise
 
 
 def validModelName(name):
