@@ -329,6 +329,15 @@ def _summarize_setup(ctx):
             ctx.root_folder, name, f"operator Summarize (to_file=1, blob {ctx.input_names[0]!r})"))
 
 
+def _flat_values(x):
+    """(element count, the values as a flat floating tensor) of Summarize's non-empty input."""
+    n = x.numel()
+    if n == 0:
+        raise ValueError("operator Summarize: the input tensor is empty")
+    flat = x.detach().reshape(-1)
+    return n, flat if flat.dtype.is_floating_point else flat.double()
+
+
 def _stats_tensor(x):
     """[min, max, mean, std] of a tensor as a float64 tensor on its device, std unbiased.
 
@@ -336,12 +345,7 @@ def _stats_tensor(x):
     summed in double as Caffe2 does; the std as the norm of the deviations from that mean, in
     double (Caffe2's two passes; torch.std's Welford pass costs twice as much on the CPU).
     """
-    n = x.numel()
-    if n == 0:
-        raise ValueError("operator Summarize: the input tensor is empty")
-    flat = x.detach().reshape(-1)
-    if not flat.dtype.is_floating_point:
-        flat = flat.double()
+    n, flat = _flat_values(x)
     low, high = torch.aminmax(flat)
     mean = torch.sum(flat, dtype=torch.float64) / n
     if n > 1:
@@ -365,12 +369,7 @@ def _stats_on_cpu(x):
     float32 square is exact in double) and one read of their four values (free on the CPU),
     instead of a deviations tensor and its norm; badly conditioned inputs take the two passes.
     """
-    n = x.numel()
-    if n == 0:
-        raise ValueError("operator Summarize: the input tensor is empty")
-    flat = x.detach().reshape(-1)
-    if not flat.dtype.is_floating_point:
-        flat = flat.double()
+    n, flat = _flat_values(x)
     low, high = torch.aminmax(flat)
     total = torch.sum(flat, dtype=torch.float64)
     norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
