@@ -3,6 +3,32 @@ from caffe2torch.python.model_helper import (ExternalInitializer, ParameterTags,
                                              update_initializer)
 
 
+def _cudnn_args(kwargs, use_cudnn, exhaustive_search, ws_nbytes_limit):
+    """Caffe2's use_cudnn arguments: engine CUDNN and its search/workspace settings."""
+    if use_cudnn:
+        kwargs["engine"] = "CUDNN"
+        kwargs["exhaustive_search"] = exhaustive_search
+        if ws_nbytes_limit:
+            kwargs["ws_nbytes_limit"] = ws_nbytes_limit
+
+
+def _weight_and_bias(model, blob_out, weight_shape, dim_out, use_bias, weight_init, bias_init,
+                     WeightInitializer=None, BiasInitializer=None):
+    """[<out>_w (XavierFill), <out>_b (ConstantFill) if use_bias] as the model's parameters."""
+    if model.init_params:
+        weight_initializer = update_initializer(WeightInitializer, weight_init, ("XavierFill", {}))
+        bias_initializer = update_initializer(BiasInitializer, bias_init, ("ConstantFill", {}))
+    else:
+        # The weights come from another model sharing the workspace (test/deploy nets).
+        weight_initializer = bias_initializer = ExternalInitializer()
+    params = [model.create_param(param_name=blob_out + "_w", shape=weight_shape,
+                                 initializer=weight_initializer, tags=ParameterTags.WEIGHT)]
+    if use_bias:
+        params.append(model.create_param(param_name=blob_out + "_b", shape=[dim_out],
+                                         initializer=bias_initializer, tags=ParameterTags.BIAS))
+    return params
+
+
 def _conv_base(model, is_nd, blob_in, blob_out, dim_in, dim_out, kernel, weight_init=None,
                bias_init=None, WeightInitializer=None, BiasInitializer=None, group=1,
                transform_inputs=None, use_cudnn=False, order="NCHW",
@@ -15,11 +41,7 @@ def _conv_base(model, is_nd, blob_in, blob_out, dim_in, dim_out, kernel, weight_
         kernels = list(kernel)
     else:
         kernels = [kernel] * 2
-    if use_cudnn:
-        kwargs["engine"] = "CUDNN"
-        kwargs["exhaustive_search"] = cudnn_exhaustive_search
-        if ws_nbytes_limit:
-            kwargs["ws_nbytes_limit"] = ws_nbytes_limit
+    _cudnn_args(kwargs, use_cudnn, cudnn_exhaustive_search, ws_nbytes_limit)
     use_bias = not kwargs.get("no_bias", False)
     blob_out = blob_out or model.net.NextName()
     weight_shape = [dim_out]
@@ -30,19 +52,9 @@ def _conv_base(model, is_nd, blob_in, blob_out, dim_in, dim_out, kernel, weight_
         weight_shape.extend(kernels)
         weight_shape.append(int(dim_in / group))
 
-    if model.init_params:
-        weight_initializer = update_initializer(WeightInitializer, weight_init, ("XavierFill", {}))
-        bias_initializer = update_initializer(BiasInitializer, bias_init, ("ConstantFill", {}))
-    else:
-        # The weights come from another model sharing the workspace (test/deploy nets).
-        weight_initializer = bias_initializer = ExternalInitializer()
-    weight = model.create_param(param_name=blob_out + "_w", shape=weight_shape,
-                                initializer=weight_initializer, tags=ParameterTags.WEIGHT)
-    inputs = [blob_in, weight]
-    if use_bias:
-        bias = model.create_param(param_name=blob_out + "_b", shape=[dim_out],
-                                  initializer=bias_initializer, tags=ParameterTags.BIAS)
-        inputs.append(bias)
+    inputs = [blob_in] + _weight_and_bias(model, blob_out, weight_shape, dim_out, use_bias,
+                                          weight_init, bias_init, WeightInitializer,
+                                          BiasInitializer)
     if transform_inputs is not None:
         transform_inputs(model, blob_out, inputs)
     # Conv infers "no bias" from its input count.
@@ -90,19 +102,8 @@ def conv_transpose(model, blob_in, blob_out, dim_in, dim_out, kernel, weight_ini
     blob_out = blob_out or model.net.NextName()
     weight_shape = [dim_in, dim_out, kernel, kernel] if order == "NCHW" else \
         [dim_in, kernel, kernel, dim_out]
-    if model.init_params:
-        weight_initializer = update_initializer(None, weight_init, ("XavierFill", {}))
-        bias_initializer = update_initializer(None, bias_init, ("ConstantFill", {}))
-    else:
-        weight_initializer = bias_initializer = ExternalInitializer()
-    weight = model.create_param(param_name=blob_out + "_w", shape=weight_shape,
-                                initializer=weight_initializer, tags=ParameterTags.WEIGHT)
-    bias = model.create_param(param_name=blob_out + "_b", shape=[dim_out],
-                              initializer=bias_initializer, tags=ParameterTags.BIAS)
-    if use_cudnn:
-        kwargs["engine"] = "CUDNN"
-        kwargs["exhaustive_search"] = cudnn_exhaustive_search
-        if ws_nbytes_limit:
-            kwargs["ws_nbytes_limit"] = ws_nbytes_limit
-    return model.net.ConvTranspose([blob_in, weight, bias], blob_out, kernel=kernel, order=order,
+    params = _weight_and_bias(model, blob_out, weight_shape, dim_out, True, weight_init,
+                              bias_init)
+    _cudnn_args(kwargs, use_cudnn, cudnn_exhaustive_search, ws_nbytes_limit)
+    return model.net.ConvTranspose([blob_in] + params, blob_out, kernel=kernel, order=order,
                                    **kwargs)
