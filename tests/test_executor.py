@@ -140,3 +140,54 @@ def test_outside_blobs_are_checked_once_per_run_and_deferred_ones_resolved():
     workspace.RunNet(reader.Name())  # the ops resolve it
     np.testing.assert_allclose(workspace.FetchBlob("twice"), 2 * workspace.FetchBlob("data_grad"))
     np.testing.assert_allclose(workspace.FetchBlob("thrice"), 3 * workspace.FetchBlob("data_grad"))
+
+
+def test_straight_line_run_of_every_arity_and_internal_checks():
+    """A net without side effects runs as one generated function: ops of every arity, a
+    CPU-only op's output read by a later op (the loop checks it there), same results."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    workspace.FeedBlob("x", x)
+    workspace.FeedBlob("w", np.ones((4, 3), np.float32))
+    workspace.FeedBlob("b", np.full(4, 0.5, np.float32))
+    net = core.Net("straight")
+    net.ConstantFill([], "c", shape=[2, 3], value=2.0)
+    net.ConstantFill("x", "ones", value=1.0)  # CPU-only inputs: its output is checked
+    net.Relu("x", "r")
+    net.Mul(["x", "x"], "sq")
+    net.FC(["x", "w", "b"], "fc")
+    net.Split("x", ["s0", "s1"], axis=1, split=[1, 2])
+    net.Add(["c", "sq"], "out")
+    net.Sub(["out", "ones"], "out_minus_1")
+    workspace.CreateNet(net)
+    prepared = workspace.C().nets[net.Name()]
+    assert prepared._straight is not None
+    for _ in range(2):
+        workspace.RunNet(net.Name())
+    np.testing.assert_array_equal(workspace.FetchBlob("r"), np.maximum(x, 0))
+    np.testing.assert_allclose(workspace.FetchBlob("fc"), x @ np.ones((3, 4)) + 0.5)
+    np.testing.assert_array_equal(workspace.FetchBlob("s0"), x[:, :1])
+    np.testing.assert_array_equal(workspace.FetchBlob("s1"), x[:, 1:])
+    np.testing.assert_array_equal(workspace.FetchBlob("out_minus_1"), 1 + x * x)
+
+
+@pytest.mark.parametrize("bad_op, message", [
+    (2, r"net 'straight_fail\w*': op #2 MatMul \(\['a', 'bad'\] -> \['m'\]\) failed: ValueError: "
+        r"operator MatMul: A \(2, 3\)"),
+    (3, r"net 'straight_fail\w*': op #3 Split \(\['a'\] -> \['p', 'q'\]\) failed: RuntimeError: "
+        r"split_with_sizes"),
+])
+def test_straight_line_run_names_the_failing_op(bad_op, message):
+    """Errors from the generated function name the op that failed, as the loop's do."""
+    workspace.FeedBlob("a", np.ones((2, 3), np.float32))
+    workspace.FeedBlob("ok", np.ones((3, 2), np.float32))
+    workspace.FeedBlob("bad", np.ones((4, 2), np.float32))
+    net = core.Net("straight_fail")
+    net.Relu("a", "r")
+    net.MatMul(["a", "ok"], "good")
+    net.MatMul(["a", "bad" if bad_op == 2 else "ok"], "m")
+    net.Split("a", ["p", "q"], axis=1, split=[1, 1] if bad_op == 3 else [1, 2])
+    net.Relu("r", "rr")
+    workspace.CreateNet(net)
+    assert workspace.C().nets[net.Name()]._straight is not None
+    with pytest.raises(OperatorError, match=message):
+        workspace.RunNet(net.Name())

@@ -51,6 +51,11 @@ _ATEN_KERNELS = ("_softmax", "_softmax_backward_data", "_log_softmax", "_log_sof
 _LINE = re.compile(r'File "<caffe2torch region (\d+)>", line (\d+)')
 
 
+# Ops that defer their unread outputs in the "simple" net too (ConvGradient's dX: the first
+# convolution's data_grad): a region leaves those out of its graph and defers them itself. Other
+# unread outputs (a predict net's prediction, the accuracy) are computed in the graph, as the
+# simple net computes them: deferring them would only move their cost to the fetch.
+_DEFERS = frozenset({"ConvGradient"})
 # CPU-only-input ops that read only their inputs' shapes, never their values: they compile.
 _SHAPE_ONLY = frozenset({"ConstantFill"})
 # Ops that draw from the global RNG: inductor's random streams differ from eager PyTorch's, so
@@ -279,7 +284,8 @@ class CompiledNet:
         eager = [_eager_only(s, self.device) for s in prepared.steps]
         # An op traced with lazy outputs may return None there (no Deferred can leave a compiled
         # function); the region leaves them out and defers them itself.
-        self._lazy = {id(s): s.ctx.lazy_outputs for s in prepared.steps}
+        self._lazy = {id(s): s.ctx.lazy_outputs if s.schema.type in _DEFERS else frozenset()
+                      for s in prepared.steps}
         order = schedule(prepared.steps, eager)
         flags = {id(s): e for s, e in zip(prepared.steps, eager)}
         self.parts = self._split(order, flags)
