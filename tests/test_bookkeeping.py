@@ -142,3 +142,15 @@ def test_cpu_and_device_statistics_agree():
         np.testing.assert_allclose(utility._stats_on_cpu(t), utility._stats_tensor(t).tolist(),
                                    rtol=1e-9)
         np.testing.assert_allclose(utility._stats_on_cpu(t), _numpy_summary(x), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_summary_stats_of_a_blob_larger_than_the_double_buffer(dtype, monkeypatch):
+    """Inputs past the per-thread double buffer are summed piece by piece: the same figures as
+    Caffe2's definition in numpy (and a second, smaller blob reuses the buffer)."""
+    monkeypatch.setattr(utility, "_CHUNK", 1000)
+    rng = np.random.default_rng(11)
+    for size in (4321, 999, 1000):
+        x = (rng.standard_normal(size) * 0.02 - 0.003).astype(dtype)
+        np.testing.assert_allclose(utility._stats_on_cpu(torch.from_numpy(x)), _numpy_summary(x),
+                                   rtol=1e-9)
