@@ -233,3 +233,34 @@ def test_direct_region_hands_over_to_torch_compile_past_its_keys(fresh_workspace
         workspace.RunNet(net.Name())
         np.testing.assert_array_equal(workspace.FetchBlob("y"), 3 * x)
     assert not region.direct and region.variants == {}
+
+
+@pytest.mark.parametrize("w0", [1.0, 0.5])
+def test_compiled_in_place_weighted_sum_equals_eager(w0):
+    """A compiled WeightedSum updating X0 in place (one opaque op in the graph) gives the simple
+    net's bits, with w0 = ONE (the SGD case, no multiply) or another weight, and several pairs;
+    the update stays in place (the blob is the same tensor after the runs)."""
+    rng = np.random.default_rng(7)
+    values = {"p": rng.standard_normal((5, 4)).astype(np.float32),
+              "g": rng.standard_normal((5, 4)).astype(np.float32),
+              "h": rng.standard_normal((5, 4)).astype(np.float32),
+              "W0": np.full(1, w0, np.float32), "LR": np.full(1, -0.1, np.float32),
+              "TWO": np.full(1, 2.0, np.float32)}
+    results = {}
+    for net_type in ("simple", "compiled"):
+        workspace.ResetWorkspace()
+        for name, value in values.items():
+            workspace.FeedBlob(name, value)
+        net = core.Net(f"sgd_{net_type}")
+        net.Scale("g", "g2", scale=1.5)
+        net.WeightedSum(["p", "W0", "g2", "LR", "h", "TWO"], "p")
+        net.Proto().type = net_type
+        workspace.CreateNet(net)
+        before = workspace.FetchTorch("p")
+        for _ in range(4):
+            workspace.RunNet(net.Name())
+        assert workspace.FetchTorch("p") is before
+        results[net_type] = workspace.FetchBlob("p")
+        if net_type == "compiled":
+            assert workspace.C().nets[net.Name()].compiled.regions == [["Scale", "WeightedSum"]]
+    np.testing.assert_array_equal(results["compiled"], results["simple"])

@@ -367,7 +367,7 @@ def _pool_grad(grad_type):
 # channels-last kernel runs along the channels in vector registers. From 8 channels on, copying the
 # input to channels-last, pooling there and copying the output back is 2-3x faster: the forward
 # of LeNet's pools on one thread goes from 4.5 to 2.2 ms and from 1.4 to 0.5 ms per batch of 64
-# (with the gradient, bench/max_pool.py: ratios 0.68 and 0.54). Both kernels visit a window in
+# (with the gradient, bench/max_pool.py: ratios 0.49 and 0.40). Both kernels visit a window in
 # the same order and keep its first maximum (or its last NaN): values and argmax are the same.
 _CHANNELS_LAST_POOL = 8
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
@@ -376,8 +376,7 @@ _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 def _max_pool(x, nd, plan):
     """(Y, argmax indices) of the NCHW view ``x`` (already padded by hand where the plan says).
 
-    Y is contiguous NCHW; the indices may be laid out channels-last (only MaxPoolGradient reads
-    them, and its kernel takes either layout).
+    Both are contiguous NCHW tensors.
     """
     args = (list(plan.kernel), list(plan.stride), list(plan.padding), list(plan.dilation),
             bool(plan.ceil_mode))
@@ -385,25 +384,26 @@ def _max_pool(x, nd, plan):
             and x.is_floating_point()):
         if torch.compiler.is_compiling():
             return torch.ops.caffe2torch.max_pool_channels_last(x, *args)
-        return _pool_channels_last(x, *args, contiguous_indices=False)
+        return _pool_channels_last(x, *args)
     return _MAX_POOL[nd](x, *args)
 
 
-def _pool_channels_last(x, kernel, stride, padding, dilation, ceil_mode, contiguous_indices):
+def _pool_channels_last(x, kernel, stride, padding, dilation, ceil_mode):
+    """Y and the indices both back in NCHW (the backward kernel is ~2x slower on channels-last
+    indices than this copy of them costs)."""
     nd = x.dim() - 2
     y, indices = _MAX_POOL[nd](x.contiguous(memory_format=_CHANNELS_LAST[nd]), kernel, stride,
                                padding, dilation, ceil_mode)
-    return y.contiguous(), indices.contiguous() if contiguous_indices else indices
+    return y.contiguous(), indices.contiguous()
 
 
 # In a compiled region the channels-last pooling is one opaque op: inductor would lower the
-# layout change away (and its own max-pool and transposes are slower than ATen's kernels). Its
-# indices come back NCHW, which spares the backward kernel a copy of them.
+# layout change away (and its own max-pool and transposes are slower than ATen's kernels).
 @torch.library.custom_op("caffe2torch::max_pool_channels_last", mutates_args=())
 def _max_pool_channels_last(x: torch.Tensor, kernel: list[int], stride: list[int],
                             padding: list[int], dilation: list[int],
                             ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pool_channels_last(x, kernel, stride, padding, dilation, ceil_mode, True)
+    return _pool_channels_last(x, kernel, stride, padding, dilation, ceil_mode)
 
 
 @_max_pool_channels_last.register_fake
