@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from caffe2torch.ops.registry import gradient_op, grad_name, register_op
+from caffe2torch.ops.registry import gradient_op, grad_name, in_traced_region, register_op
 
 
 def _scale_grad(op, g_output):
@@ -86,13 +86,12 @@ def weighted_sum(ctx, inputs):
     """Y = Σ wᵢ·Xᵢ for inputs X0, w0, X1, w1, ...; with Y = X0 the update happens in place."""
     x0, w0 = inputs[0], _weight(inputs[1])
     if ctx.state["inplace"]:
-        if torch.compiler.is_compiling() and x0.device.type == "cpu":
+        if in_traced_region() and x0.device.type == "cpu":
             # one opaque in-place op: functionalized, the update would be a new tensor, X0*w0
             # and a copy back into X0 (three passes over the parameter instead of one)
-            torch.ops.caffe2torch.weighted_sum_(x0, w0, [_weight(w) if i % 2 else w
-                                                         for i, w in enumerate(inputs[2:])])
-            return [x0]
-        _update_in_place(x0, w0, inputs[2:])
+            torch.ops.caffe2torch.weighted_sum_(x0, w0, list(inputs[2:]))
+        else:
+            _update_in_place(x0, w0, inputs[2:])
         return [x0]
     else:
         out = x0 * w0
@@ -104,7 +103,8 @@ def weighted_sum(ctx, inputs):
 def _update_in_place(x0, w0, rest):
     """X0 = w0·X0 + Σ wᵢ·Xᵢ in place (``rest``: X1, w1, ...)."""
     # SGD's w0 is the blob ONE: on the CPU, reading it is free and saves a pass over X0.
-    if w0.device.type != "cpu" or float(w0) != 1.0:
+    # Traced (torch.compile, torch.export): no host read; the multiply by 1 is exact anyway.
+    if torch.compiler.is_compiling() or w0.device.type != "cpu" or float(w0) != 1.0:
         x0.mul_(w0)
     for i in range(0, len(rest), 2):
         x0.addcmul_(rest[i], _weight(rest[i + 1]))

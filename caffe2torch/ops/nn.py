@@ -12,7 +12,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from caffe2torch.ops.registry import NO_GRADIENT, gradient_op, grad_name, register_op
+from caffe2torch.ops.registry import (NO_GRADIENT, gradient_op, grad_name, in_traced_region,
+                                      register_op)
 
 aten = torch.ops.aten
 
@@ -382,9 +383,10 @@ def _max_pool(x, nd, plan):
             bool(plan.ceil_mode))
     if (x.shape[1] >= _CHANNELS_LAST_POOL and x.is_contiguous() and x.device.type == "cpu"
             and x.is_floating_point()):
-        if torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
+            return _pool_channels_last(x, *args)
+        if in_traced_region():
             return torch.ops.caffe2torch.max_pool_channels_last(x, *args)
-        return _pool_channels_last(x, *args)
     return _MAX_POOL[nd](x, *args)
 
 

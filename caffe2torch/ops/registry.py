@@ -5,10 +5,32 @@ arguments in ``ctx.args`` (see :class:`OpContext`). A gradient maker is a pure p
 ``maker(op, g_output) -> (grad_ops, g_input)`` (Caffe2's shape): it emits OperatorDefs and never
 touches tensors. Ops that must not be differentiated register ``gradient=NO_GRADIENT``.
 """
+import contextlib
 import difflib
+import threading
 from collections.abc import Callable
 
 NO_GRADIENT = "NO_GRADIENT"
+
+_REGION = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_region():
+    """While a "compiled" net's region is traced (make_fx, then inductor): ops may emit
+    caffe2torch's own opaque torch ops (``torch.ops.caffe2torch.*``). Other tracing (torch.export,
+    ONNX export) sees only ATen ops."""
+    before = getattr(_REGION, "on", False)
+    _REGION.on = True
+    try:
+        yield
+    finally:
+        _REGION.on = before
+
+
+def in_traced_region() -> bool:
+    """True inside :func:`tracing_region`."""
+    return getattr(_REGION, "on", False)
 
 _REGISTRY = {}
 

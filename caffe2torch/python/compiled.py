@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from caffe2torch.ops.registry import Deferred
+from caffe2torch.ops.registry import Deferred, tracing_region
 from caffe2torch.python import utils
 
 log = logging.getLogger("caffe2torch")
@@ -236,7 +236,7 @@ class _Region:
         # The ops skip their host-side value checks while torch compiles (is_compiling()).
         saved = [dict(step.ctx.state) for step in self.steps]
         try:
-            with torch.compiler._compile_session_context():
+            with torch.compiler._compile_session_context(), tracing_region():
                 graph = make_fx(self.function, tracing_mode="fake")(*values)
         finally:
             for step, state in zip(self.steps, saved):
