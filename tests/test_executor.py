@@ -87,12 +87,18 @@ def test_cuda_request_without_gpu_is_a_clear_error():
         workspace.RunOperatorOnce(op)
 
 
-def test_ops_of_every_arity_read_and_write_their_blobs():
-    # no input (a fill), one input, the same blob twice, three inputs, two outputs, no output
+def _feed_x_w_b():
+    """x [2, 3] (negative and positive values), FC weights w [4, 3] of ones, bias b of 0.5."""
     x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
     workspace.FeedBlob("x", x)
     workspace.FeedBlob("w", np.ones((4, 3), np.float32))
     workspace.FeedBlob("b", np.full(4, 0.5, np.float32))
+    return x
+
+
+def test_ops_of_every_arity_read_and_write_their_blobs():
+    # no input (a fill), one input, the same blob twice, three inputs, two outputs, no output
+    x = _feed_x_w_b()
     net = core.Net("arities")
     net.ConstantFill([], "c", shape=[2, 3], value=2.0)
     net.Relu("x", "r")
@@ -145,10 +151,7 @@ def test_outside_blobs_are_checked_once_per_run_and_deferred_ones_resolved():
 def test_straight_line_run_of_every_arity_and_internal_checks():
     """A net without side effects runs as one generated function: ops of every arity, a
     CPU-only op's output read by a later op (the loop checks it there), same results."""
-    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
-    workspace.FeedBlob("x", x)
-    workspace.FeedBlob("w", np.ones((4, 3), np.float32))
-    workspace.FeedBlob("b", np.full(4, 0.5, np.float32))
+    x = _feed_x_w_b()
     net = core.Net("straight")
     net.ConstantFill([], "c", shape=[2, 3], value=2.0)
     net.ConstantFill("x", "ones", value=1.0)  # CPU-only inputs: its output is checked
@@ -160,9 +163,9 @@ def test_straight_line_run_of_every_arity_and_internal_checks():
     net.Sub(["out", "ones"], "out_minus_1")
     workspace.CreateNet(net)
     prepared = workspace.C().nets[net.Name()]
-    assert prepared._straight is not None
-    for _ in range(2):
+    for _ in range(2):  # the second run is the straight-line function's first
         workspace.RunNet(net.Name())
+    assert prepared._straight
     np.testing.assert_array_equal(workspace.FetchBlob("r"), np.maximum(x, 0))
     np.testing.assert_allclose(workspace.FetchBlob("fc"), x @ np.ones((3, 4)) + 0.5)
     np.testing.assert_array_equal(workspace.FetchBlob("s0"), x[:, :1])
@@ -188,6 +191,6 @@ def test_straight_line_run_names_the_failing_op(bad_op, message):
     net.Split("a", ["p", "q"], axis=1, split=[1, 1] if bad_op == 3 else [1, 2])
     net.Relu("r", "rr")
     workspace.CreateNet(net)
-    assert workspace.C().nets[net.Name()]._straight is not None
     with pytest.raises(OperatorError, match=message):
-        workspace.RunNet(net.Name())
+        workspace.RunNet(net.Name(), 2)
+    assert workspace.C().nets[net.Name()]._straight

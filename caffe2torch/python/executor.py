@@ -73,7 +73,8 @@ class PreparedNet:
         self.steps = []
         self._buffered = []
         self._external = None
-        self._straight = None
+        self._straight = None  # the straight-line run: built at the second run (not for RunNetOnce)
+        self._runs = 0
         for i, op in enumerate(netdef.op):
             schema = registry.get_schema(op.type)
             for name in op.input:
@@ -102,7 +103,6 @@ class PreparedNet:
                 k for k, n in enumerate(step.outputs) if n not in read)
             step.ctx.mutated_blobs = mutated
         self._plan_checks()
-        self._straight = self._straight_line()
         self._buffered = [item for step in self.steps for item in step.ctx.state.values()
                           if callable(getattr(item, "flush", None))]
         for name in (n for op in netdef.op for n in op.output):
@@ -206,10 +206,13 @@ class PreparedNet:
         try:
             if self.compiled is not None:
                 return self.compiled.run(num_iter)
+            if self._straight is None and (self._runs or num_iter > 1):
+                self._straight = self._straight_line() or False
+            self._runs += 1
             with torch.no_grad():
                 for _ in range(num_iter):
                     ready = self._external_ready()
-                    if ready and self._straight is not None:
+                    if ready and self._straight:
                         try:
                             self._straight(self.workspace.blobs)
                         except OperatorError:  # from an op the loop ran (run_steps)
@@ -287,4 +290,4 @@ class PreparedNet:
         self.steps = []
         self._buffered = []
         self._external = None
-        self._straight = None
+        self._straight = False
