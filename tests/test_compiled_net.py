@@ -264,3 +264,35 @@ def test_compiled_in_place_weighted_sum_equals_eager(w0):
         if net_type == "compiled":
             assert workspace.C().nets[net.Name()].compiled.regions == [["Scale", "WeightedSum"]]
     np.testing.assert_array_equal(results["compiled"], results["simple"])
+
+
+def test_direct_region_rechecks_inputs_that_change_under_the_same_blob(fresh_workspace):
+    """A predict region reuses its last function while its inputs keep dtype, shape and strides
+    (a fast check); a blob changed in place, transposed, re-typed or given a new shape in the
+    same tensor object (``.data``) is caught and gets the right function."""
+    net = core.Net("rechecked")
+    net.Scale("x", "y", scale=2.0)
+    net.Relu("y", "z")
+    net.Proto().type = "compiled"
+    x = np.arange(-6, 6, dtype=np.float32).reshape(3, 4)
+    workspace.FeedBlob("x", x)
+    workspace.CreateNet(net)
+    region = workspace.C().nets[net.Name()].compiled.parts[0]
+
+    def run_and_check(expected_input):
+        workspace.RunNet(net.Name())
+        np.testing.assert_array_equal(workspace.FetchBlob("z"), np.maximum(2 * expected_input, 0))
+
+    for _ in range(3):
+        run_and_check(x)
+    assert region.last is not None
+    blob = workspace.FetchTorch("x")
+    blob.mul_(-1)  # in place: same shape, new values
+    run_and_check(-x)
+    blob.data = blob.data.reshape(4, 3)  # same object, same storage, another shape
+    run_and_check(-x.reshape(4, 3))
+    workspace.FeedBlob("x", x.T.copy().T)  # same shape, transposed strides
+    run_and_check(x)
+    workspace.FeedBlob("x", x.astype(np.float64))
+    run_and_check(x)
+    assert len(region.variants) == 4  # (3,4), (4,3), the transposed strides, float64
