@@ -143,8 +143,8 @@ def DoParallel(name, *nets_or_steps):
                                       concurrent_substeps=True)
 
 
-def _RunOnceIf(name, condition_blob_or_net, nets_or_steps):
-    """Run once if the condition holds (a condition net runs first)."""
+def _until_not(name, condition_blob_or_net, nets_or_steps, control, only_once):
+    """A step running the nets or steps while the condition holds (tested before each pass)."""
     not_net, stop = NotNet(condition_blob_or_net)
     if isinstance(condition_blob_or_net, core.Net):
         items = _prepend(nets_or_steps, condition_blob_or_net, not_net)
@@ -153,11 +153,16 @@ def _RunOnceIf(name, condition_blob_or_net, nets_or_steps):
 
     def step(control_name):
         return core.scoped_execution_step(_next_step_name(control_name, name), items,
-                                          should_stop_blob=stop, only_once=True)
+                                          should_stop_blob=stop, only_once=only_once)
     if _is_nets(items):
         # The stop blob may be True from an earlier run: reset it first.
-        return Do(name + "/_RunOnceIf", BoolNet((stop, False)), step("_RunOnceIf-inner"))
-    return step("_RunOnceIf")
+        return Do(f"{name}/{control}", BoolNet((stop, False)), step(f"{control}-inner"))
+    return step(control)
+
+
+def _RunOnceIf(name, condition_blob_or_net, nets_or_steps):
+    """Run once if the condition holds (a condition net runs first)."""
+    return _until_not(name, condition_blob_or_net, nets_or_steps, "_RunOnceIf", only_once=True)
 
 
 def _RunOnceIfNot(name, condition_blob_or_net, nets_or_steps):
@@ -185,18 +190,7 @@ def For(name, nets_or_steps, iter_num):
 
 def While(name, condition_blob_or_net, nets_or_steps):
     """Repeat the nets or steps while the condition holds (tested before each pass)."""
-    not_net, stop = NotNet(condition_blob_or_net)
-    if isinstance(condition_blob_or_net, core.Net):
-        items = _prepend(nets_or_steps, condition_blob_or_net, not_net)
-    else:
-        items = _prepend(nets_or_steps, not_net)
-
-    def step(control_name):
-        return core.scoped_execution_step(_next_step_name(control_name, name), items,
-                                          should_stop_blob=stop)
-    if _is_nets(items):
-        return Do(name + "/While", BoolNet((stop, False)), step("While-inner"))
-    return step("While")
+    return _until_not(name, condition_blob_or_net, nets_or_steps, "While", only_once=None)
 
 
 def Until(name, condition_blob_or_net, nets_or_steps):
