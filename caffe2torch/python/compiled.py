@@ -33,7 +33,7 @@ import time
 import torch
 
 from caffe2torch.ops.registry import Deferred, tracing_region
-from caffe2torch.python import utils
+from caffe2torch.python import onednn, utils
 
 log = logging.getLogger("caffe2torch")
 
@@ -280,6 +280,10 @@ class CompiledNet:
         self.dynamic = None if dynamic is None else bool(dynamic)
         # inductor's C++ wrapper: allocations and kernel calls without Python, for direct regions
         self.cpp_wrapper = bool(args.get("compile_cpp_wrapper", 1))
+        # convolutions and max-pools kept in oneDNN's blocked layout (see onednn.py)
+        self.onednn = (bool(args.get("compile_onednn_layout", 1)) and self.device.type == "cpu"
+                       and onednn.available())
+        self._onednn_values, self._chain_steps = {}, set()
         self.compile_seconds = 0.0
         self._regions = 0
         eager = [_eager_only(s, self.device) for s in prepared.steps]
@@ -318,6 +322,11 @@ class CompiledNet:
         return [[s.ctx.op.type for s in p.steps] for p in self.parts if isinstance(p, _Region)]
 
     @property
+    def onednn_steps(self):
+        """Op types that run on oneDNN's layout (see onednn.py), in run order."""
+        return [s.ctx.op.type for p in self.parts if type(p) is onednn.Chain for s in p.steps]
+
+    @property
     def eager_steps(self):
         """Op types that run outside compiled regions, in run order."""
         return [s.ctx.op.type for p in self.parts if isinstance(p, list) for s in p]
@@ -333,6 +342,8 @@ class CompiledNet:
                 for part in list(self.parts):
                     if isinstance(part, list):
                         prepared.run_steps(part)
+                    elif type(part) is onednn.Chain:
+                        part.run()
                     else:
                         self._run_region(part)
         return True
@@ -396,6 +407,12 @@ class CompiledNet:
         copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
         self.prepared.run_steps(region.steps)
         region.first = False
+        if self.onednn and region.direct:
+            chosen = onednn.plan(region.steps, self.prepared.workspace.blobs)
+            if chosen:
+                k = self.parts.index(region)
+                self.parts[k:k + 1] = self._carve(region.steps, chosen)
+                return
         start = time.perf_counter()
         try:
             if region.direct:
@@ -435,9 +452,28 @@ class CompiledNet:
             parts.append(self._region(region.steps[i + 1:]))
         return parts
 
+    def _carve(self, steps, chosen):
+        """Parts replacing a region whose ``chosen`` steps run on oneDNN's layout: the steps
+        rescheduled so that the chosen ones form few runs (a Chain each), the rest regions."""
+        self._chain_steps.update(chosen)
+        dense = {name for step in self.prepared.steps if id(step) not in self._chain_steps
+                 for name in step.inputs}
+        order = schedule(steps, [id(s) in chosen for s in steps])
+        parts = []
+        for step in order:
+            in_chain = id(step) in chosen
+            last = parts[-1] if parts else None
+            if last is not None and last[0] == in_chain:
+                last[1].append(step)
+            else:
+                parts.append((in_chain, [step]))
+        return [onednn.Chain(self, run, self._onednn_values, dense) if in_chain
+                else self._region(run) for in_chain, run in parts]
+
     def close(self):
-        """Drop the compiled functions."""
+        """Drop the compiled functions and the oneDNN buffers."""
         self.parts = []
+        self._onednn_values.clear()
 
 
 def _last_guard(region, values, function):

@@ -1,0 +1,384 @@
+"""oneDNN's blocked layout kept between a compiled CPU net's convolutions and max-pools.
+
+PyTorch's CPU convolution (oneDNN) computes in a blocked layout (``nChw16c`` with AVX-512, 16
+channels per block, zero-padded) and reorders its NCHW input into it and its output back on every
+call; on the tutorial's LeNet those reorders are ~3 ms of a ~24 ms training iteration, and the
+max-pools between the convolutions copy to channels-last and back. A "compiled" net that sees a
+convolution → max-pool → convolution chain keeps the blobs between them in oneDNN's layout
+(mkldnn tensors): each convolution, its gradient and each max-pool run on blocked memory, and a
+blob becomes NCHW only where an op outside the chain reads it (or someone fetches it: a
+``Deferred`` blob). The oneDNN primitives are the ones the NCHW call runs (their results are the
+same bits); the max-pool and its gradient run ATen's channels-last kernels on a view of the
+blocked memory (``[N·C/16, 16, H, W]`` is channels-last), which equal its NCHW kernels' values and
+argmax. A chain's first run (and its first for new input shapes) checks that, blob by blob, against
+the eager ops on the same inputs; a difference keeps the chain on the eager ops (logged).
+
+NetDef argument ``compile_onednn_layout`` (default 1) turns it off with 0.
+"""
+import ctypes
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from caffe2torch.ops import nn as nn_ops
+from caffe2torch.ops.registry import Deferred
+
+log = logging.getLogger("caffe2torch")
+aten = torch.ops.aten
+
+TYPES = frozenset({"Conv", "ConvGradient", "MaxPool", "MaxPoolGradient"})
+# Convolutions with fewer output channels gain nothing from the blocked layout's padding.
+_MIN_CHANNELS = 8
+_BLOCKS = (16, 8)
+
+
+def available():
+    """True when this torch has oneDNN and the mkldnn tensor helpers the chain uses."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "data_ptr")
+            and hasattr(torch.ops.mkldnn, "_nbytes"))
+
+
+class _Value:
+    """A blob held as a mkldnn tensor: its NCHW shape, channel block and channels-last view of
+    the blocked memory (None: a layout the chain does not view), argmax indices of a max-pool's
+    output and the value it pooled; ``stored``: what the workspace blob holds for it."""
+
+    __slots__ = ("mk", "shape", "block", "view", "indices", "pooled", "stored", "dense", "version")
+
+    def __init__(self, mk, block=None, view=None, indices=None, pooled=None):
+        self.mk, self.shape, self.block, self.view = mk, tuple(mk.shape), block, view
+        self.indices, self.pooled = indices, pooled
+        self.stored = self.dense = self.version = None
+
+    def to_dense(self):
+        """The NCHW tensor (oneDNN's reorder), computed once."""
+        if self.dense is None:
+            self.dense = self.mk.to_dense()
+        return self.dense
+
+
+def _memory_view(mk, block):
+    """The blocked memory of ``mk`` ([N, C, H, W], C padded to blocks of ``block``) as a dense
+    channels-last tensor [N·C/block, block, H, W], or None when its size says another layout."""
+    n, c, h, w = mk.shape
+    cb = -(-c // block)
+    nbytes = torch.ops.mkldnn._nbytes(mk)
+    if mk.dtype != torch.float32 or nbytes != n * cb * block * h * w * 4:
+        return None
+    memory = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(mk))
+    memory.owner = mk  # the view keeps the mkldnn tensor (and so its memory) alive
+    flat = torch.frombuffer(memory, dtype=torch.float32)
+    return flat.view(n * cb, h, w, block).permute(0, 3, 1, 2)
+
+
+def _write_dense(view, x, block):
+    """Copy NCHW ``x`` into a blocked view (padding channels zero)."""
+    n, c = x.shape[:2]
+    cb = view.shape[0] // n
+    padded = F.pad(x, (0, 0, 0, 0, 0, cb * block - c)) if cb * block != c else x
+    view.unflatten(0, (n, cb)).copy_(padded.reshape(n, cb, block, *x.shape[2:]))
+
+
+def _block_of(mk):
+    """The channel block of ``mk``'s layout, proven by a probe: a pattern written through the
+    view must come back from oneDNN's own reorder to NCHW. None: a layout the chain cannot view."""
+    if mk.dim() != 4 or mk.numel() >= 1 << 24:
+        return None
+    pattern = torch.arange(mk.numel(), dtype=torch.float32).reshape(mk.shape)
+    for block in _BLOCKS:
+        probe = mk.clone()
+        view = _memory_view(probe, block)
+        if view is None:
+            continue
+        _write_dense(view, pattern, block)
+        if torch.equal(probe.to_dense(), pattern):
+            return block
+    return None
+
+
+class Chain:
+    """Steps of types ``TYPES`` run on oneDNN's layout (see the module doc)."""
+
+    def __init__(self, net, steps, values, dense_names):
+        self.net = net
+        self.steps = steps
+        self.values = values  # blob name -> _Value, shared by the net's chains
+        self.dense_names = dense_names  # blobs read outside the chains: stored as NCHW tensors
+        self.verified = set()  # input-shape keys checked against the eager ops
+        self.enabled = True
+        self.blocks = {}  # (step index, output, shape) -> block of that output's layout
+        self.buffers = {}  # (step index, role) -> persistent mkldnn tensor, its view, indices
+        written, inputs = set(), []
+        for step in steps:
+            inputs.extend(n for n in step.inputs if n not in written and n not in inputs)
+            written.update(step.outputs)
+        self.inputs = inputs
+        # A chain that overwrites one of its own inputs cannot be run twice for the check.
+        if written & set(inputs):
+            self.enabled = False
+        self._handlers = {"Conv": self._conv, "ConvGradient": self._conv_gradient,
+                          "MaxPool": self._max_pool, "MaxPoolGradient": self._max_pool_gradient}
+
+    def run(self):
+        """One run of the chain's steps."""
+        if not self.enabled:
+            for step in self.steps:
+                self._eager(step)
+            return
+        blobs = self.net.prepared.workspace.blobs
+        key = tuple(getattr(blobs.get(n), "shape", None) for n in self.inputs)
+        if key not in self.verified:
+            self._check(key)
+            return
+        error = self.net.prepared._error
+        for step in self.steps:
+            try:
+                self._handlers[step.ctx.op.type](step)
+            except Exception as exc:
+                raise error(step, exc) from exc
+
+    def _check(self, key):
+        """Run the eager ops on NCHW copies of the inputs, then the chain on oneDNN's layout;
+        keep the layout (and its results) only if every output is the same bits."""
+        blobs = self.net.prepared.workspace.blobs
+        want = {}
+        error = self.net.prepared._error
+        for step in self.steps:
+            inputs = [want[n] if n in want else self._dense(n) for n in step.inputs]
+            try:
+                outputs = step.fn(step.ctx, inputs)
+            except Exception as exc:
+                raise error(step, exc) from exc
+            want.update(zip(step.outputs, outputs))
+        bad = None
+        try:
+            for step in self.steps:
+                self._handlers[step.ctx.op.type](step)
+        except Exception as exc:  # a layout or size oneDNN refuses: the eager results stand
+            bad = f"{type(exc).__name__}: {exc}"
+        for name in want if bad is None else ():
+            got, expected = _resolved(blobs, name), _resolved(want, name)
+            if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+                    and got.dtype == expected.dtype and torch.equal(got, expected)):
+                bad = f"blob {name!r} differs from the eager op's"
+                break
+        if bad is None:
+            self.verified.add(key)
+            return
+        log.info("net %r: ops %s stay on NCHW tensors (%s)", self.net.name,
+                 [s.index for s in self.steps], bad)
+        self.enabled = False
+        for name, value in want.items():
+            blobs[name] = value
+            self.values.pop(name, None)
+
+    # --- blob access ----------------------------------------------------------------------------
+
+    def _get(self, name):
+        """The chain's _Value for blob ``name`` if the blob still holds it, else the tensor."""
+        blobs = self.net.prepared.workspace.blobs
+        x = blobs[name]
+        value = self.values.get(name)
+        if value is not None and (x is value.stored or x is value.dense) and (
+                value.version is None or x._version == value.version):
+            return value
+        if type(x) is Deferred:
+            x = blobs[name] = x.resolve()
+        return x
+
+    def _dense(self, name):
+        x = self._get(name)
+        return x.to_dense() if type(x) is _Value else x
+
+    def _put(self, name, value):
+        blobs = self.net.prepared.workspace.blobs
+        if name in self.dense_names:
+            value.stored = value.to_dense()
+        else:
+            # the view (or the fresh mkldnn tensor) is the Deferred's input: a later run that
+            # rewrites a persistent buffer bumps its version, and a stale fetch is refused
+            value.stored = Deferred(lambda _x, v=value: v.to_dense(),
+                                    [value.view if value.view is not None else value.mk])
+        self.values[name] = value
+        blobs[name] = value.stored
+
+    def _eager(self, step):
+        """``step`` on NCHW tensors (the "simple" net's op)."""
+        outputs = step.fn(step.ctx, [self._dense(n) for n in step.inputs])
+        blobs = self.net.prepared.workspace.blobs
+        for name, y in zip(step.outputs, outputs):
+            blobs[name] = y
+            self.values.pop(name, None)
+
+    def _value(self, step, k, mk, **extra):
+        """A _Value for output ``k`` of ``step``, its layout's block found once per shape."""
+        where = (step.index, k, tuple(mk.shape))
+        if where not in self.blocks:
+            self.blocks[where] = _block_of(mk)
+        block = self.blocks[where]
+        view = _memory_view(mk, block) if block else None
+        return _Value(mk, block, view, **extra)
+
+    def _buffer(self, step, role, like):
+        """A persistent mkldnn tensor in ``like``'s layout (shape and block), with its view."""
+        buffer = self.buffers.get((step.index, role))
+        if buffer is None or buffer[0].shape != like.mk.shape:
+            mk = like.mk.clone()
+            buffer = self.buffers[step.index, role] = (mk, _memory_view(mk, like.block),
+                                                       torch.empty(0, dtype=torch.int64))
+        return buffer
+
+    # --- the ops ----------------------------------------------------------------------------------
+
+    def _conv_plan(self, step, x_shape, w):
+        """The conv's plan when it may run on oneDNN's layout, else None."""
+        sp = step.ctx.state["spatial"]
+        if sp.nhwc or len(x_shape) != 4:
+            return None
+        plan = sp.plan(tuple(x_shape[2:]), tuple(w.shape[2:]))
+        return None if plan.explicit is not None else plan
+
+    def _mk_input(self, name, step, w, bias):
+        """Blob ``name`` as a mkldnn tensor for a oneDNN convolution, or None."""
+        x = self._get(name)
+        if type(x) is _Value:
+            return x
+        if (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32
+                or x.dim() != 4 or not x.is_contiguous() or w.dtype != torch.float32):
+            return None
+        plan = self._conv_plan(step, x.shape, w)
+        if plan is None:
+            return None
+        backend = torch._C._select_conv_backend(
+            x, w, bias, plan.stride, plan.padding, plan.dilation, False, [0, 0],
+            step.ctx.state["group"], None)
+        if backend != torch._C._ConvBackend.Mkldnn:
+            return None
+        value = _Value(x.to_mkldnn())
+        value.stored = value.dense = x  # the blob keeps its tensor; the chain its mkldnn copy
+        value.version = x._version
+        self.values[name] = value
+        return value
+
+    def _conv(self, step):
+        w = self._dense(step.inputs[1])
+        bias = self._dense(step.inputs[2]) if len(step.inputs) > 2 else None
+        x = self._mk_input(step.inputs[0], step, w, bias)
+        plan = None if x is None else self._conv_plan(step, x.shape, w)
+        if plan is None or type(w) is not torch.Tensor or w.shape[0] < _MIN_CHANNELS:
+            return self._eager(step)
+        y = torch.mkldnn_convolution(x.mk, w, bias, plan.padding, plan.stride, plan.dilation,
+                                     step.ctx.state["group"])
+        self._put(step.outputs[0], self._value(step, 0, y))
+
+    def _conv_gradient(self, step):
+        ctx = step.ctx
+        w = self._dense(step.inputs[1])
+        x, dy = self._get(step.inputs[0]), self._get(step.inputs[2])
+        mask = ctx.state["mask"]
+        lazy_dx = mask[0] and (len(ctx.output_names) - 1) in ctx.lazy_outputs
+        plan = None if type(x) is not _Value else self._conv_plan(step, x.shape, w)
+        if (plan is None or type(dy) is not _Value
+                or (mask[0] and not lazy_dx and nn_ops._native_dx_faster(x.mk, w))):
+            return self._eager(step)
+        fused_dx = mask[0] and not lazy_dx
+        dx, dw, db = aten.convolution_backward(
+            dy.mk, x.mk, w, [w.shape[0]] if mask[2] else None, *nn_ops._conv_args(ctx, plan),
+            [fused_dx, True, mask[2]])
+        blobs = self.net.prepared.workspace.blobs
+        names = list(step.outputs)
+        blobs[names[0]] = dw
+        self.values.pop(names[0], None)
+        if mask[2]:
+            blobs[names[1]] = db
+            self.values.pop(names[1], None)
+        if fused_dx:
+            self._put(names[-1], self._value(step, len(names) - 1, dx))
+        elif lazy_dx:
+            x_in = x.stored if type(x.stored) is torch.Tensor else x.to_dense()
+            token = dy.view if dy.view is not None else dy.mk
+            blobs[names[-1]] = ctx.defer(
+                lambda x, w, _t, dy=dy: nn_ops._conv_dx(ctx, x, w, dy.to_dense()), [x_in, w, token])
+            self.values.pop(names[-1], None)
+
+    def _pool_args(self, step, value):
+        """(kernel, stride, padding, dilation, ceil_mode) for a 2-D NCHW pool of ``value``."""
+        sp = step.ctx.state["spatial"]
+        if sp.nhwc or len(value.shape) != 4 or value.view is None or sp.global_pooling:
+            return None
+        plan = sp.plan(tuple(value.shape[2:]))
+        if plan.explicit is not None:
+            return None
+        return (list(plan.kernel), list(plan.stride), list(plan.padding), list(plan.dilation),
+                bool(plan.ceil_mode))
+
+    def _max_pool(self, step):
+        x = self._get(step.inputs[0])
+        args = self._pool_args(step, x) if type(x) is _Value else None
+        if args is None:
+            return self._eager(step)
+        buffer = self.buffers.get((step.index, "y"))
+        if buffer is None or buffer[3] != x.shape:
+            # oneDNN's own pool gives a tensor of Y's shape in X's layout, to write into
+            mk = torch.mkldnn_max_pool2d(x.mk, *args)
+            if _block_of(mk) != x.block:
+                raise RuntimeError("oneDNN's max-pool changed the layout")
+            view = _memory_view(mk, x.block)
+            buffer = self.buffers[step.index, "y"] = (mk, view, torch.empty(0, dtype=torch.int64),
+                                                      x.shape)
+        mk, view, indices, _ = buffer
+        aten.max_pool2d_with_indices.out(x.view, *args, out=view, indices=indices)
+        if view.shape != indices.shape:  # a size oneDNN and ATen round differently
+            raise RuntimeError("max-pool output sizes of oneDNN and ATen differ")
+        self._put(step.outputs[0], _Value(mk, x.block, view, indices, pooled=x))
+
+    def _max_pool_gradient(self, step):
+        x, y, dy = (self._get(n) for n in step.inputs)
+        args = self._pool_args(step, x) if type(x) is _Value else None
+        if args is None or type(y) is not _Value or y.pooled is not x or y.indices is None:
+            return self._eager(step)
+        if type(dy) is _Value and dy.block == y.block and dy.view is not None:
+            dy_view = dy.view
+        elif type(dy) is torch.Tensor and tuple(dy.shape) == y.shape and dy.dtype == torch.float32:
+            dy_view = self._buffer(step, "dy", y)[1]
+            _write_dense(dy_view, dy, y.block)
+        else:
+            return self._eager(step)
+        mk, view, _ = self._buffer(step, "dx", x)
+        aten.max_pool2d_with_indices_backward.grad_input(dy_view, x.view, *args, y.indices,
+                                                         grad_input=view)
+        self._put(step.outputs[0], _Value(mk, x.block, view))
+
+
+def _resolved(blobs, name):
+    x = blobs.get(name)
+    return x.resolve() if type(x) is Deferred else x
+
+
+def plan(steps, blobs):
+    """Which of a region's ``steps`` (after its eager run, ``blobs`` hold their values) to run
+    on oneDNN's layout: the Conv ops worth it, and the pools and gradients of their outputs.
+    Returns a set of step ids, empty when there is no such convolution."""
+    chosen, produced, conv_inputs = set(), set(), set()
+    for step in steps:
+        kind = step.ctx.op.type
+        if kind == "Conv":
+            x, w = blobs.get(step.inputs[0]), blobs.get(step.inputs[1])
+            if (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dim() == 4
+                    and x.is_cpu and x.dtype == torch.float32 and w.shape[0] >= _MIN_CHANNELS):
+                chosen.add(id(step))
+                produced.update(step.outputs)
+                conv_inputs.add((step.inputs[0], step.inputs[1]))
+        elif kind == "MaxPool" and step.inputs[0] in produced:
+            chosen.add(id(step))
+            produced.update(step.outputs)
+        elif kind == "MaxPoolGradient" and step.inputs[0] in produced:
+            chosen.add(id(step))
+            produced.update(step.outputs)
+        elif kind == "ConvGradient" and (step.inputs[0], step.inputs[1]) in conv_inputs:
+            chosen.add(id(step))
+            produced.update(step.outputs)
+    if not any(s.ctx.op.type == "Conv" and id(s) in chosen for s in steps):
+        return set()
+    return chosen

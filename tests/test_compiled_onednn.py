@@ -1,0 +1,155 @@
+"""A compiled CPU net keeps its convolutions and max-pools in oneDNN's blocked layout: the same
+bits as the "simple" net (losses, parameters, every intermediate blob), a check that falls back to
+NCHW when the layout would differ, and the NetDef switch that turns it off."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from caffe2torch.python import core, onednn, workspace
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no oneDNN")
+
+PARAMS = ["c1_w", "c1_b", "c2_w", "c2_b", "fc_w", "fc_b"]
+CHAIN = ["Conv", "MaxPool", "Conv", "MaxPool",
+         "MaxPoolGradient", "ConvGradient", "MaxPoolGradient", "ConvGradient"]
+
+
+def _lenet(name, net_type, onednn_layout=None):
+    """LeNet in small: 10 and 20 channels (not multiples of oneDNN's 16-channel blocks)."""
+    net = core.Net(name)
+    net.Conv(["data", "c1_w", "c1_b"], "conv1", kernel=5)
+    net.MaxPool("conv1", "pool1", kernel=2, stride=2)
+    net.Conv(["pool1", "c2_w", "c2_b"], "conv2", kernel=3)
+    net.MaxPool("conv2", "pool2", kernel=2, stride=2)
+    net.FC(["pool2", "fc_w", "fc_b"], "pred")
+    net.Softmax("pred", "softmax")
+    net.LabelCrossEntropy(["softmax", "label"], "xent")
+    net.AveragedLoss("xent", "loss")
+    net.AddGradientOperators(["loss"])
+    for param in PARAMS:
+        net.WeightedSum([param, "ONE", param + "_grad", "LR"], param)
+    net.Proto().type = net_type
+    if onednn_layout is not None:
+        net.Proto().arg.add(name="compile_onednn_layout", i=onednn_layout)
+    return net
+
+
+def _batch(rng, n):
+    """Images whose left half is zero: conv1 is its bias there, so the pools see ties."""
+    data = rng.random((n, 1, 16, 16), dtype=np.float32)
+    data[:, :, :, :8] = 0
+    return data, rng.integers(0, 10, n).astype(np.int32)
+
+
+def _feed_params():
+    rng = np.random.default_rng(3)
+    shapes = {"c1_w": (10, 1, 5, 5), "c1_b": (10,), "c2_w": (20, 10, 3, 3), "c2_b": (20,),
+              "fc_w": (10, 80), "fc_b": (10,)}
+    for name, shape in shapes.items():
+        workspace.FeedBlob(name, (0.2 * rng.standard_normal(shape)).astype(np.float32))
+    workspace.FeedBlob("ONE", np.ones(1, np.float32))
+    workspace.FeedBlob("LR", np.full(1, -0.1, np.float32))
+
+
+BLOBS = ["loss", "conv1", "pool1", "conv2", "pool2", "conv1_grad", "pool1_grad", "conv2_grad",
+         "pool2_grad", "data_grad"] + PARAMS
+
+
+def _train(net_type, batches, **kw):
+    """Run the net on each batch in workspace ``net_type``; per run, the fetched BLOBS."""
+    workspace.SwitchWorkspace(f"onednn_{net_type}", create_if_missing=True)
+    workspace.ResetWorkspace()
+    _feed_params()
+    net = _lenet(f"lenet_{net_type}", net_type, **kw)
+    data, label = batches[0]
+    workspace.FeedBlob("data", data)
+    workspace.FeedBlob("label", label)
+    workspace.CreateNet(net)
+    runs = []
+    for data, label in batches:
+        workspace.FeedBlob("data", data)
+        workspace.FeedBlob("label", label)
+        workspace.RunNet(net.Name())
+        runs.append({b: workspace.FetchBlob(b) for b in BLOBS})
+    compiled = workspace.C().nets[net.Name()].compiled
+    workspace.SwitchWorkspace("default")
+    return runs, compiled
+
+
+def _assert_same(got, want):
+    for k, (g, w) in enumerate(zip(got, want)):
+        for blob in BLOBS:
+            np.testing.assert_array_equal(g[blob], w[blob], err_msg=f"run {k}: {blob}")
+
+
+@pytest.fixture()
+def batches():
+    rng = np.random.default_rng(0)
+    # a new batch size on the way: the chain checks itself again and resizes its buffers
+    return [_batch(rng, 8) for _ in range(6)] + [_batch(rng, 5) for _ in range(3)]
+
+
+def test_blocked_layout_gives_the_simple_nets_bits(batches):
+    eager, _ = _train("simple", batches)
+    compiled, net = _train("compiled", batches)
+    assert net.onednn_steps == CHAIN
+    assert all(p.enabled for p in net.parts if type(p) is onednn.Chain)
+    # the blobs between the convolutions were held in the blocked layout, viewed by the pools
+    held = net._onednn_values
+    for blob in ("conv1", "pool1", "conv2", "pool2", "conv2_grad", "pool1_grad", "conv1_grad"):
+        assert held[blob].view is not None and held[blob].block in (8, 16), blob
+    assert held["pool1"].indices is not None and held["pool2"].indices is not None
+    # the FC and loss ops (and the updates) are still compiled regions
+    assert any("FC" in region for region in net.regions)
+    _assert_same(compiled, eager)
+    assert eager[-1]["loss"] < eager[0]["loss"] * 1.5  # finite, sane training
+    ties = (eager[0]["conv1"][:, :, :, :4] == eager[0]["conv1"][:, :, :, :1]).mean()
+    assert ties > 0.9  # the zero half does give the pools ties to break
+
+
+def test_a_layout_that_would_differ_stays_on_nchw(batches, monkeypatch, caplog):
+    convolution = torch.mkldnn_convolution
+
+    def off_by_a_bit(x, w, b, *args):
+        return convolution(x, w * 1.0001, b, *args)
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", off_by_a_bit)
+    eager, _ = _train("simple", batches[:3])
+    with caplog.at_level(logging.INFO, logger="caffe2torch"):
+        compiled, net = _train("compiled", batches[:3])
+    assert "stay on NCHW tensors" in caplog.text and "differs from the eager op's" in caplog.text
+    chains = [p for p in net.parts if type(p) is onednn.Chain]
+    assert chains and not chains[0].enabled
+    _assert_same(compiled, eager)
+
+
+def test_netdef_argument_turns_the_layout_off(batches):
+    eager, _ = _train("simple", batches[:3])
+    compiled, net = _train("compiled", batches[:3], onednn_layout=0)
+    assert net.onednn_steps == []
+    assert "Conv" in net.regions[0]
+    _assert_same(compiled, eager)
+
+
+def test_a_stale_deferred_blob_is_refused():
+    """A blob held in a reused buffer, read after the next run rewrote it, is an error."""
+    rng = np.random.default_rng(1)
+    batches = [_batch(rng, 8) for _ in range(4)]
+    workspace.SwitchWorkspace("onednn_stale", create_if_missing=True)
+    workspace.ResetWorkspace()
+    _feed_params()
+    net = _lenet("lenet_stale", "compiled")
+    workspace.FeedBlob("data", batches[0][0])
+    workspace.FeedBlob("label", batches[0][1])
+    workspace.CreateNet(net)
+    for data, _label in batches[:3]:
+        workspace.FeedBlob("data", data)
+        workspace.RunNet(net.Name())
+    old = workspace.C().blobs["pool1"]
+    workspace.RunNet(net.Name())
+    with pytest.raises(RuntimeError, match="modified in place"):
+        old.resolve()
+    assert workspace.FetchBlob("pool1").shape == (8, 10, 6, 6)
+    workspace.ResetWorkspace()
+    workspace.SwitchWorkspace("default")
