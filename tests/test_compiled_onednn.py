@@ -153,3 +153,25 @@ def test_a_stale_deferred_blob_is_refused():
     assert workspace.FetchBlob("pool1").shape == (8, 10, 6, 6)
     workspace.ResetWorkspace()
     workspace.SwitchWorkspace("default")
+
+
+def test_a_lone_convolution_stays_in_its_region(fresh_workspace):
+    """A Conv whose neighbours are NCHW ops (here a Relu and an FC) gains nothing from the
+    blocked layout: it stays in the compiled region."""
+    rng = np.random.default_rng(2)
+    workspace.FeedBlob("x", rng.standard_normal((4, 3, 10, 10)).astype(np.float32))
+    workspace.FeedBlob("w", rng.standard_normal((16, 3, 3, 3)).astype(np.float32))
+    workspace.FeedBlob("b", rng.standard_normal(16).astype(np.float32))
+    net = core.Net("lone_conv")
+    net.Conv(["x", "w", "b"], "y", kernel=3)
+    net.Relu("y", "r")
+    net.Proto().type = "compiled"
+    workspace.CreateNet(net)
+    for _ in range(3):
+        workspace.RunNet(net.Name())
+    compiled = workspace.C().nets[net.Name()].compiled
+    assert compiled.onednn_steps == [] and compiled.regions == [["Conv", "Relu"]]
+    x = torch.from_numpy(workspace.FetchBlob("x"))
+    want = torch.relu(torch.conv2d(x, torch.from_numpy(workspace.FetchBlob("w")),
+                                   torch.from_numpy(workspace.FetchBlob("b"))))
+    np.testing.assert_array_equal(workspace.FetchBlob("r"), want.numpy())

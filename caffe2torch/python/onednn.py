@@ -358,27 +358,46 @@ def _resolved(blobs, name):
 
 def plan(steps, blobs):
     """Which of a region's ``steps`` (after its eager run, ``blobs`` hold their values) to run
-    on oneDNN's layout: the Conv ops worth it, and the pools and gradients of their outputs.
-    Returns a set of step ids, empty when there is no such convolution."""
-    chosen, produced, conv_inputs = set(), set(), set()
+    on oneDNN's layout: the Conv ops worth it, the max-pools of their outputs and the gradients
+    of both. A Conv is worth it when a max-pool or another Conv of the chain reads its output, or
+    its input comes from one: a lone Conv (its input and output NCHW anyway) would only add a
+    copy. Returns a set of step ids, empty when there is no such convolution."""
+    convs = {id(s) for s in steps if s.ctx.op.type == "Conv" and _eligible(s, blobs)}
+    while True:
+        forward, produced, readers = _forward_chain(steps, convs)
+        useful = {id(s) for s in steps if id(s) in convs and (
+            s.inputs[0] in produced or readers.get(s.outputs[0], False))}
+        if useful == convs:
+            break
+        convs = useful
+    if not convs:
+        return set()
+    chosen = set(forward)
+    conv_inputs = {(s.inputs[0], s.inputs[1]) for s in steps if id(s) in convs}
     for step in steps:
         kind = step.ctx.op.type
-        if kind == "Conv":
-            x, w = blobs.get(step.inputs[0]), blobs.get(step.inputs[1])
-            if (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dim() == 4
-                    and x.is_cpu and x.dtype == torch.float32 and w.shape[0] >= _MIN_CHANNELS):
-                chosen.add(id(step))
-                produced.update(step.outputs)
-                conv_inputs.add((step.inputs[0], step.inputs[1]))
-        elif kind == "MaxPool" and step.inputs[0] in produced:
+        if ((kind == "MaxPoolGradient" and step.inputs[0] in produced)
+                or (kind == "ConvGradient" and (step.inputs[0], step.inputs[1]) in conv_inputs)):
             chosen.add(id(step))
-            produced.update(step.outputs)
-        elif kind == "MaxPoolGradient" and step.inputs[0] in produced:
-            chosen.add(id(step))
-            produced.update(step.outputs)
-        elif kind == "ConvGradient" and (step.inputs[0], step.inputs[1]) in conv_inputs:
-            chosen.add(id(step))
-            produced.update(step.outputs)
-    if not any(s.ctx.op.type == "Conv" and id(s) in chosen for s in steps):
-        return set()
     return chosen
+
+
+def _eligible(step, blobs):
+    """A Conv whose input and filter (this run's values) suit oneDNN's layout."""
+    x, w = blobs.get(step.inputs[0]), blobs.get(step.inputs[1])
+    return (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dim() == 4 and x.is_cpu
+            and x.dtype == torch.float32 and w.shape[0] >= _MIN_CHANNELS)
+
+
+def _forward_chain(steps, convs):
+    """(ids of the convs and the max-pools of chain blobs, the chain's blobs, blob -> read by a
+    max-pool or conv of the chain)."""
+    forward, produced, readers = set(), set(), {}
+    for step in steps:
+        kind = step.ctx.op.type
+        if id(step) in convs or (kind == "MaxPool" and step.inputs[0] in produced):
+            forward.add(id(step))
+            if step.inputs[0] in produced:
+                readers[step.inputs[0]] = True
+            produced.update(step.outputs)
+    return forward, produced, readers
