@@ -20,10 +20,15 @@ than a small net's ops), and the ops whose fused code rounds differently keep AT
 place (a training net's WeightedSum; its log says why), which then run as plain inductor code.
 Not yet measured on a GPU.
 
+On the CPU, a region's convolutions, the max-pools of their outputs and the gradients of both
+are carved out at its first run and run on oneDNN's blocked layout between them, without the
+reorders each NCHW call makes (``onednn.py``; the same bits, checked).
+
 NetDef arguments (``net.Proto().arg``) tune it: ``compile_mode`` (torch.compile's mode; default
 "reduce-overhead", CUDA graphs, on CUDA and "default" on CPU), ``compile_dynamic`` (0 or 1:
-torch.compile's ``dynamic``; default: automatic) and ``compile_cpp_wrapper`` (default 1: direct
-regions use inductor's C++ wrapper where their graph allows).
+torch.compile's ``dynamic``; default: automatic), ``compile_cpp_wrapper`` (default 1: direct
+regions use inductor's C++ wrapper where their graph allows) and ``compile_onednn_layout``
+(default 1; 0 keeps convolutions and pools in the regions, on NCHW tensors).
 """
 import contextlib
 import logging
