@@ -9,10 +9,14 @@ training LMDB, in order), with the tutorial's SGD (lr = -0.1 * 0.999^iter, float
 - ``plain PyTorch``: autograd, functional LeNet, in-place SGD, batches pre-decoded in memory;
 - ``eager``: ``train_net.pb`` without its Print/Summarize ops, NetDef type "simple";
 - ``eager+bookkeeping``: ``train_net.pb`` as the tutorial runs it (Print/Summarize to files);
-- ``compiled``: ``train_net.pb`` without Print/Summarize, ``NetDef.type = "compiled"``.
+- ``compiled``: ``train_net.pb`` without Print/Summarize, ``NetDef.type = "compiled"``;
+- with ``--compare-layouts``, also ``compiled NCHW``: the same with ``compile_onednn_layout=0``
+  (the convolutions and pools in the compiled regions, on NCHW tensors: what oneDNN's blocked
+  layout between them saves).
 
-One process, lockstep: each iteration of each variant is timed side by side, the order rotating,
-so that a change of machine load hits all variants alike; iteration 0 (the compiled net compiles
+One process, lockstep: each iteration of each variant is timed side by side, in an order shuffled
+every iteration (seeded), so that a change of machine load hits all variants alike and no
+variant always runs right after the same other one; iteration 0 (the compiled net compiles
 there) is left out of every variant's time. Prints each variant's seconds per run, the median and
 spread over runs of the per-run ratio to plain PyTorch (targets: eager <= 1.05, eager+bookkeeping
 <= 1.10, compiled <= 0.90 on CPU), the compile time of each run (the first may fill inductor's
@@ -45,7 +49,7 @@ PARAMS = ["conv1_w", "conv1_b", "conv2_w", "conv2_b", "fc3_w", "fc3_b", "pred_w"
 BOOKKEEPING = ("Print", "Summarize")
 
 
-def variant(train_net, net_type, bookkeeping):
+def variant(train_net, net_type, bookkeeping, onednn_layout=True):
     """A copy of ``train_net`` with the given NetDef type, with or without Print/Summarize."""
     net = caffe2_pb2.NetDef()
     net.CopyFrom(train_net)
@@ -53,6 +57,8 @@ def variant(train_net, net_type, bookkeeping):
         del net.op[:]
         net.op.extend(op for op in train_net.op if op.type not in BOOKKEEPING)
     net.type = net_type
+    if not onednn_layout:
+        net.arg.add(name="compile_onednn_layout", i=0)
     return net
 
 
@@ -147,18 +153,21 @@ class PlainTrainer:
         """Nothing to release."""
 
 
-def run_lockstep(trainers, iters):
-    """Step every trainer once per iteration, rotating the order; returns seconds and losses.
+def run_lockstep(trainers, iters, seed=0):
+    """Step every trainer once per iteration, in a shuffled order; returns seconds and losses.
 
     Timing each variant's iterations side by side makes the ratio robust to a machine whose
-    load changes during the run (the variants see the same conditions, a few ms apart).
+    load changes during the run (the variants see the same conditions, a few ms apart). The
+    order is drawn anew each iteration: with a fixed rotation each variant would always follow
+    the same other one and inherit what that one leaves running (its DB prefetch thread).
     """
     names = list(trainers)
+    rng = np.random.default_rng(seed)
     seconds = dict.fromkeys(names, 0.0)
     losses = {n: np.zeros(iters) for n in names}
     for i in range(iters):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
+        for k in rng.permutation(len(names)):
+            name = names[k]
             start = time.perf_counter()
             losses[name][i] = trainers[name].step(i)
             if i:  # iteration 0 compiles the compiled net: no variant counts it
@@ -178,6 +187,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-compiled", action="store_true", help="leave the compiled net out")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="also run the compiled net with compile_onednn_layout=0")
     args = parser.parse_args()
 
     if args.threads:
@@ -196,6 +207,8 @@ def main():
             "eager+bookkeeping": variant(train_net, "simple", True)}
     if not args.skip_compiled:
         nets["compiled"] = variant(train_net, "compiled", False)
+        if args.compare_layouts:
+            nets["compiled NCHW"] = variant(train_net, "compiled", False, onednn_layout=False)
 
     names = list(nets) + ["plain PyTorch"]
     times = {n: [] for n in names}
@@ -207,7 +220,7 @@ def main():
                                              tempfile.mkdtemp(prefix="c2t-bench-"))
                     for k, (name, net) in enumerate(nets.items())}
         trainers["plain PyTorch"] = PlainTrainer(images, labels, weights, batch, device)
-        seconds, losses = run_lockstep(trainers, args.iters if run else 10)
+        seconds, losses = run_lockstep(trainers, args.iters if run else 10, args.seed + run)
         if "compiled" in trainers:
             compile_seconds.append(trainers["compiled"].compile_seconds)
         for trainer in trainers.values():
@@ -230,8 +243,10 @@ def main():
     targets = {"eager": 1.05, "eager+bookkeeping": 1.10, "compiled": 0.90 if args.device == "cpu" else 0.5}
     for name, rs in ratios.items():
         ratio = statistics.median(rs)
+        target = (f"target <= {targets[name]}: {'met' if ratio <= targets[name] else 'NOT met'}"
+                  if name in targets else "no target")
         print(f"ratio {name}/plain: median {ratio:.3f} (runs {', '.join(f'{r:.3f}' for r in rs)}; "
-              f"target <= {targets[name]}: {'met' if ratio <= targets[name] else 'NOT met'})")
+              f"{target})")
     if compile_seconds:
         print(f"compile time of the compiled net: {compile_seconds[0]:.1f} s in the first run "
               f"(cold or warm inductor cache), then {', '.join(f'{c:.1f}' for c in compile_seconds[1:])} s "
@@ -239,7 +254,8 @@ def main():
     ref = curves["plain PyTorch"]
     for name, base, target in (("eager", "plain PyTorch", 1e-4),
                                ("eager+bookkeeping", "plain PyTorch", 1e-4),
-                               ("compiled", "eager", 1e-5)):
+                               ("compiled", "eager", 1e-5),
+                               ("compiled NCHW", "eager", 1e-5)):
         if name not in curves:
             continue
         rel = np.abs(curves[name] - curves[base]) / np.abs(curves[base])

@@ -38,19 +38,50 @@ def read_batch(reader, batch_size, num_outputs):
     bytes, a repeated field) and turned into one array per batch: no numpy call per record.
     """
     records = reader.read_many(max(batch_size, 1))
-    first = caffe2_pb2.TensorProtos.FromString(records[0][1])
-    if len(first.protos) != num_outputs:
+    parse = caffe2_pb2.TensorProtos.FromString
+    batch = [parse(value).protos for _, value in records]
+    first = batch[0]
+    if len(first) != num_outputs:
         raise ValueError(f"record {records[0][0]!r} of {reader.path!r} holds "
-                         f"{len(first.protos)} TensorProtos but the op has {num_outputs} outputs")
-    layout = [(p.data_type, list(p.dims)) for p in first.protos]
+                         f"{len(first)} TensorProtos but the op has {num_outputs} outputs")
+    layout = [(p.data_type, list(p.dims)) for p in first]
     sizes = [math.prod(dims) for _, dims in layout]
+    columns = (_plain_columns(batch, layout, sizes, num_outputs)
+               or _checked_columns(reader, records, batch, layout, sizes, num_outputs))
+    lead = (batch_size,) if batch_size else ()
+    return [_stack(column, data_type, lead + tuple(dims))
+            for column, (data_type, dims) in zip(columns, layout)]
+
+
+def _plain_columns(batch, layout, sizes, num_outputs):
+    """Each output's values, one column of records at a time, when every record has the first
+    one's layout in fields usable as they are (the common case: a few checks per column, no
+    per-record Python loop); None otherwise (``_checked_columns`` then finds what differs)."""
+    if any(len(protos) != num_outputs for protos in batch):
+        return None
+    columns = []
+    for i, (data_type, dims) in enumerate(layout):
+        column = [protos[i] for protos in batch]
+        field = _PLAIN_FIELDS.get(data_type)
+        if field is None or any(p.data_type != data_type or p.dims != dims or p.data_format
+                                or p.HasField("raw_data") for p in column):
+            return None
+        values = [getattr(p, field) for p in column]
+        if any(len(v) != sizes[i] for v in values):
+            return None
+        columns.append(values)
+    return columns
+
+
+def _checked_columns(reader, records, batch, layout, sizes, num_outputs):
+    """Each output's values, record by record: converts what needs converting and names the
+    first record that does not fit the batch's first one."""
     columns = [[] for _ in layout]  # output i: the values of each record
-    for b, (key, value) in enumerate(records):
-        protos = first if b == 0 else caffe2_pb2.TensorProtos.FromString(value)
-        if len(protos.protos) != num_outputs:
-            raise ValueError(f"record {key!r} of {reader.path!r} holds {len(protos.protos)} "
+    for (key, _value), protos in zip(records, batch):
+        if len(protos) != num_outputs:
+            raise ValueError(f"record {key!r} of {reader.path!r} holds {len(protos)} "
                              f"TensorProtos, the first record of the batch {num_outputs}")
-        for i, p in enumerate(protos.protos):
+        for i, p in enumerate(protos):
             data_type, dims = layout[i]
             if p.data_type != data_type or p.dims != dims:
                 raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} is "
@@ -61,9 +92,7 @@ def read_batch(reader, batch_size, num_outputs):
                 raise ValueError(f"record {key!r} of {reader.path!r}: TensorProto {i} holds "
                                  f"{len(values)} values but its dims {dims} need {sizes[i]}")
             columns[i].append(values)
-    lead = (batch_size,) if batch_size else ()
-    return [_stack(column, data_type, lead + tuple(dims))
-            for column, (data_type, dims) in zip(columns, layout)]
+    return columns
 
 
 # the fields whose values are the tensor's values as they are (no conversion)
