@@ -412,14 +412,10 @@ class CompiledNet:
         copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
         self.prepared.run_steps(region.steps)
         region.first = False
-        if self.onednn and region.direct:
-            chosen = onednn.plan(region.steps, self.prepared.workspace.blobs)
-            if chosen:
-                k = self.parts.index(region)
-                self.parts[k:k + 1] = self._carve(region.steps, chosen)
-                return
         start = time.perf_counter()
         try:
+            if self.onednn and region.direct and self._carved(region):
+                return
             if region.direct:
                 if key is not None and len(region.variants) < _MAX_KEYS:
                     try:
@@ -456,6 +452,32 @@ class CompiledNet:
         if i + 1 < len(region.steps):
             parts.append(self._region(region.steps[i + 1:]))
         return parts
+
+    def _carved(self, region):
+        """Carve the oneDNN runs out of ``region`` (just run eagerly) if it has any, and compile
+        the regions left, on the values that run left in the blobs. False: nothing to carve."""
+        blobs = self.prepared.workspace.blobs
+        chosen = onednn.plan(region.steps, blobs)
+        if not chosen:
+            return False
+        k = self.parts.index(region)
+        parts = self._carve(region.steps, chosen)
+        self.parts[k:k + 1] = parts
+        for part in parts:
+            if type(part) is not _Region:
+                continue  # a Chain checks itself against the eager ops at its first run
+            values = self._inputs(part, [blobs[n] for n in part.inputs])
+            key = part.key(values)
+            if key is None:
+                continue  # its first run compiles it
+            try:
+                part.build(key, [x.clone() if isinstance(x, torch.Tensor) else x
+                                 for x in values], self.cpp_wrapper)
+                part.first = False
+            except Exception as exc:  # its first run compiles it another way, or says why
+                log.info("net %r: region %d compiles at its first run (%s: %s)", self.name,
+                         part.number, type(exc).__name__, exc)
+        return True
 
     def _carve(self, steps, chosen):
         """Parts replacing a region whose ``chosen`` steps run on oneDNN's layout: the steps

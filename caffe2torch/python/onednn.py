@@ -16,6 +16,7 @@ the eager ops on the same inputs; a difference keeps the chain on the eager ops 
 NetDef argument ``compile_onednn_layout`` (default 1) turns it off with 0.
 """
 import ctypes
+import itertools
 import logging
 
 import torch
@@ -44,12 +45,17 @@ class _Value:
     the blocked memory (None: a layout the chain does not view), argmax indices of a max-pool's
     output and the value it pooled; ``stored``: what the workspace blob holds for it."""
 
-    __slots__ = ("mk", "shape", "block", "view", "indices", "pooled", "stored", "dense", "version")
+    __slots__ = ("mk", "shape", "block", "view", "indices", "pooled", "stored", "dense", "version",
+                 "serial")
+    _serials = itertools.count()
 
     def __init__(self, mk, block=None, view=None, indices=None, pooled=None):
         self.mk, self.shape, self.block, self.view = mk, tuple(mk.shape), block, view
+        # pooled: the serial number of the value a max-pool's output pooled (not the value
+        # itself, which would keep the previous run's tensors alive)
         self.indices, self.pooled = indices, pooled
         self.stored = self.dense = self.version = None
+        self.serial = next(self._serials)
 
     def to_dense(self):
         """The NCHW tensor (oneDNN's reorder), computed once."""
@@ -244,6 +250,7 @@ class Chain:
         x = self._get(name)
         if type(x) is _Value:
             return x
+        self.values.pop(name, None)  # a stale copy of an earlier tensor: free before the new one
         if (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32
                 or x.dim() != 4 or not x.is_contiguous() or w.dtype != torch.float32):
             return None
@@ -331,12 +338,12 @@ class Chain:
         aten.max_pool2d_with_indices.out(x.view, *args, out=view, indices=indices)
         if view.shape != indices.shape:  # a size oneDNN and ATen round differently
             raise RuntimeError("max-pool output sizes of oneDNN and ATen differ")
-        self._put(step.outputs[0], _Value(mk, x.block, view, indices, pooled=x))
+        self._put(step.outputs[0], _Value(mk, x.block, view, indices, pooled=x.serial))
 
     def _max_pool_gradient(self, step):
         x, y, dy = (self._get(n) for n in step.inputs)
         args = self._pool_args(step, x) if type(x) is _Value else None
-        if args is None or type(y) is not _Value or y.pooled is not x or y.indices is None:
+        if args is None or type(y) is not _Value or y.pooled != x.serial or y.indices is None:
             return self._eager(step)
         if type(dy) is _Value and dy.block == y.block and dy.view is not None:
             dy_view = dy.view
