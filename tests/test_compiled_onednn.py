@@ -175,3 +175,22 @@ def test_a_lone_convolution_stays_in_its_region(fresh_workspace):
     want = torch.relu(torch.conv2d(x, torch.from_numpy(workspace.FetchBlob("w")),
                                    torch.from_numpy(workspace.FetchBlob("b"))))
     np.testing.assert_array_equal(workspace.FetchBlob("r"), want.numpy())
+
+
+def test_the_first_run_carves_and_compiles(fresh_workspace):
+    """The run that compiles the region also compiles what is left of it after the carve, so
+    the second run is already compiled code (a benchmark leaving out the first run is fair)."""
+    rng = np.random.default_rng(4)
+    _feed_params()
+    data, label = _batch(rng, 8)
+    workspace.FeedBlob("data", data)
+    workspace.FeedBlob("label", label)
+    net = _lenet("lenet_first", "compiled")
+    workspace.CreateNet(net)
+    workspace.RunNet(net.Name())
+    compiled = workspace.C().nets[net.Name()].compiled
+    regions = [p for p in compiled.parts if hasattr(p, "variants")]
+    assert len(regions) == 2 and all(len(p.variants) == 1 for p in regions)
+    seconds = compiled.compile_seconds
+    workspace.RunNet(net.Name())
+    assert compiled.compile_seconds == seconds  # nothing compiled in the second run
