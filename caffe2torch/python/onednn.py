@@ -252,7 +252,8 @@ class Chain:
             return x
         self.values.pop(name, None)  # a stale copy of an earlier tensor: free before the new one
         if (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32
-                or x.dim() != 4 or not x.is_contiguous() or w.dtype != torch.float32):
+                or x.dim() != 4 or not x.is_contiguous() or not x.numel()
+                or w.dtype != torch.float32):
             return None
         plan = self._conv_plan(step, x.shape, w)
         if plan is None:
@@ -393,7 +394,7 @@ def _eligible(step, blobs):
     """A Conv whose input and filter (this run's values) suit oneDNN's layout."""
     x, w = blobs.get(step.inputs[0]), blobs.get(step.inputs[1])
     return (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dim() == 4 and x.is_cpu
-            and x.dtype == torch.float32 and w.shape[0] >= _MIN_CHANNELS)
+            and x.dtype == torch.float32 and x.numel() > 0 and w.shape[0] >= _MIN_CHANNELS)
 
 
 def _forward_chain(steps, convs):
