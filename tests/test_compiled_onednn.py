@@ -225,3 +225,13 @@ def test_an_empty_batch_runs_on_nchw(fresh_workspace):
     for got, want in zip(results["compiled"], results["simple"]):
         np.testing.assert_array_equal(got, want)
     assert results["compiled"][3].shape == (0, 10)
+
+
+def test_with_onednn_switched_off_nothing_is_carved(batches, monkeypatch):
+    """``torch.backends.mkldnn.enabled = False`` (PyTorch's own switch) keeps the ops in the
+    compiled regions: there is no oneDNN convolution to keep a layout for."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    eager, _ = _train("simple", batches[:3])
+    compiled, net = _train("compiled", batches[:3])
+    assert net.onednn_steps == []
+    _assert_same(compiled, eager)

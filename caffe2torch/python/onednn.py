@@ -393,7 +393,8 @@ def plan(steps, blobs):
 def _eligible(step, blobs):
     """A Conv whose input and filter (this run's values) suit oneDNN's layout."""
     x, w = blobs.get(step.inputs[0]), blobs.get(step.inputs[1])
-    return (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dim() == 4 and x.is_cpu
+    return (torch._C._get_mkldnn_enabled() and type(x) is torch.Tensor
+            and type(w) is torch.Tensor and x.dim() == 4 and x.is_cpu
             and x.dtype == torch.float32 and x.numel() > 0 and w.shape[0] >= _MIN_CHANNELS)
 
 
