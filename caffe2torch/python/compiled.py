@@ -31,6 +31,7 @@ regions use inductor's C++ wrapper where their graph allows) and ``compile_onedn
 (default 1; 0 keeps convolutions and pools in the regions, on NCHW tensors).
 """
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -486,16 +487,9 @@ class CompiledNet:
         dense = {name for step in self.prepared.steps if id(step) not in self._chain_steps
                  for name in step.inputs}
         order = schedule(steps, [id(s) in chosen for s in steps])
-        parts = []
-        for step in order:
-            in_chain = id(step) in chosen
-            last = parts[-1] if parts else None
-            if last is not None and last[0] == in_chain:
-                last[1].append(step)
-            else:
-                parts.append((in_chain, [step]))
-        return [onednn.Chain(self, run, self._onednn_values, dense) if in_chain
-                else self._region(run) for in_chain, run in parts]
+        runs = itertools.groupby(order, key=lambda s: id(s) in chosen)
+        return [onednn.Chain(self, list(run), self._onednn_values, dense) if in_chain
+                else self._region(list(run)) for in_chain, run in runs]
 
     def close(self):
         """Drop the compiled functions and the oneDNN buffers."""
