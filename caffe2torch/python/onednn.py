@@ -28,7 +28,6 @@ from caffe2torch.ops.registry import Deferred
 log = logging.getLogger("caffe2torch")
 aten = torch.ops.aten
 
-TYPES = frozenset({"Conv", "ConvGradient", "MaxPool", "MaxPoolGradient"})
 # Convolutions with fewer output channels gain nothing from the blocked layout's padding.
 _MIN_CHANNELS = 8
 _BLOCKS = (16, 8)
@@ -104,7 +103,8 @@ def _block_of(mk):
 
 
 class Chain:
-    """Steps of types ``TYPES`` run on oneDNN's layout (see the module doc)."""
+    """Conv, ConvGradient, MaxPool and MaxPoolGradient steps run on oneDNN's layout (see the
+    module doc); a step whose inputs do not suit it runs the eager op."""
 
     def __init__(self, net, steps, values, dense_names):
         self.net = net
