@@ -410,7 +410,7 @@ class CompiledNet:
         torch.compile cannot trace (``fullgraph=True`` finds it) splits the region around it. A
         direct region that make_fx cannot trace, or that sees too many keys, uses torch.compile.
         """
-        copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
+        copies = _copies(values)
         self.prepared.run_steps(region.steps)
         region.first = False
         start = time.perf_counter()
@@ -472,8 +472,7 @@ class CompiledNet:
             if key is None:
                 continue  # its first run compiles it
             try:
-                part.build(key, [x.clone() if isinstance(x, torch.Tensor) else x
-                                 for x in values], self.cpp_wrapper)
+                part.build(key, _copies(values), self.cpp_wrapper)
                 part.first = False
             except Exception as exc:  # its first run compiles it another way, or says why
                 log.info("net %r: region %d compiles at its first run (%s: %s)", self.name,
@@ -495,6 +494,11 @@ class CompiledNet:
         """Drop the compiled functions and the oneDNN buffers."""
         self.parts = []
         self._onednn_values.clear()
+
+
+def _copies(values):
+    """Copies of a region's input tensors to compile on (the blobs themselves stay untouched)."""
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in values]
 
 
 def _last_guard(region, values, function):
