@@ -70,7 +70,8 @@ bench: $(VENV)/.kernel
 proto: $(VENV)/.installed
 	$(PIP) install -q -r requirements-proto.txt
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. caffe2torch/proto/caffe2.proto \
-	    caffe2torch/proto/metanet.proto caffe2torch/proto/predictor_consts.proto
+	    caffe2torch/proto/metanet.proto caffe2torch/proto/predictor_consts.proto \
+	    caffe2torch/proto/records.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist build/lib *.egg-info compat/caffe2-compat/*.egg-info
