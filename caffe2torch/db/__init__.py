@@ -63,20 +63,13 @@ class DBReader:
         self.num_shards = num_shards
         self.shard_id = shard_id
         self.lock = threading.Lock()
-        self.inflight = None  # a prefetch read in progress (concurrent.futures.Future), or None
         self.db = open_db(db_type, path, "read")
         self.cursor = self.db.cursor()
         self._move_to_beginning()
 
     def reopen(self, db_type, path, num_shards=1, shard_id=0):
         """Open ``path`` again in this same reader, at its first record (Caffe2's DBReader::Open
-        on an existing blob): a read already started by a prefetcher finishes first."""
-        inflight = self.inflight
-        if inflight is not None:
-            try:
-                inflight.result()
-            except Exception:  # noqa: BLE001 (the reading op reports its own failure)
-                pass
+        on an existing blob)."""
         with self.lock:
             self.cursor.close()
             self.db.close()

@@ -174,6 +174,31 @@ def test_tensor_protos_db_input_names_the_bad_record(tmp_path):
         run("TensorProtosDBInput", ["r2"], ["x"], batch_size=2)
 
 
+
+def test_tensor_protos_db_input_names_a_record_that_is_no_tensor_protos(tmp_path):
+    """A corrupt record fails the run whose batch holds it (the batch before reads fine, though
+    the op has already read this one ahead), naming the record and the DB."""
+    TP = caffe2_pb2.TensorProto
+    path = str(tmp_path / "corrupt.minidb")
+    with open_db("minidb", path, "new") as db:
+        txn = db.new_transaction()
+        for i in range(2):
+            record = caffe2_pb2.TensorProtos()
+            record.protos.add(data_type=TP.FLOAT, dims=[2], float_data=[i, i + 1])
+            txn.put(b"%d" % i, record.SerializeToString())
+        txn.put(b"2", b"\xff\xff\xff\xff not a protobuf")
+        txn.put(b"3", record.SerializeToString())
+    workspace.RunOperatorOnce(core.CreateOperator("CreateDB", [], ["r"], db=path,
+                                                  db_type="minidb"))
+    net = core.Net("corrupt")
+    net.TensorProtosDBInput(["r"], ["x"], batch_size=2)
+    workspace.CreateNet(net)
+    workspace.RunNet(net.Proto().name)
+    assert workspace.FetchBlob("x").tolist() == [[0, 1], [1, 2]]
+    with pytest.raises(Exception, match=f"record b'2' of '{path}' is not a serialized "
+                                        "TensorProtos"):
+        workspace.RunNet(net.Proto().name)
+
 def test_save_load_round_trip_with_chunks(monkeypatch, tmp_path):
     monkeypatch.setattr(serialize, "CHUNK_SIZE", 5)
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
