@@ -1,7 +1,9 @@
 """A compiled CPU net keeps its convolutions and max-pools in oneDNN's blocked layout: the same
 bits as the "simple" net (losses, parameters, every intermediate blob), a check that falls back to
 NCHW when the layout would differ, and the NetDef switch that turns it off."""
+import gc
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -153,6 +155,41 @@ def test_a_stale_deferred_blob_is_refused():
     assert workspace.FetchBlob("pool1").shape == (8, 10, 6, 6)
     workspace.ResetWorkspace()
     workspace.SwitchWorkspace("default")
+
+
+def test_a_run_frees_the_previous_runs_tensors_by_reference_counting():
+    """The next run's convolutions replace this run's mkldnn tensors and free them at once: a
+    reference cycle would hold them (MBs per run on LeNet) until the garbage collector ran. A
+    blob fetched from an earlier run still reads that run's value."""
+    rng = np.random.default_rng(2)
+    batches = [_batch(rng, 8) for _ in range(4)]
+    workspace.SwitchWorkspace("onednn_refs", create_if_missing=True)
+    workspace.ResetWorkspace()
+    _feed_params()
+    net = _lenet("lenet_refs", "compiled")
+    workspace.FeedBlob("data", batches[0][0])
+    workspace.FeedBlob("label", batches[0][1])
+    workspace.CreateNet(net)
+    held = workspace.C().nets[net.Name()].compiled._onednn_values
+    gc.collect()
+    gc.disable()
+    try:
+        for data, _label in batches[:2]:
+            workspace.FeedBlob("data", data)
+            workspace.RunNet(net.Name())
+        conv1 = weakref.ref(held["conv1"].mk)
+        workspace.FeedBlob("data", batches[2][0])
+        workspace.RunNet(net.Name())
+        assert conv1() is None, "the previous run's conv1 outlived its run"
+        old_blob, old_value = workspace.C().blobs["conv1"], workspace.FetchBlob("conv1")
+        workspace.FeedBlob("data", batches[3][0])
+        workspace.RunNet(net.Name())
+        np.testing.assert_array_equal(old_blob.resolve().numpy(), old_value)
+        assert not np.array_equal(workspace.FetchBlob("conv1"), old_value)
+    finally:
+        gc.enable()
+        workspace.ResetWorkspace()
+        workspace.SwitchWorkspace("default")
 
 
 def test_a_lone_convolution_stays_in_its_region(fresh_workspace):

@@ -18,6 +18,7 @@ NetDef argument ``compile_onednn_layout`` (default 1) turns it off with 0.
 import ctypes
 import itertools
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class _Value:
     output and the value it pooled; ``stored``: what the workspace blob holds for it."""
 
     __slots__ = ("mk", "shape", "block", "view", "indices", "pooled", "stored", "dense", "version",
-                 "serial")
+                 "serial", "__weakref__")
     _serials = itertools.count()
 
     def __init__(self, mk, block=None, view=None, indices=None, pooled=None):
@@ -61,6 +62,19 @@ class _Value:
         if self.dense is None:
             self.dense = self.mk.to_dense()
         return self.dense
+
+
+def _dense_of(value):
+    """The function a Deferred blob of ``value`` computes: ``value``'s NCHW tensor, shared with
+    the chain's own reads while the chain keeps ``value``. It holds ``value`` weakly: the _Value
+    holds the Deferred, and a cycle between them would keep every run's mkldnn tensors (MBs each)
+    alive until the cyclic garbage collector ran, growing the heap and its page faults."""
+    ref, mk = weakref.ref(value), value.mk
+
+    def dense(_token):
+        held = ref()
+        return held.to_dense() if held is not None else mk.to_dense()
+    return dense
 
 
 def _memory_view(mk, block):
@@ -204,7 +218,7 @@ class Chain:
         else:
             # the view (or the fresh mkldnn tensor) is the Deferred's input: a later run that
             # rewrites a persistent buffer bumps its version, and a stale fetch is refused
-            value.stored = Deferred(lambda _x, v=value: v.to_dense(),
+            value.stored = Deferred(_dense_of(value),
                                     [value.view if value.view is not None else value.mk])
         self.values[name] = value
         blobs[name] = value.stored
