@@ -168,6 +168,14 @@ def test_dbreader_wraps_around(tmp_path, db_type):
     reader = DBReader(db_type, str(path))
     assert [reader.read()[0] for _ in range(7)] == [b"0", b"1", b"2", b"0", b"1", b"2", b"0"]
     reader.close()
+    # batches across the end, in one call, continue where single reads would
+    reader = DBReader(db_type, str(path))
+    assert reader.read_many(2) == [(b"0", b"v0"), (b"1", b"v1")]
+    assert [k for k, _ in reader.read_many(7)] == [b"2", b"0", b"1", b"2", b"0", b"1", b"2"]
+    assert reader.read() == (b"0", b"v0")
+    assert [k for k, _ in reader.read_many(2)] == [b"1", b"2"]
+    assert reader.cursor.key() == b"0"  # after the last record the cursor is back at the first
+    reader.close()
     sharded = DBReader(db_type, str(path), num_shards=2, shard_id=1)
     assert [k for k, _ in sharded.read_many(3)] == [b"1", b"1", b"1"]
 

@@ -95,13 +95,24 @@ class DBReader:
     def read_many(self, n: int) -> list[tuple[bytes, bytes]]:
         """``n`` consecutive records as a list of (key, value), read under one lock."""
         with self.lock:
-            return [self._read_locked() for _ in range(n)]
+            if self.num_shards != 1:
+                return [self._read_locked() for _ in range(n)]
+            records = []
+            while len(records) < n:
+                self._at_a_record()
+                records += self.cursor.take(n - len(records))
+            if not self.cursor.valid():  # as read(): at the end, back to the first record
+                self._move_to_beginning()
+            return records
 
-    def _read_locked(self):
+    def _at_a_record(self):
         if not self.cursor.valid():  # empty, or a Load read the cursor to the end
             self._move_to_beginning()
             if not self.cursor.valid():
                 raise ValueError(f"database {self.path!r} ({self.db_type}) has no records")
+
+    def _read_locked(self):
+        self._at_a_record()
         record = self.cursor.key(), self.cursor.value()
         for _ in range(self.num_shards):
             self.cursor.next()

@@ -13,6 +13,15 @@ class Cursor:
             yield self.key(), self.value()
             self.next()
 
+    def take(self, n):
+        """Up to ``n`` (key, value) from the current record on (fewer at the end), advancing
+        past them."""
+        records = []
+        while len(records) < n and self.valid():
+            records.append((self.key(), self.value()))
+            self.next()
+        return records
+
 
 class DB:
     """A database is a context manager: ``close`` on success, ``abort`` on an exception (so a
