@@ -263,12 +263,7 @@ def main():
         print(f"  {name:18s} median {statistics.median(runs):7.3f} s   runs: "
               f"{', '.join(f'{t:.3f}' for t in runs)}")
     targets = {"eager": 1.05, "eager+bookkeeping": 1.10, "compiled": 0.90 if args.device == "cpu" else 0.5}
-    for name, rs in ratios.items():
-        ratio = statistics.median(rs)
-        target = (f"target <= {targets[name]}: {'met' if ratio <= targets[name] else 'NOT met'}"
-                  if name in targets else "no target")
-        print(f"ratio {name}/plain: median {ratio:.3f} (runs {', '.join(f'{r:.3f}' for r in rs)}; "
-              f"{target})")
+    print_ratios("ratio", ratios, targets)
     if compile_seconds:
         print(f"compile time of the compiled net: {compile_seconds[0]:.1f} s in the first run "
               f"(cold or warm inductor cache), then {', '.join(f'{c:.1f}' for c in compile_seconds[1:])} s "
@@ -347,12 +342,18 @@ def run_isolated(names, nets_dir, args, targets):
         print(f"  {name:18s} median {statistics.median(runs):7.3f} s   runs: "
               f"{', '.join(f'{t:.3f}' for t in runs)}   page faults an iteration: median "
               f"{statistics.median(faults[name]):.0f}")
+    print_ratios("isolated ratio", ratios, targets)
+
+
+def print_ratios(label, ratios, targets):
+    """One line per variant: the median of its per-run ratios to plain PyTorch, the runs', and
+    whether the target holds."""
     for name, rs in ratios.items():
         ratio = statistics.median(rs)
         target = (f"target <= {targets[name]}: {'met' if ratio <= targets[name] else 'NOT met'}"
                   if name in targets else "no target")
-        print(f"isolated ratio {name}/plain: median {ratio:.3f} (runs "
-              f"{', '.join(f'{r:.3f}' for r in rs)}; {target})")
+        print(f"{label} {name}/plain: median {ratio:.3f} (runs {', '.join(f'{r:.3f}' for r in rs)}; "
+              f"{target})")
 
 
 if __name__ == "__main__":

@@ -134,17 +134,23 @@ def test_netdef_argument_turns_the_layout_off(batches):
     _assert_same(compiled, eager)
 
 
-def test_a_stale_deferred_blob_is_refused():
-    """A blob held in a reused buffer, read after the next run rewrote it, is an error."""
-    rng = np.random.default_rng(1)
+def _compiled_in_workspace(name, seed):
+    """The compiled LeNet created in a fresh workspace ``onednn_<name>``, and 4 batches of 8."""
+    rng = np.random.default_rng(seed)
     batches = [_batch(rng, 8) for _ in range(4)]
-    workspace.SwitchWorkspace("onednn_stale", create_if_missing=True)
+    workspace.SwitchWorkspace(f"onednn_{name}", create_if_missing=True)
     workspace.ResetWorkspace()
     _feed_params()
-    net = _lenet("lenet_stale", "compiled")
+    net = _lenet(f"lenet_{name}", "compiled")
     workspace.FeedBlob("data", batches[0][0])
     workspace.FeedBlob("label", batches[0][1])
     workspace.CreateNet(net)
+    return net, batches
+
+
+def test_a_stale_deferred_blob_is_refused():
+    """A blob held in a reused buffer, read after the next run rewrote it, is an error."""
+    net, batches = _compiled_in_workspace("stale", seed=1)
     for data, _label in batches[:3]:
         workspace.FeedBlob("data", data)
         workspace.RunNet(net.Name())
@@ -161,15 +167,7 @@ def test_a_run_frees_the_previous_runs_tensors_by_reference_counting():
     """The next run's convolutions replace this run's mkldnn tensors and free them at once: a
     reference cycle would hold them (MBs per run on LeNet) until the garbage collector ran. A
     blob fetched from an earlier run still reads that run's value."""
-    rng = np.random.default_rng(2)
-    batches = [_batch(rng, 8) for _ in range(4)]
-    workspace.SwitchWorkspace("onednn_refs", create_if_missing=True)
-    workspace.ResetWorkspace()
-    _feed_params()
-    net = _lenet("lenet_refs", "compiled")
-    workspace.FeedBlob("data", batches[0][0])
-    workspace.FeedBlob("label", batches[0][1])
-    workspace.CreateNet(net)
+    net, batches = _compiled_in_workspace("refs", seed=2)
     held = workspace.C().nets[net.Name()].compiled._onednn_values
     gc.collect()
     gc.disable()
