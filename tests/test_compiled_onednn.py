@@ -17,14 +17,20 @@ CHAIN = ["Conv", "MaxPool", "Conv", "MaxPool",
          "MaxPoolGradient", "ConvGradient", "MaxPoolGradient", "ConvGradient"]
 
 
-def _lenet(name, net_type, onednn_layout=None):
-    """LeNet in small: 10 and 20 channels (not multiples of oneDNN's 16-channel blocks)."""
+def _forward(name):
+    """LeNet's convolutions, pools and FC ("data" -> "pred")."""
     net = core.Net(name)
     net.Conv(["data", "c1_w", "c1_b"], "conv1", kernel=5)
     net.MaxPool("conv1", "pool1", kernel=2, stride=2)
     net.Conv(["pool1", "c2_w", "c2_b"], "conv2", kernel=3)
     net.MaxPool("conv2", "pool2", kernel=2, stride=2)
     net.FC(["pool2", "fc_w", "fc_b"], "pred")
+    return net
+
+
+def _lenet(name, net_type, onednn_layout=None):
+    """LeNet in small: 10 and 20 channels (not multiples of oneDNN's 16-channel blocks)."""
+    net = _forward(name)
     net.Softmax("pred", "softmax")
     net.LabelCrossEntropy(["softmax", "label"], "xent")
     net.AveragedLoss("xent", "loss")
@@ -237,12 +243,7 @@ def test_an_empty_batch_runs_on_nchw(fresh_workspace):
     batches = [_batch(rng, 8), _batch(rng, 8), _batch(rng, 8), _batch(rng, 0), _batch(rng, 8)]
     # ConvGradient and the loss need a batch: a predict net (no gradients) is what sees empty
     # batches, as a server between requests does
-    net = core.Net("lenet_predict")
-    net.Conv(["data", "c1_w", "c1_b"], "conv1", kernel=5)
-    net.MaxPool("conv1", "pool1", kernel=2, stride=2)
-    net.Conv(["pool1", "c2_w", "c2_b"], "conv2", kernel=3)
-    net.MaxPool("conv2", "pool2", kernel=2, stride=2)
-    net.FC(["pool2", "fc_w", "fc_b"], "pred")
+    net = _forward("lenet_predict")
     results = {}
     for net_type in ("simple", "compiled"):
         workspace.ResetWorkspace()
