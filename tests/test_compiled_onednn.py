@@ -271,3 +271,61 @@ def test_with_onednn_switched_off_nothing_is_carved(batches, monkeypatch):
     compiled, net = _train("compiled", batches[:3])
     assert net.onednn_steps == []
     _assert_same(compiled, eager)
+
+
+def _special_windows(rng, shape):
+    """Values whose max-pool needs ATen's rule: ties, -0.0 beside 0.0, NaNs (two in a window
+    too), -inf windows, and rows and columns past the last window."""
+    x = rng.integers(-3, 3, shape).astype(np.float32)  # many ties
+    flat = x.reshape(-1)
+    for value, share in ((np.nan, 0.02), (-np.inf, 0.05), (-0.0, 0.1), (np.inf, 0.01)):
+        flat[rng.random(flat.size) < share] = value
+    x[0, :, :2, :2] = -np.inf  # a window of -inf only
+    x[1, :, :2, :2] = np.nan  # a window of NaNs
+    return torch.from_numpy(x)
+
+
+def _same_bits(got, want):
+    """Equal as bit patterns (so -0.0 differs from 0.0), NaN where the other is NaN."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+@pytest.mark.parametrize("kernel, size", [((2, 2), (9, 8)), ((3, 3), (9, 7)), ((2, 3), (6, 7))])
+def test_window_max_is_atens_max_pool_bit_for_bit(kernel, size):
+    """The chain's max-pool kernels (eager and inductor-compiled) give ATen's values, argmax
+    routing and gradient: first maximum, last NaN, -0.0 in dY becoming 0.0, zeros past the
+    last window."""
+    from caffe2torch.python.compiled import compile_kernel
+
+    rng = np.random.default_rng(7)
+    x = _special_windows(rng, (3, 16) + size)
+    y_ref, indices = torch.ops.aten.max_pool2d_with_indices(x, list(kernel), list(kernel))
+    dy = torch.from_numpy(rng.standard_normal(tuple(y_ref.shape)).astype(np.float32))
+    dy.view(-1)[::7] = -0.0
+    dy.view(-1)[::11] = float("nan")
+    dx_ref = torch.ops.aten.max_pool2d_with_indices_backward(
+        dy, x, list(kernel), list(kernel), [0, 0], [1, 1], False, indices)
+
+    def rows(t):  # NCHW -> the blocked memory's [M, H, W, block] with one 16-channel block
+        return t.permute(0, 2, 3, 1).contiguous()
+
+    forward, backward = onednn._window_max, onednn._window_max_gradient
+    for compiled in (False, True):
+        x_rows, dy_rows = rows(x), rows(dy)
+        y = torch.full(rows(y_ref).shape, 5.0)
+        offsets = torch.full(y.shape, -1, dtype=torch.int32)
+        dx = torch.full(x_rows.shape, 5.0)
+        if compiled:
+            forward = compile_kernel(lambda a, b, c: onednn._window_max(a, b, c, kernel),
+                                     (x_rows, y, offsets))
+            backward = compile_kernel(
+                lambda a, b, c: onednn._window_max_gradient(a, b, c, kernel), (dy_rows, offsets, dx))
+            forward(x_rows, y, offsets)
+            backward(dy_rows, offsets, dx)
+        else:
+            forward(x_rows, y, offsets, kernel)
+            backward(dy_rows, offsets, dx, kernel)
+        _same_bits(y, rows(y_ref))
+        _same_bits(dx, rows(dx_ref))

@@ -232,11 +232,7 @@ class _Region:
 
     def build(self, key, values, cpp_wrapper):
         """Trace the region on fake copies of ``values`` and compile it with inductor."""
-        from torch._guards import TracingContext, tracing
-        from torch._inductor.compile_fx import compile_fx
-        from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.proxy_tensor import make_fx
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         # Tracing runs the ops' Python on fake tensors: whatever they cache in their state then
         # would be fake, so each op's state is put back as the eager run left it.
@@ -255,11 +251,8 @@ class _Region:
         calls_aten = any(getattr(node.target, "_opname", "").rstrip("_") in names
                          for node in graph.graph.nodes)
         options = dict(self.options, cpp_wrapper=bool(cpp_wrapper) and not calls_aten)
-        # Inductor's FX graph cache keys a graph by its shape environment, which torch.compile
-        # provides through a tracing context; without one every compile would bypass the cache.
-        context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
-        with _aten_kernels(), tracing(context):
-            self.variants[key] = compile_fx(graph, list(values), config_patches=options)
+        with _aten_kernels():
+            self.variants[key] = _inductor(graph, values, options)
 
     def failing_step(self, exc):
         """The step at the line torch.compile's error points to, or None."""
@@ -291,6 +284,7 @@ class CompiledNet:
                        and onednn.available())
         self._onednn_values, self._chain_steps = {}, set()
         self.compile_seconds = 0.0
+        self._timing = False  # inside _timed
         self._regions = 0
         eager = [_eager_only(s, self.device) for s in prepared.steps]
         # An op traced with lazy outputs may return None there (no Deferred can leave a compiled
@@ -413,7 +407,11 @@ class CompiledNet:
         copies = _copies(values)
         self.prepared.run_steps(region.steps)
         region.first = False
-        start = time.perf_counter()
+        with self._timed():
+            self._compile_copies(region, copies, key)
+
+    def _compile_copies(self, region, copies, key):
+        """Compile ``region`` on ``copies`` of its inputs (see _compile)."""
         try:
             if self.onednn and region.direct and self._carved(region):
                 return
@@ -440,7 +438,19 @@ class CompiledNet:
                 log.warning("net %r: torch.compile cannot trace op #%d %s, which runs eagerly "
                             "(%s)", self.name, bad.index, bad.ctx.op.type, why)
                 self.parts[k:k + 1] = self._split_around(region, bad)
+
+    @contextlib.contextmanager
+    def _timed(self):
+        """Adds the time inside to compile_seconds (once, where these nest)."""
+        if self._timing:
+            yield
+            return
+        self._timing = True
+        start = time.perf_counter()
+        try:
+            yield
         finally:
+            self._timing = False
             self.compile_seconds += time.perf_counter() - start
 
     def _split_around(self, region, bad):
@@ -464,9 +474,11 @@ class CompiledNet:
         k = self.parts.index(region)
         parts = self._carve(region.steps, chosen)
         self.parts[k:k + 1] = parts
+        # the chains check themselves against the eager ops and compile their kernels now
+        onednn.warm_up([p for p in parts if type(p) is onednn.Chain], blobs, self._onednn_values)
         for part in parts:
             if type(part) is not _Region:
-                continue  # a Chain checks itself against the eager ops at its first run
+                continue
             values = self._inputs(part, [blobs[n] for n in part.inputs])
             key = part.key(values)
             if key is None:
@@ -490,10 +502,38 @@ class CompiledNet:
         return [onednn.Chain(self, list(run), self._onednn_values, dense) if in_chain
                 else self._region(list(run)) for in_chain, run in runs]
 
+    def compile_kernel(self, function, tensors):
+        """compile_kernel for this net: its compile time is the net's."""
+        with self._timed():
+            return compile_kernel(function, tensors, self.cpp_wrapper)
+
     def close(self):
         """Drop the compiled functions and the oneDNN buffers."""
         self.parts = []
         self._onednn_values.clear()
+
+
+def compile_kernel(function, tensors, cpp_wrapper=True):
+    """``function(*tensors)`` (tensor code, which may write into its inputs) traced by make_fx and
+    compiled by inductor for these tensors' dtypes, shapes and strides."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.compiler._compile_session_context():
+        graph = make_fx(function, tracing_mode="fake")(*tensors)
+    return _inductor(graph, tensors, {"layout_optimization": False, "cpp_wrapper": cpp_wrapper})
+
+
+def _inductor(graph, values, options):
+    """The make_fx ``graph`` compiled by inductor for ``values`` with config ``options``."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # Inductor's FX graph cache keys a graph by its shape environment, which torch.compile
+    # provides through a tracing context; without one every compile would bypass the cache.
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return compile_fx(graph, list(values), config_patches=options)
 
 
 def _copies(values):

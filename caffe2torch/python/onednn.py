@@ -8,9 +8,11 @@ convolution → max-pool → convolution chain keeps the blobs between them in o
 (mkldnn tensors): each convolution, its gradient and each max-pool run on blocked memory, and a
 blob becomes NCHW only where an op outside the chain reads it (or someone fetches it: a
 ``Deferred`` blob). The oneDNN primitives are the ones the NCHW call runs (their results are the
-same bits); the max-pool and its gradient run ATen's channels-last kernels on a view of the
-blocked memory (``[N·C/16, 16, H, W]`` is channels-last), which equal its NCHW kernels' values and
-argmax. A chain's first run (and its first for new input shapes) checks that, blob by blob, against
+same bits); a max-pool and its gradient run on a view of the blocked memory (``[N·C/16, 16, H,
+W]`` is channels-last): over non-overlapping windows (LeNet's 2x2, stride 2) an inductor-compiled
+kernel with ATen's argmax rule (``_window_max``), otherwise ATen's channels-last kernels, which
+equal its NCHW kernels' values and argmax. A chain's first run (a warm-up on the values of the
+net's first, eager run; and its first for new input shapes) checks that, blob by blob, against
 the eager ops on the same inputs; a difference keeps the chain on the eager ops (logged).
 
 NetDef argument ``compile_onednn_layout`` (default 1) turns it off with 0.
@@ -42,18 +44,20 @@ def available():
 
 class _Value:
     """A blob held as a mkldnn tensor: its NCHW shape, channel block and channels-last view of
-    the blocked memory (None: a layout the chain does not view), argmax indices of a max-pool's
-    output and the value it pooled; ``stored``: what the workspace blob holds for it."""
+    the blocked memory (None: a layout the chain does not view), where a max-pool's output found
+    each maximum (``indices``: ATen's argmax indices, or with ``window`` set, each maximum's
+    position in its window: see _window_max) and the value it pooled; ``stored``: what the
+    workspace blob holds for it."""
 
-    __slots__ = ("mk", "shape", "block", "view", "indices", "pooled", "stored", "dense", "version",
-                 "serial", "__weakref__")
+    __slots__ = ("mk", "shape", "block", "view", "indices", "window", "pooled", "stored", "dense",
+                 "version", "serial", "__weakref__")
     _serials = itertools.count()
 
-    def __init__(self, mk, block=None, view=None, indices=None, pooled=None):
+    def __init__(self, mk, block=None, view=None, indices=None, pooled=None, window=None):
         self.mk, self.shape, self.block, self.view = mk, tuple(mk.shape), block, view
         # pooled: the serial number of the value a max-pool's output pooled (not the value
         # itself, which would keep the previous run's tensors alive)
-        self.indices, self.pooled = indices, pooled
+        self.indices, self.pooled, self.window = indices, pooled, window
         self.stored = self.dense = self.version = None
         self.serial = next(self._serials)
 
@@ -89,6 +93,58 @@ def _memory_view(mk, block):
     memory.owner = mk  # the view keeps the mkldnn tensor (and so its memory) alive
     flat = torch.frombuffer(memory, dtype=torch.float32)
     return flat.view(n * cb, h, w, block).permute(0, 3, 1, 2)
+
+
+def _window_max(x, y, offsets, kernel):
+    """Max-pool over non-overlapping windows (stride = ``kernel``, no padding) of ``x``, the
+    blocked memory [M, H, W, block], into ``y`` [M, OH, OW, block], and each maximum's position in
+    its window (row-major) into ``offsets`` (int32, like ``y``).
+
+    The rule is ATen's max-pool kernels': a window is scanned row by row and an element replaces
+    the maximum so far when it is greater or NaN, so the first maximum (or the last NaN) wins, and
+    ``y`` is that element (the same bits: a selection, no arithmetic). Inductor compiles this into
+    one pass over ``x``; ATen's kernel on the same memory also writes 64-bit argmax indices and
+    takes ~3x as long (LeNet's first pool: 75 against 250 us)."""
+    kh, kw = kernel
+    oh, ow = y.shape[1], y.shape[2]
+    best = x[:, 0:oh * kh:kh, 0:ow * kw:kw]
+    at = torch.zeros(best.shape, dtype=torch.int32)
+    for i, j in itertools.product(range(kh), range(kw)):
+        if i or j:
+            candidate = x[:, i:oh * kh:kh, j:ow * kw:kw]
+            # candidate != candidate: NaN (inductor does not vectorize isnan)
+            better = (candidate > best) | (candidate != candidate)
+            best = torch.where(better, candidate, best)
+            at = torch.where(better, i * kw + j, at)
+    y.copy_(best)
+    offsets.copy_(at)
+
+
+def _window_max_gradient(dy, offsets, dx, kernel):
+    """dX of _window_max from ``dy`` [M, OH, OW, block] into ``dx`` [M, H, W, block] (blocked
+    memory): each window's dY at its maximum, zero elsewhere (rows and columns past the last
+    window too). The values are ATen's backward kernel's, which adds dY to a zeroed dX: a -0.0
+    becomes 0.0, as here. One pass, writing dX once (ATen's zeroes it first)."""
+    kh, kw = kernel
+    oh, ow = dy.shape[1], dy.shape[2]
+    h, w = dx.shape[1], dx.shape[2]
+    rows, cols = torch.arange(h), torch.arange(w)
+    src_rows, src_cols = (rows // kh).clamp(max=oh - 1)[:, None], (cols // kw).clamp(max=ow - 1)
+    g = dy[:, src_rows, src_cols]
+    at = offsets[:, src_rows, src_cols]
+    position = ((rows % kh)[:, None] * kw + cols % kw)[..., None]
+    inside = ((rows < oh * kh)[:, None] & (cols < ow * kw))[..., None]
+    dx.copy_(torch.where((at == position) & (g != 0) & inside, g, 0.0))
+
+
+def _window(args, shape):
+    """The window of a max-pool with these ATen arguments when _window_max computes it (stride =
+    kernel, no padding or dilation, no partial window), else None."""
+    kernel, stride, padding, dilation, ceil_mode = args
+    if (len(kernel) != 2 or list(stride) != list(kernel) or any(padding) or any(d != 1 for d in dilation)
+            or (ceil_mode and (shape[2] % kernel[0] or shape[3] % kernel[1]))):
+        return None
+    return tuple(kernel)
 
 
 def _write_dense(view, x, block):
@@ -129,6 +185,8 @@ class Chain:
         self.enabled = True
         self.blocks = {}  # (step index, output, shape) -> block of that output's layout
         self.buffers = {}  # (step index, role) -> persistent mkldnn tensor, its view, indices
+        self.kernels = {}  # (function, its inputs' shapes) -> the inductor-compiled function
+        self.scratch = None  # the blobs of a warm-up run (see warm_up), else None
         written, inputs = set(), []
         for step in steps:
             inputs.extend(n for n in step.inputs if n not in written and n not in inputs)
@@ -140,13 +198,18 @@ class Chain:
         self._handlers = {"Conv": self._conv, "ConvGradient": self._conv_gradient,
                           "MaxPool": self._max_pool, "MaxPoolGradient": self._max_pool_gradient}
 
+    @property
+    def blobs(self):
+        """The blobs the chain reads and writes: the workspace's, or a warm-up's copy."""
+        return self.net.prepared.workspace.blobs if self.scratch is None else self.scratch
+
     def run(self):
         """One run of the chain's steps."""
         if not self.enabled:
             for step in self.steps:
                 self._eager(step)
             return
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         key = tuple(getattr(blobs.get(n), "shape", None) for n in self.inputs)
         if key not in self.verified:
             self._check(key)
@@ -161,7 +224,7 @@ class Chain:
     def _check(self, key):
         """Run the eager ops on NCHW copies of the inputs, then the chain on oneDNN's layout;
         keep the layout (and its results) only if every output is the same bits."""
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         want = {}
         error = self.net.prepared._error
         for step in self.steps:
@@ -197,7 +260,7 @@ class Chain:
 
     def _get(self, name):
         """The chain's _Value for blob ``name`` if the blob still holds it, else the tensor."""
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         x = blobs[name]
         value = self.values.get(name)
         if value is not None and (x is value.stored or x is value.dense) and (
@@ -212,7 +275,7 @@ class Chain:
         return x.to_dense() if type(x) is _Value else x
 
     def _put(self, name, value):
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         if name in self.dense_names:
             value.stored = value.to_dense()
         else:
@@ -226,7 +289,7 @@ class Chain:
     def _eager(self, step):
         """``step`` on NCHW tensors (the "simple" net's op)."""
         outputs = step.fn(step.ctx, [self._dense(n) for n in step.inputs])
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         for name, y in zip(step.outputs, outputs):
             blobs[name] = y
             self.values.pop(name, None)
@@ -308,7 +371,7 @@ class Chain:
         dx, dw, db = aten.convolution_backward(
             dy.mk, x.mk, w, [w.shape[0]] if mask[2] else None, *nn_ops._conv_args(ctx, plan),
             [fused_dx, True, mask[2]])
-        blobs = self.net.prepared.workspace.blobs
+        blobs = self.blobs
         names = list(step.outputs)
         blobs[names[0]] = dw
         self.values.pop(names[0], None)
@@ -335,11 +398,21 @@ class Chain:
         return (list(plan.kernel), list(plan.stride), list(plan.padding), list(plan.dilation),
                 bool(plan.ceil_mode))
 
+    def _kernel(self, function, tensors, *constants):
+        """Run ``function(*tensors, *constants)`` compiled by inductor (once per input shapes)."""
+        key = (function, constants) + tuple(t.shape for t in tensors)
+        compiled = self.kernels.get(key)
+        if compiled is None:
+            compiled = self.kernels[key] = self.net.compile_kernel(
+                lambda *ts: function(*ts, *constants), tensors)
+        compiled(*tensors)
+
     def _max_pool(self, step):
         x = self._get(step.inputs[0])
         args = self._pool_args(step, x) if type(x) is _Value else None
         if args is None:
             return self._eager(step)
+        window = _window(args, x.shape)
         buffer = self.buffers.get((step.index, "y"))
         if buffer is None or buffer[3] != x.shape:
             # oneDNN's own pool gives a tensor of Y's shape in X's layout, to write into
@@ -347,30 +420,61 @@ class Chain:
             if _block_of(mk) != x.block:
                 raise RuntimeError("oneDNN's max-pool changed the layout")
             view = _memory_view(mk, x.block)
-            buffer = self.buffers[step.index, "y"] = (mk, view, torch.empty(0, dtype=torch.int64),
-                                                      x.shape)
+            indices = (torch.empty(_rows(view).shape, dtype=torch.int32) if window
+                       else torch.empty(0, dtype=torch.int64))
+            buffer = self.buffers[step.index, "y"] = (mk, view, indices, x.shape)
         mk, view, indices, _ = buffer
-        aten.max_pool2d_with_indices.out(x.view, *args, out=view, indices=indices)
-        if view.shape != indices.shape:  # a size oneDNN and ATen round differently
-            raise RuntimeError("max-pool output sizes of oneDNN and ATen differ")
-        self._put(step.outputs[0], _Value(mk, x.block, view, indices, pooled=x.serial))
+        if window:
+            self._kernel(_window_max, (_rows(x.view), _rows(view), indices), window)
+        else:
+            aten.max_pool2d_with_indices.out(x.view, *args, out=view, indices=indices)
+            if view.shape != indices.shape:  # a size oneDNN and ATen round differently
+                raise RuntimeError("max-pool output sizes of oneDNN and ATen differ")
+        self._put(step.outputs[0], _Value(mk, x.block, view, indices, pooled=x.serial,
+                                          window=window))
 
     def _max_pool_gradient(self, step):
         x, y, dy = (self._get(n) for n in step.inputs)
         args = self._pool_args(step, x) if type(x) is _Value else None
         if args is None or type(y) is not _Value or y.pooled != x.serial or y.indices is None:
             return self._eager(step)
-        if type(dy) is _Value and dy.block == y.block and dy.view is not None:
+        blocked = type(dy) is _Value and dy.block == y.block and dy.view is not None
+        if not blocked and not (type(dy) is torch.Tensor and tuple(dy.shape) == y.shape
+                                and dy.dtype == torch.float32):
+            return self._eager(step)
+        if blocked:
             dy_view = dy.view
-        elif type(dy) is torch.Tensor and tuple(dy.shape) == y.shape and dy.dtype == torch.float32:
+        else:  # NCHW (from a compiled region): copied into a blocked buffer
             dy_view = self._buffer(step, "dy", y)[1]
             _write_dense(dy_view, dy, y.block)
-        else:
-            return self._eager(step)
         mk, view, _ = self._buffer(step, "dx", x)
-        aten.max_pool2d_with_indices_backward.grad_input(dy_view, x.view, *args, y.indices,
-                                                         grad_input=view)
+        if y.window:
+            self._kernel(_window_max_gradient, (_rows(dy_view), y.indices, _rows(view)), y.window)
+        else:
+            aten.max_pool2d_with_indices_backward.grad_input(dy_view, x.view, *args, y.indices,
+                                                             grad_input=view)
         self._put(step.outputs[0], _Value(mk, x.block, view))
+
+
+def _rows(view):
+    """A blocked memory's channels-last view [M, block, H, W] as the dense [M, H, W, block]."""
+    return view.permute(0, 2, 3, 1)
+
+
+def warm_up(chains, blobs, values):
+    """Run ``chains`` (in net order) once on a shallow copy of ``blobs`` (the values the net's
+    eager first run left), so that the net's second run finds them checked against the eager ops
+    and their kernels compiled; ``blobs`` stay as they are, and ``values`` (the chains' _Value
+    of each blob) is emptied of what the warm-up held."""
+    scratch = dict(blobs)
+    try:
+        for chain in chains:
+            chain.scratch = scratch
+            chain.run()
+    finally:
+        for chain in chains:
+            chain.scratch = None
+        values.clear()
 
 
 def _resolved(blobs, name):
