@@ -314,3 +314,66 @@ def test_db_ops_on_cuda(tmp_path):
         "Load", [], ["data", "label"], db="x", db_type="minidb", device_option=cuda))
     assert workspace.FetchTorch("label").device.type == "cuda"
     assert workspace.FetchBlob("label").tolist() == FIRST_LABELS[:8]
+
+
+def test_tensor_protos_db_input_cuts_records_laid_out_alike(tmp_path):
+    """Records laid out as the first one are cut from their bytes (ops.db._Template); labels
+    of two or ten varint bytes, another layout, or a corrupt varint of the same length take
+    protobuf's parse: every batch holds the values written, and the corrupt record is named."""
+    from caffe2torch.ops import db as db_ops
+
+    TP = caffe2_pb2.TensorProto
+    rng = np.random.default_rng(0)
+    labels = [3, 0, 127, 9, 200, 5, -1, 7, 1, 2, 4, 6]
+    images = rng.integers(0, 256, (len(labels), 1, 4, 4), dtype=np.uint8)
+    path = str(tmp_path / "cut-lmdb")
+    with open_db("lmdb", path, "new") as db:
+        txn = db.new_transaction()
+        for i, (image, label) in enumerate(zip(images, labels)):
+            protos = caffe2_pb2.TensorProtos()
+            protos.protos.add(data_type=TP.BYTE, dims=[1, 4, 4], byte_data=image.tobytes())
+            protos.protos.add(data_type=TP.INT32, dims=[], int32_data=[label])
+            protos.protos.add(data_type=TP.INT64, dims=[2], int64_data=[i, 100])
+            txn.put(b"%02d" % i, protos.SerializeToString())
+    cache = {}
+    reader = DBReader("lmdb", path)
+    for start in range(0, len(labels), 4):
+        x, y, z = db_ops.read_batch(reader, 4, 3, cache)
+        np.testing.assert_array_equal(x, images[start:start + 4])
+        assert y.dtype == np.int32 and y.tolist() == labels[start:start + 4]
+        assert z.dtype == np.int64 and z.tolist() == [[i, 100] for i in range(start, start + 4)]
+    template = cache["template"]
+    assert template and template.dims == [(1, 4, 4), (), (2,)]
+    reader = DBReader("lmdb", path)
+    assert template.cut(reader.read_many(4)) is not None  # labels 3, 0, 127, 9: cut
+    assert template.cut(reader.read_many(4)) is None  # 200 and -1: longer records
+
+    # the same length as the template, but the label byte starts a longer varint
+    good = caffe2_pb2.TensorProtos()
+    good.protos.add(data_type=TP.BYTE, dims=[1, 4, 4], byte_data=bytes(16))
+    good.protos.add(data_type=TP.INT32, dims=[], int32_data=[5])
+    wire = good.SerializeToString()
+    corrupt = wire[:-1] + b"\x85"  # the label is the last byte
+    assert len(corrupt) == len(wire)
+    path = str(tmp_path / "varint.minidb")
+    with open_db("minidb", path, "new") as db:
+        txn = db.new_transaction()
+        txn.put(b"0", wire)
+        txn.put(b"1", corrupt)
+    run("CreateDB", [], ["r"], db=path, db_type="minidb")
+    with pytest.raises(Exception, match=f"record b'1' of '{path}' is not a serialized"):
+        run("TensorProtosDBInput", ["r"], ["x", "y"], batch_size=2)
+
+    # the same length, other dims: protobuf's parse names the record
+    other = caffe2_pb2.TensorProtos()
+    other.CopyFrom(good)
+    other.protos[0].dims[:] = [4, 1, 4]
+    assert len(other.SerializeToString()) == len(wire)
+    path = str(tmp_path / "dims.minidb")
+    with open_db("minidb", path, "new") as db:
+        txn = db.new_transaction()
+        txn.put(b"0", wire)
+        txn.put(b"1", other.SerializeToString())
+    run("CreateDB", [], ["r"], db=path, db_type="minidb")
+    with pytest.raises(Exception, match=r"record b'1' .*BYTE \[4, 1, 4\] but in the batch's first"):
+        run("TensorProtosDBInput", ["r"], ["x", "y"], batch_size=2)
