@@ -329,3 +329,23 @@ def test_window_max_is_atens_max_pool_bit_for_bit(kernel, size):
             backward(dy_rows, offsets, dx, kernel)
         _same_bits(y, rows(y_ref))
         _same_bits(dx, rows(dx_ref))
+
+
+def test_a_failed_warm_up_leaves_the_check_to_the_first_run(batches, monkeypatch, caplog):
+    """The chains' warm-up (in the compiled net's first run) failing is no error: the chains
+    check themselves at their first real run and the results are the simple net's."""
+    run = onednn.Chain.run
+
+    def failing_warm_up(chain):
+        if chain.scratch is not None:
+            raise RuntimeError("no warm-up today")
+        return run(chain)
+
+    monkeypatch.setattr(onednn.Chain, "run", failing_warm_up)
+    eager, _ = _train("simple", batches[:3])
+    with caplog.at_level(logging.INFO, logger="caffe2torch"):
+        compiled, net = _train("compiled", batches[:3])
+    assert "the warm-up failed (RuntimeError: no warm-up today)" in caplog.text
+    assert net.onednn_steps == CHAIN
+    assert all(p.enabled and p.verified for p in net.parts if type(p) is onednn.Chain)
+    _assert_same(compiled, eager)
