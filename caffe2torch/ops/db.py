@@ -74,8 +74,9 @@ class _Template:
     whole varint (high bit clear): then each parses as the template with other values, and its
     values are those bytes. Anything else takes protobuf's parse (``read_batch``).
 
-    MNIST's training batch of 64 in ~40 us instead of ~160 us (``parse_records``, then a few
-    attribute reads per record); in a training loop, where the caches are cold, ~3x that.
+    A batch of 64 MNIST records read and cut in ~55 us instead of ~165 us (``parse_records``,
+    then a few attribute reads per record); in LeNet's training iteration, where the kernels in
+    between leave the caches cold, 221 instead of 434 us.
     """
 
     def __init__(self, length, dims, dtypes, spans, fixed, values):

@@ -438,15 +438,13 @@ class Chain:
         args = self._pool_args(step, x) if type(x) is _Value else None
         if args is None or type(y) is not _Value or y.pooled != x.serial or y.indices is None:
             return self._eager(step)
-        blocked = type(dy) is _Value and dy.block == y.block and dy.view is not None
-        if not blocked and not (type(dy) is torch.Tensor and tuple(dy.shape) == y.shape
-                                and dy.dtype == torch.float32):
-            return self._eager(step)
-        if blocked:
+        if type(dy) is _Value and dy.block == y.block and dy.view is not None:
             dy_view = dy.view
-        else:  # NCHW (from a compiled region): copied into a blocked buffer
-            dy_view = self._buffer(step, "dy", y)[1]
+        elif type(dy) is torch.Tensor and tuple(dy.shape) == y.shape and dy.dtype == torch.float32:
+            dy_view = self._buffer(step, "dy", y)[1]  # NCHW (from a region): copied in
             _write_dense(dy_view, dy, y.block)
+        else:
+            return self._eager(step)
         mk, view, _ = self._buffer(step, "dx", x)
         if y.window:
             self._kernel(_window_max_gradient, (_rows(dy_view), y.indices, _rows(view)), y.window)
